@@ -1,0 +1,172 @@
+// moe: the sparse Mixture-of-Experts block: router + gating + grouped experts (+ shared expert).
+#pragma once
+
+#include <algorithm>
+#include <utility>
+
+#include "moe/activations.hpp"
+#include "moe/config.hpp"
+#include "moe/error.hpp"
+#include "moe/expert.hpp"
+#include "moe/gating.hpp"
+#include "moe/kernels/topk.hpp"
+#include "moe/router.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+#include "moe/threading.hpp"
+#include "moe/weights.hpp"
+#include "moe/workspace.hpp"
+
+namespace moe {
+
+/// A sparse MoE layer (HF MixtralSparseMoeBlock and its relatives).
+///
+///   y[t] = sum_{j < slots} w[t,j] * FFN_{e[t,j]}(x[t])  (+ g(x[t]) * Shared(x[t]))
+///
+/// Template parameters: T the scalar (float or double), Gating the routing policy (gating.hpp),
+/// Ffn the expert kind (SwiGLU, GeGLU, ReluMlp...). Sizes live in MoeConfig, the gating's numbers
+/// in Gating::Options; both are validated in the constructor.
+///
+/// forward() groups the tokens of each expert into one contiguous matrix (counting sort), runs
+/// every expert as one matrix product, and scatters back weighted. The sum over a token's k
+/// experts is taken in slot order (descending weight), then the shared expert is added: the same
+/// order for every batch size and thread count, so results are deterministic.
+///
+/// The block is immutable after construction; forward() is const and may be called from many
+/// threads at once, each with its own Workspace.
+template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU>
+class SparseMoeBlock {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "moe: SparseMoeBlock supports float and double");
+
+ public:
+  using Scalar = T;
+  using RouteS = RouteScalar<T>;
+  using GatingPolicy = Gating;
+  using FfnKind = Ffn;
+  using Options = typename Gating::Options;
+
+  /// Validates config, gating options and every weight shape (config_error / shape_error /
+  /// value_error, naming the field and both shapes).
+  SparseMoeBlock(const MoeConfig& config, MoeWeights<T> weights, Options options = {})
+      : config_(config), weights_(std::move(weights)), router_(Gating(options)) {
+    config_.validate();
+    router_.gating().validate(config_);
+    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise);
+  }
+
+  const MoeConfig& config() const { return config_; }
+  const MoeWeights<T>& weights() const { return weights_; }
+  const Router<T, Gating>& router() const { return router_; }
+  const Gating& gating() const { return router_.gating(); }
+
+  /// y = MoE(x). x: [num_tokens x d_model] row-major (a column-major argument does not compile:
+  /// it would be copied silently); y: caller-owned [num_tokens x d_model]. The routing of the call
+  /// is left in ws (ws.routing(), ws.plan(), ws.stats()).
+  ///
+  /// Non-finite values in a token's input make that token's output non-finite; the routing of the
+  /// other tokens and their outputs are unaffected, and every expert index stays in range.
+  /// Throws shape_error on a shape mismatch, before any work.
+  template <class XDerived>
+  void forward(const Eigen::DenseBase<XDerived>& x, MatrixMut<T> y, Workspace<T>& ws,
+               const Executor& executor = serial_executor()) const {
+    static_assert(is_row_major_v<XDerived>,
+                  "moe: x must be row-major [num_tokens x d_model] (moe::RowMatrix<T>)");
+    static_assert(std::is_same_v<typename XDerived::Scalar, T>, "moe: x has the wrong scalar");
+    forward_impl(MatrixRef<T>(x.derived()), y, ws, executor);
+  }
+
+ private:
+  void forward_impl(const MatrixRef<T>& x, MatrixMut<T> y, Workspace<T>& ws,
+                    const Executor& executor) const {
+    const Index num_tokens = x.rows(), d = config_.d_model;
+    detail::check_shape("x", x.rows(), x.cols(), num_tokens, d);
+    detail::check_shape("y", y.rows(), y.cols(), num_tokens, d);
+
+    router_.route(config_, x, weights_, ws);
+    ws.plan_.build(ws.routing_);
+    ws.stats_.compute(ws.routing_, ws.plan_);
+    if (num_tokens == 0) return;
+
+    const DispatchPlan& plan = ws.plan_;
+    const ExpertStack<T>& experts = weights_.experts;
+    const Index N = plan.num_rows, in = experts.in_rows(), f = config_.d_ff;
+    T* x_rows = ws.x_rows_.ensure(N * d);
+    T* hidden = ws.hidden_.ensure(N * in);
+    T* y_rows = ws.y_rows_.ensure(N * d);
+    // Inference applies the activation in place over the gate columns; training keeps the
+    // pre-activation for the backward pass and writes the activations separately.
+    const bool keep = ws.training();
+    T* act = keep ? ws.act_.ensure(N * f) : hidden;
+    const Index ld_act = keep ? f : in;
+
+    const bool has_shared = config_.shared_d_ff > 0;
+    const Index fs = config_.shared_d_ff, in_s = weights_.shared.in_rows();
+    T* s_hidden = has_shared ? ws.shared_hidden_.ensure(num_tokens * in_s) : nullptr;
+    T* s_act = has_shared ? (keep ? ws.shared_act_.ensure(num_tokens * fs) : s_hidden) : nullptr;
+    const Index ld_s_act = keep ? fs : in_s;
+    T* s_y = has_shared ? ws.shared_y_.ensure(num_tokens * d) : nullptr;
+    T* s_gate = has_shared ? ws.shared_gate_.ensure(num_tokens) : nullptr;
+
+    // Tasks 0..E-1: one routed expert each (gather its rows, run it). Then chunks of tokens
+    // through the shared expert.
+    const Index E = config_.num_experts;
+    const Index shared_chunk = 64;
+    const Index shared_tasks = has_shared ? (num_tokens + shared_chunk - 1) / shared_chunk : 0;
+    executor.run(E + shared_tasks, [&](Index task, Index /*worker*/) {
+      if (task < E) {
+        const Index begin = plan.offsets[static_cast<std::size_t>(task)];
+        const Index n = plan.counts[static_cast<std::size_t>(task)];
+        if (n == 0) return;
+        for (Index r = begin; r < begin + n; ++r) {
+          const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
+          std::copy(src, src + d, x_rows + r * d);
+        }
+        detail::expert_ffn_rows<Ffn>(experts, task, x_rows + begin * d, n, hidden + begin * in,
+                                     act + begin * ld_act, ld_act, y_rows + begin * d);
+        return;
+      }
+      const Index t0 = (task - E) * shared_chunk;
+      const Index n = std::min(shared_chunk, num_tokens - t0);
+      // x rows are strided by outerStride; the shared FFN reads them through a strided map.
+      Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> xs(
+          x.data() + t0 * x.outerStride(), n, d, Eigen::OuterStride<>(x.outerStride()));
+      MutMap<T> hs(s_hidden + t0 * in_s, n, in_s);
+      hs.noalias() = xs * weights_.shared.w_in(0).transpose();
+      detail::apply_activation<Ffn>(s_hidden + t0 * in_s, in_s, n, fs, s_act + t0 * ld_s_act,
+                                    ld_s_act);
+      Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> as(s_act + t0 * ld_s_act, n, fs,
+                                                                Eigen::OuterStride<>(ld_s_act));
+      MutMap<T>(s_y + t0 * d, n, d).noalias() = as * weights_.shared.w_out(0).transpose();
+      for (Index t = t0; t < t0 + n; ++t) {
+        s_gate[t] = config_.shared_expert_gate
+                        ? kernels::sigmoid<T>(xs.row(t - t0).dot(weights_.shared_gate.row(0)))
+                        : T(1);
+      }
+    });
+
+    // Weighted combine, per token in slot order, then the shared expert.
+    const auto weights = ws.routing_.weights();
+    const Index slots = plan.slots;
+    const Index combine_chunk = 32;
+    executor.run((num_tokens + combine_chunk - 1) / combine_chunk, [&](Index task, Index) {
+      const Index t0 = task * combine_chunk, t1 = std::min(num_tokens, t0 + combine_chunk);
+      for (Index t = t0; t < t1; ++t) {
+        auto yr = y.row(t);
+        yr.setZero();
+        for (Index j = 0; j < slots; ++j) {
+          const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
+          if (r < 0) continue;
+          yr += static_cast<T>(weights(t, j)) * ConstMap<T>(y_rows + r * d, 1, d);
+        }
+        if (has_shared) yr += s_gate[t] * ConstMap<T>(s_y + t * d, 1, d);
+      }
+    });
+  }
+
+  MoeConfig config_;
+  MoeWeights<T> weights_;
+  Router<T, Gating> router_;
+};
+
+}  // namespace moe

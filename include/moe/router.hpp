@@ -1,0 +1,51 @@
+// moe: the router: linear scores x * W_r^T, then a gating policy.
+#pragma once
+
+#include <random>
+
+#include "moe/config.hpp"
+#include "moe/gating.hpp"
+#include "moe/weights.hpp"
+#include "moe/workspace.hpp"
+
+namespace moe {
+
+/// Router logits followed by the Gating policy. W_r is stored [num_experts x d_model] as in
+/// checkpoints, so logits = x * W_r^T, computed in RouteScalar<T> (float or wider).
+template <class T, class Gating>
+class Router {
+ public:
+  using RouteS = RouteScalar<T>;
+
+  Router() = default;
+  explicit Router(Gating gating) : gating_(std::move(gating)) {}
+
+  const Gating& gating() const { return gating_; }
+
+  /// Routes x [T x d_model] into ws.routing_. Shapes are validated by the caller (the block).
+  void route(const MoeConfig& config, const MatrixRef<T>& x, const MoeWeights<T>& weights,
+             Workspace<T>& ws) const {
+    const Index num_tokens = x.rows(), E = config.num_experts;
+    Routing<RouteS>& routing = ws.routing_;
+    routing.resize(num_tokens, E, gating_.slots(config));
+    if (num_tokens == 0) return;
+    routing.logits().noalias() = (x * weights.router.transpose()).template cast<RouteS>();
+    RouteContext<RouteS> ctx;
+    ctx.training = ws.training();
+    if constexpr (Gating::uses_bias) ctx.selection_bias = weights.router_bias.data();
+    if constexpr (Gating::uses_noise) {
+      if (ws.training()) {
+        MutMap<RouteS> noise(ws.noise_.ensure(num_tokens * E), num_tokens, E);
+        noise.noalias() = (x * weights.router_noise.transpose()).template cast<RouteS>();
+        ctx.noise_logits = noise.data();
+        ctx.rng = &ws.rng();
+      }
+    }
+    gating_.route(config, ctx, routing);
+  }
+
+ private:
+  Gating gating_;
+};
+
+}  // namespace moe

@@ -1,0 +1,77 @@
+// moe: all parameters of one sparse MoE layer, in checkpoint orientation.
+#pragma once
+
+#include "moe/config.hpp"
+#include "moe/expert.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe {
+
+/// The parameters of a sparse MoE block. Owned storage; the block takes them by value (move).
+template <class T>
+struct MoeWeights {
+  RowMatrix<T> router;          ///< [E x d_model] router (HF `gate.weight`)
+  Vector<T> router_bias;        ///< [E] selection-only bias (DeepSeek-V3 e_score_correction_bias), or empty
+  RowMatrix<T> router_noise;    ///< [E x d_model] noise projection W_noise (noisy top-k), or empty
+  ExpertStack<T> experts;       ///< the E routed experts
+  ExpertStack<T> shared;        ///< one expert of width shared_d_ff every token visits, or empty
+  RowMatrix<T> shared_gate;     ///< [1 x d_model] Qwen2-MoE shared_expert_gate, or empty
+
+  /// Zero weights shaped for `config` (gated experts when `gated`), with a bias / noise projection
+  /// when asked. Fill them, then hand them to the block.
+  static MoeWeights zeros(const MoeConfig& config, bool gated = true, bool with_bias = false,
+                          bool with_noise = false) {
+    config.validate();
+    MoeWeights w;
+    w.router = RowMatrix<T>::Zero(config.num_experts, config.d_model);
+    if (with_bias) w.router_bias = Vector<T>::Zero(config.num_experts);
+    if (with_noise) w.router_noise = RowMatrix<T>::Zero(config.num_experts, config.d_model);
+    w.experts = ExpertStack<T>(config.num_experts, config.d_model, config.d_ff, gated);
+    if (config.shared_d_ff > 0) {
+      w.shared = ExpertStack<T>(1, config.d_model, config.shared_d_ff, gated);
+      if (config.shared_expert_gate) w.shared_gate = RowMatrix<T>::Zero(1, config.d_model);
+    }
+    return w;
+  }
+
+  /// Throws shape_error / config_error unless every tensor agrees with `config`.
+  void validate(const MoeConfig& config, bool gated, bool needs_bias, bool needs_noise) const {
+    const Index E = config.num_experts, d = config.d_model;
+    detail::check_shape("router weight", router.rows(), router.cols(), E, d);
+    if (needs_bias) {
+      detail::check_shape("router bias", router_bias.rows(), router_bias.cols(), E, 1);
+      if (!router_bias.allFinite()) throw value_error("moe: router bias has non-finite values");
+    } else if (router_bias.size() != 0) {
+      throw config_error("moe: router bias given, but the gating policy does not use one");
+    }
+    if (needs_noise) {
+      detail::check_shape("router noise weight", router_noise.rows(), router_noise.cols(), E, d);
+    }
+    auto check_stack = [&](const char* what, const ExpertStack<T>& s, Index n, Index f) {
+      if (s.num_experts() != n || s.d_model() != (n ? d : s.d_model()) || s.d_ff() != f ||
+          (n && s.gated() != gated)) {
+        throw shape_error(detail::concat(
+            "moe: ", what, " hold ", s.num_experts(), " experts of d_model ", s.d_model(),
+            ", d_ff ", s.d_ff(), (s.gated() ? " (gated)" : " (plain)"), ", expected ", n,
+            " experts of d_model ", d, ", d_ff ", f, (gated ? " (gated)" : " (plain)")));
+      }
+    };
+    check_stack("routed experts", experts, E, config.d_ff);
+    check_stack("shared experts", shared, config.shared_d_ff > 0 ? 1 : 0,
+                config.shared_d_ff > 0 ? config.shared_d_ff : shared.d_ff());
+    if (config.shared_expert_gate) {
+      detail::check_shape("shared expert gate weight", shared_gate.rows(), shared_gate.cols(), 1, d);
+    } else if (shared_gate.size() != 0) {
+      throw config_error("moe: shared_gate weight given, but config.shared_expert_gate is false");
+    }
+  }
+
+  std::size_t bytes() const {
+    return experts.bytes() + shared.bytes() +
+           static_cast<std::size_t>(router.size() + router_bias.size() + router_noise.size() +
+                                    shared_gate.size()) *
+               sizeof(T);
+  }
+};
+
+}  // namespace moe
