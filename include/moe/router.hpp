@@ -32,12 +32,17 @@ class Router {
     routing.logits().noalias() = (x * weights.router.transpose()).template cast<RouteS>();
     RouteContext<RouteS> ctx;
     ctx.training = ws.training();
+    ctx.scratch = ws.gating_scratch_.ensure(E);
+    ctx.scratch_size = E;
     if constexpr (Gating::uses_bias) ctx.selection_bias = weights.router_bias.data();
     if constexpr (Gating::uses_noise) {
       if (ws.training()) {
-        MutMap<RouteS> noise(ws.noise_.ensure(num_tokens * E), num_tokens, E);
+        // noise_ holds [T x E] noise logits, then [T x E] standard normal draws (for backward).
+        RouteS* buffer = ws.noise_.ensure(2 * num_tokens * E);
+        MutMap<RouteS> noise(buffer, num_tokens, E);
         noise.noalias() = (x * weights.router_noise.transpose()).template cast<RouteS>();
         ctx.noise_logits = noise.data();
+        ctx.noise_draws = buffer + num_tokens * E;
         ctx.rng = &ws.rng();
       }
     }

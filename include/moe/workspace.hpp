@@ -45,7 +45,7 @@ class Workspace {
   std::size_t bytes() const {
     return routing_.bytes() + plan_.bytes() + x_rows_.bytes() + hidden_.bytes() + act_.bytes() +
            y_rows_.bytes() + noise_.bytes() + shared_hidden_.bytes() + shared_act_.bytes() +
-           shared_y_.bytes() + shared_gate_.bytes();
+           shared_y_.bytes() + shared_gate_.bytes() + gating_scratch_.bytes();
   }
 
   // Buffers of the forward pass, read by backward(); not part of the stable API.
@@ -56,7 +56,9 @@ class Workspace {
   detail::GrowBuffer<T> hidden_;        ///< [N x I] x * w_in^T (pre-activation)
   detail::GrowBuffer<T> act_;           ///< [N x d_ff] activations (training only)
   detail::GrowBuffer<T> y_rows_;        ///< [N x d_model] expert outputs before weighting
-  detail::GrowBuffer<RouteS> noise_;    ///< [T x E] noise logits / draws (noisy top-k)
+  detail::GrowBuffer<RouteS> noise_;    ///< [2 x T x E] noise logits, then draws (noisy top-k)
+  /// [E] gating counters / flags (RouteContext::scratch)
+  detail::GrowBuffer<Index> gating_scratch_;
   detail::GrowBuffer<T> shared_hidden_; ///< [T x Is]
   detail::GrowBuffer<T> shared_act_;    ///< [T x shared d_ff] (training only)
   detail::GrowBuffer<T> shared_y_;      ///< [T x d_model] shared expert output before gating
