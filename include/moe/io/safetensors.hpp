@@ -189,41 +189,45 @@ inline S load(const unsigned char* p) {  // unaligned, host (little-endian) orde
   return v;
 }
 
-/// Element i of a float tensor as double (exact for every floating dtype).
-inline double load_floating(Dtype dtype, const unsigned char* p, std::size_t i) {
+/// Calls f(i, value) for the n elements at p, with value of the stored C++ type (double, float,
+/// std::int64_t, ...; F16/BF16/F8_E4M3 decoded to float; BOOL as 0/1 std::uint8_t). The switch
+/// runs once per tensor, not per element.
+template <class F>
+void for_each_element(Dtype dtype, const unsigned char* p, std::size_t n, F&& f) {
   switch (dtype) {
     case Dtype::F64:
-      return load<double>(p + 8 * i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<double>(p + 8 * i));
+      return;
     case Dtype::F32:
-      return load<float>(p + 4 * i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<float>(p + 4 * i));
+      return;
     case Dtype::F16:
-      return f16_to_float(load<std::uint16_t>(p + 2 * i));
+      for (std::size_t i = 0; i < n; ++i) f(i, f16_to_float(load<std::uint16_t>(p + 2 * i)));
+      return;
     case Dtype::BF16:
-      return bf16_to_float(load<std::uint16_t>(p + 2 * i));
+      for (std::size_t i = 0; i < n; ++i) f(i, bf16_to_float(load<std::uint16_t>(p + 2 * i)));
+      return;
     case Dtype::F8_E4M3:
-      return e4m3_to_float(p[i]);
-    default:
-      return 0;
-  }
-}
-
-/// Element i of an integer or BOOL tensor (BOOL: any non-zero byte is 1).
-inline std::int64_t load_integer(Dtype dtype, const unsigned char* p, std::size_t i) {
-  switch (dtype) {
+      for (std::size_t i = 0; i < n; ++i) f(i, e4m3_to_float(p[i]));
+      return;
     case Dtype::I64:
-      return load<std::int64_t>(p + 8 * i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<std::int64_t>(p + 8 * i));
+      return;
     case Dtype::I32:
-      return load<std::int32_t>(p + 4 * i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<std::int32_t>(p + 4 * i));
+      return;
     case Dtype::I16:
-      return load<std::int16_t>(p + 2 * i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<std::int16_t>(p + 2 * i));
+      return;
     case Dtype::I8:
-      return load<std::int8_t>(p + i);
+      for (std::size_t i = 0; i < n; ++i) f(i, load<std::int8_t>(p + i));
+      return;
     case Dtype::U8:
-      return p[i];
+      for (std::size_t i = 0; i < n; ++i) f(i, p[i]);
+      return;
     case Dtype::BOOL:
-      return p[i] != 0;
-    default:
-      return 0;
+      for (std::size_t i = 0; i < n; ++i) f(i, static_cast<std::uint8_t>(p[i] != 0));
+      return;
   }
 }
 
@@ -430,34 +434,32 @@ class SafetensorsFile {
       if (n) std::memcpy(static_cast<void*>(out), p, n * sizeof(double));
       return;
     }
-    if (dtype_is_floating(ti.dtype)) {
-      if constexpr (std::is_floating_point_v<T>) {
-        for (std::size_t i = 0; i < n; ++i) {
-          out[i] = static_cast<T>(detail::load_floating(ti.dtype, p, i));
-        }
+    if (std::is_integral_v<T> && dtype_is_floating(ti.dtype)) {
+      fail_tensor(ti.name, moe::detail::concat("is ", dtype_name(ti.dtype),
+                                               ", cannot convert it to an integer type"));
+    }
+    detail::for_each_element(ti.dtype, p, n, [&](std::size_t i, auto v) {
+      using V = decltype(v);
+      if constexpr (std::is_floating_point_v<V>) {
+        if constexpr (std::is_floating_point_v<T>) out[i] = static_cast<T>(v);
       } else {
-        fail_tensor(ti.name, moe::detail::concat("is ", dtype_name(ti.dtype),
-                                                 ", cannot convert it to an integer type"));
-      }
-      return;
-    }
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::int64_t v = detail::load_integer(ti.dtype, p, i);
-      if constexpr (std::is_integral_v<T>) {
-        bool ok;
-        if constexpr (std::is_signed_v<T>) {
-          ok = v >= static_cast<std::int64_t>(std::numeric_limits<T>::min()) &&
-               v <= static_cast<std::int64_t>(std::numeric_limits<T>::max());
-        } else {
-          ok = v >= 0 && static_cast<std::uint64_t>(v) <= std::numeric_limits<T>::max();
+        const auto wide = static_cast<std::int64_t>(v);  // every stored integer fits
+        if constexpr (std::is_integral_v<T>) {
+          bool ok;
+          if constexpr (std::is_signed_v<T>) {
+            ok = wide >= static_cast<std::int64_t>(std::numeric_limits<T>::min()) &&
+                 wide <= static_cast<std::int64_t>(std::numeric_limits<T>::max());
+          } else {
+            ok = wide >= 0 && static_cast<std::uint64_t>(wide) <= std::numeric_limits<T>::max();
+          }
+          if (!ok) {
+            fail_tensor(ti.name, moe::detail::concat("element ", i, " = ", wide,
+                                                     " does not fit the requested integer type"));
+          }
         }
-        if (!ok) {
-          fail_tensor(ti.name, moe::detail::concat("element ", i, " = ", v,
-                                                   " does not fit the requested integer type"));
-        }
+        out[i] = static_cast<T>(wide);
       }
-      out[i] = static_cast<T>(v);
-    }
+    });
   }
 
   // ---- validation ----
