@@ -1,0 +1,393 @@
+// moe: the backward pass of the sparse MoE block: dL/dx and dL/dW for the router, every routed
+// expert, the shared expert and its gate, through the routing weights (softmax, top-k,
+// renormalisation, sigmoid, scaling) and the auxiliary losses (load balancing, z-loss).
+//
+// What the forward saves for the backward (Workspace in training mode, ws.set_training(true)),
+// with N = executed assignments (T * top_k without drops), I = in_rows (2 d_ff gated, d_ff
+// plain), F = d_ff, D = d_model, Is / Fs the shared expert's, elements of T unless noted:
+//   routing: logits, scores [T x E], experts, weights, kept [T x k]   (RouteScalar: float or T)
+//   gathered inputs x_rows [N x D]        -> dW_in = dH^T X
+//   pre-activations hidden [N x I]        -> the activation's derivative
+//   activations act [N x F] (training)    -> dW_out = dY^T A
+//   expert outputs y_rows [N x D]         -> dL/dw = dy . y_rows (the routing-weight gradient)
+//   shared expert: hidden [T x Is], act [T x Fs] (training), output [T x D], gate [T]
+// i.e. N (2D + I + F) + T (Is + Fs + D + 1) + 2 T E (+ T k): the activations add N F + T Fs
+// to what inference keeps (Workspace's comment has the whole formula).
+//
+// The backward's own scratch (BackwardWorkspace, grow-only like Workspace):
+//   dY rows then dX rows [N x D], dH [N x I] (dA lives in its up columns), dweights [T x k],
+//   dlogits [T x E] (+ dnoise [T x E] for noisy top-k), shared: [T x D] + [T x Is] + [T].
+// So a training step holds about N (3D + 2I + F) + T (2 Is + Fs + 2D) elements for the block.
+//
+// Cost: about twice the forward's matrix products (dA = dY W_out, dW_out = dY^T A,
+// dW_in = dH^T X, dX = dH W_in, against H = X W_in^T, Y = A W_out^T), plus O(T E k) routing work.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "moe/block.hpp"
+#include "moe/detail/buffer.hpp"
+#include "moe/error.hpp"
+#include "moe/gating.hpp"
+#include "moe/gradients.hpp"
+#include "moe/losses.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+#include "moe/threading.hpp"
+#include "moe/workspace.hpp"
+
+namespace moe {
+
+/// Which balance loss LossCoefficients::aux weights.
+enum class AuxLoss {
+  none,
+  /// HF Mixtral-family load_balancing_loss_func (losses::load_balancing_loss), with the
+  /// normalisation and token mask of LossCoefficients.
+  load_balancing,
+  /// HF Switch top-1 loss, groups = sequences of seq_len (losses::switch_load_balancing_loss),
+  /// on the chosen expert of every token (dropped ones included, as HF's aux_loss).
+  switch_top1,
+  /// DeepSeek-V3 sequence-wise balance loss (losses::deepseek_sequence_balance_loss).
+  deepseek_sequence,
+};
+
+/// The loss the backward differentiates besides the upstream gradient dy:
+///   L = <y, dy> + aux * L_aux + z * L_z (+ importance * L_importance + load * L_load, noisy
+///   top-k only)
+/// Coefficients are raw multipliers (HF router_aux_loss_coef, router_z_loss_coef).
+struct LossCoefficients {
+  double aux = 0;  ///< weight of the balance loss (0: no gradient)
+  AuxLoss aux_loss = AuxLoss::load_balancing;
+  BalanceNormalization normalization = BalanceNormalization::hf;  ///< load_balancing only
+  double z = 0;                                                   ///< router z-loss weight
+  double importance = 0;  ///< Shazeer importance loss weight (noisy top-k)
+  double load = 0;        ///< Shazeer load loss weight (noisy top-k)
+  /// Tokens per sequence for the per-sequence losses (switch_top1, deepseek_sequence); 0 = the
+  /// whole batch is one sequence. Must divide the number of tokens.
+  Index seq_len = 0;
+  /// null, or [T] weights of the load_balancing loss (HF attention_mask: 1 real, 0 padding).
+  const double* token_mask = nullptr;
+};
+
+/// Raw values of the losses of the call (before coefficients; computed whether or not their
+/// coefficient is 0, so a training loop can log them).
+struct LossValues {
+  double aux = 0, z = 0, importance = 0, load = 0;
+  /// sum of coefficient * value over the auxiliary terms
+  double weighted(const LossCoefficients& c) const {
+    return c.aux * aux + c.z * z + c.importance * importance + c.load * load;
+  }
+};
+
+/// Scratch of block_backward, grow-only: after the first call with the largest batch a backward
+/// allocates nothing of ours (Eigen's GEMM packing may). One per calling thread.
+template <class T>
+class BackwardWorkspace {
+ public:
+  using RouteS = RouteScalar<T>;
+  std::size_t bytes() const {
+    return d_rows_.bytes() + dh_.bytes() + dweights_.bytes() + dlogits_.bytes() + dnoise_.bytes() +
+           aux_.bytes() + ds_y_.bytes() + ds_h_.bytes() + dgate_.bytes();
+  }
+
+  detail::GrowBuffer<T> d_rows_;         ///< [N x D] dY rows, then dX rows
+  detail::GrowBuffer<T> dh_;             ///< [N x I] dL/d pre-activation
+  detail::GrowBuffer<RouteS> dweights_;  ///< [T x slots] dL/d routing weight
+  detail::GrowBuffer<RouteS> dlogits_;   ///< [T x E] dL/d router logits
+  detail::GrowBuffer<RouteS> dnoise_;    ///< [T x E] dL/d noise logits (noisy top-k)
+  detail::GrowBuffer<RouteS> aux_;       ///< [T x E] policy scratch (gates, noise std)
+  detail::GrowBuffer<T> ds_y_;           ///< [T x D] shared expert dY, then dX
+  detail::GrowBuffer<T> ds_h_;           ///< [T x Is]
+  detail::GrowBuffer<T> dgate_;          ///< [T] dL/d shared gate pre-activation
+};
+
+namespace detail {
+
+/// What a gating's backward reads and writes. dweights [T x slots] is dL/d Routing::weights()
+/// (zero on slots that were not executed); dlogits [T x E] receives += dL/dz.
+template <class S>
+struct GatingBackward {
+  const MoeConfig& config;
+  const Routing<S>& routing;
+  const S* dweights;
+  S* dlogits;
+  S* dnoise_logits;  ///< [T x E] += dL/d (x W_noise^T), noisy top-k only
+  const S* noise;    ///< the forward's Workspace::noise_ (noisy top-k), or null
+};
+
+/// Softmax over all experts, top-k, optional renormalisation (gating::SoftmaxTopK):
+///   p = softmax(z), v_j = p[i_j], w_j = v_j / sum_l v_l (normalize) or v_j;
+///   dv_j = (dw_j - sum_l dw_l w_l) / sum_l v_l   (normalize) or dw_j;
+///   dp = scatter(dv),  dz = p * (dp - <p, dp>).
+/// The selection i is piecewise constant (no gradient), as in autograd.
+template <class S>
+inline void gating_backward(const gating::SoftmaxTopK& g, const GatingBackward<S>& a) {
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
+  const auto scores = a.routing.scores();
+  const auto experts = a.routing.experts();
+  const auto weights = a.routing.weights();
+  for (Index t = 0; t < T; ++t) {
+    const S* dw = a.dweights + t * k;
+    double sum = 0, dot = 0;
+    for (Index j = 0; j < k; ++j) {
+      sum += static_cast<double>(scores(t, experts(t, j)));
+      dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
+    }
+    auto dv = [&](Index j) {
+      return g.options.normalize ? (static_cast<double>(dw[j]) - dot) / sum
+                                 : static_cast<double>(dw[j]);
+    };
+    double pdp = 0;  // <p, dp> = sum_j p[i_j] dv_j
+    for (Index j = 0; j < k; ++j) pdp += static_cast<double>(scores(t, experts(t, j))) * dv(j);
+    S* dz = a.dlogits + t * E;
+    for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(scores(t, e)) * pdp);
+    for (Index j = 0; j < k; ++j) {
+      const Index e = experts(t, j);
+      dz[e] += static_cast<S>(static_cast<double>(scores(t, e)) * dv(j));
+    }
+  }
+}
+
+/// dX = dH W_in etc. for one block of rows: the FFN backward shared by routed and shared experts.
+///   dA = dY W_out; dW_out += dY^T A; gated: dG = dA * up * act'(gate), dU = dA * act(gate),
+///   plain: dH = dA * act'(H); dW_in += dH^T X; dX = dH W_in (written over dY).
+/// x rows have stride ld_x; act rows stride ld_act; dh [n x in] contiguous; d_rows [n x D].
+template <class Ffn, class T>
+inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_in,
+                              MutMap<T> gw_out, const T* x, Index ld_x, const T* h, const T* act,
+                              Index ld_act, Index n, T* dh, T* d_rows) {
+  if (n == 0) return;
+  using A = typename Ffn::activation;
+  const Index d = w_in.cols(), f = w_out.cols(), in = w_in.rows();
+  using Strided = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+  using StridedMut = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+  MutMap<T> dy(d_rows, n, d);
+  Strided am(act, n, f, Eigen::OuterStride<>(ld_act));
+  Strided xm(x, n, d, Eigen::OuterStride<>(ld_x));
+  // dA goes where it is consumed: the up columns (gated) or dH itself (plain).
+  StridedMut da(dh + (Ffn::gated ? f : 0), n, f, Eigen::OuterStride<>(in));
+  da.noalias() = dy * w_out;
+  gw_out.noalias() += dy.transpose() * am;
+  for (Index r = 0; r < n; ++r) {
+    T* dr = dh + r * in;
+    const T* hr = h + r * in;
+    if constexpr (Ffn::gated) {
+      for (Index i = 0; i < f; ++i) {
+        const T dai = dr[f + i], gi = hr[i];
+        dr[i] = dai * hr[f + i] * A::derivative(gi);
+        dr[f + i] = dai * A::value(gi);
+      }
+    } else {
+      for (Index i = 0; i < f; ++i) dr[i] *= A::derivative(hr[i]);
+    }
+  }
+  ConstMap<T> dhm(dh, n, in);
+  gw_in.noalias() += dhm.transpose() * xm;
+  dy.noalias() = dhm * w_in;
+}
+
+}  // namespace detail
+
+/// Backward of SparseMoeBlock::forward for the loss
+///   L = <y, dy> + coeffs.aux * L_aux + coeffs.z * L_z (+ Shazeer terms for noisy top-k):
+/// ADDS dL/dW into grads (router, router_noise, every routed expert, shared expert, shared gate)
+/// and WRITES dL/dx into dx (overwritten, like forward's y).
+///
+/// x [T x d_model] must be the input of the forward that filled ws, run with
+/// ws.set_training(true) on this block (the workspace keeps pre-activations, activations,
+/// gathered inputs and expert outputs; see this header's comment for the memory). dy, dx
+/// [T x d_model]. The gradient flows through the routing weights into the logits with the
+/// gating's own rule (detail::gating_backward overloads), and through the logits into the router
+/// weight and x. Tokens dropped by capacity get no expert gradient.
+///
+/// Returns the raw loss values. Deterministic for any executor (fixed summation order).
+/// Throws shape_error / config_error before any work when the workspace was not filled in
+/// training mode, or shapes (x, dy, dx, grads, routing) disagree with the block.
+template <class T, class Gating, class Ffn, class XDerived, class DyDerived>
+LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
+                          const Eigen::DenseBase<XDerived>& x_in,
+                          const Eigen::DenseBase<DyDerived>& dy_in, const Workspace<T>& ws,
+                          MoeGradients<T>& grads,
+                          MatrixMut<typename SparseMoeBlock<T, Gating, Ffn>::Scalar> dx,
+                          const LossCoefficients& coeffs, BackwardWorkspace<T>& bws,
+                          const Executor& executor = serial_executor()) {
+  static_assert(is_row_major_v<XDerived> && is_row_major_v<DyDerived>,
+                "moe: x and dy must be row-major [num_tokens x d_model] (moe::RowMatrix<T>)");
+  static_assert(
+      std::is_same_v<typename XDerived::Scalar, T> && std::is_same_v<typename DyDerived::Scalar, T>,
+      "moe: x / dy have the wrong scalar");
+  using S = RouteScalar<T>;
+  const MatrixRef<T> x(x_in.derived());
+  const MatrixRef<T> dy(dy_in.derived());
+  const MoeConfig& config = block.config();
+  const MoeWeights<T>& W = block.weights();
+  const Index num_tokens = x.rows(), d = config.d_model, E = config.num_experts;
+
+  // ---- validation, before any work -------------------------------------------------------
+  if (!ws.training()) {
+    throw config_error(
+        "moe: block_backward needs a workspace filled by forward() in training mode "
+        "(call ws.set_training(true) before forward)");
+  }
+  detail::check_shape("x", x.rows(), x.cols(), num_tokens, d);
+  detail::check_shape("dy", dy.rows(), dy.cols(), num_tokens, d);
+  detail::check_shape("dx", dx.rows(), dx.cols(), num_tokens, d);
+  const Routing<S>& routing = ws.routing();
+  const DispatchPlan& plan = ws.plan();
+  const Index slots = block.gating().slots(config);
+  if (routing.num_tokens() != num_tokens || routing.num_experts() != E ||
+      routing.slots() != slots || plan.num_tokens != num_tokens) {
+    throw shape_error(detail::concat(
+        "moe: block_backward: the workspace holds the routing of ", routing.num_tokens(),
+        " tokens x ", routing.num_experts(), " experts x ", routing.slots(), " slots, expected ",
+        num_tokens, " x ", E, " x ", slots, " (run forward on the same x and block first)"));
+  }
+  grads.check_like(W);
+  if (coeffs.token_mask && coeffs.aux_loss != AuxLoss::load_balancing) {
+    throw config_error("moe: LossCoefficients::token_mask applies to AuxLoss::load_balancing only");
+  }
+  if (coeffs.aux_loss == AuxLoss::switch_top1 || coeffs.aux_loss == AuxLoss::deepseek_sequence) {
+    losses::detail::check_sequences(num_tokens, coeffs.seq_len);
+  }
+  LossValues values;
+  if (num_tokens == 0) return values;
+
+  const ExpertStack<T>& ex = W.experts;
+  const Index N = plan.num_rows, in = ex.in_rows(), f = config.d_ff;
+  const auto rw = routing.weights();
+
+  // ---- dL/d routing weight: dy_t . y_rows[r]; and dY rows = w * dy_t ----------------------
+  S* dweights = bws.dweights_.ensure(num_tokens * slots);
+  T* d_rows = bws.d_rows_.ensure(N * d);
+  T* dh = bws.dh_.ensure(N * in);
+  const T* y_rows = ws.y_rows_.data();
+  for (Index t = 0; t < num_tokens; ++t) {
+    for (Index j = 0; j < slots; ++j) {
+      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
+      if (r < 0) {
+        dweights[t * slots + j] = S(0);
+        continue;
+      }
+      dweights[t * slots + j] =
+          static_cast<S>(dy.row(t).dot(ConstMap<T>(y_rows + r * d, 1, d).row(0)));
+      MutMap<T>(d_rows + r * d, 1, d) = static_cast<T>(rw(t, j)) * dy.row(t);
+    }
+  }
+
+  // ---- experts (one task each) and the shared expert (one task) --------------------------
+  const bool has_shared = config.shared_d_ff > 0;
+  const Index fs = config.shared_d_ff, in_s = W.shared.in_rows();
+  T* ds_y = has_shared ? bws.ds_y_.ensure(num_tokens * d) : nullptr;
+  T* ds_h = has_shared ? bws.ds_h_.ensure(num_tokens * in_s) : nullptr;
+  T* dgate = has_shared ? bws.dgate_.ensure(num_tokens) : nullptr;
+  executor.run(E + (has_shared ? 1 : 0), [&](Index task, Index) {
+    if (task < E) {
+      const Index b = plan.offsets[static_cast<std::size_t>(task)];
+      const Index n = plan.counts[static_cast<std::size_t>(task)];
+      detail::ffn_backward_rows<Ffn, T>(ex.w_in(task), ex.w_out(task), grads.experts.w_in(task),
+                                        grads.experts.w_out(task), ws.x_rows_.data() + b * d, d,
+                                        ws.hidden_.data() + b * in, ws.act_.data() + b * f, f, n,
+                                        dh + b * in, d_rows + b * d);
+      return;
+    }
+    const T* s_y = ws.shared_y_.data();
+    const T* s_gate = ws.shared_gate_.data();
+    for (Index t = 0; t < num_tokens; ++t) {
+      const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
+      const T g = s_gate[t];
+      dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
+      MutMap<T>(ds_y + t * d, 1, d) = g * dy.row(t);
+    }
+    detail::ffn_backward_rows<Ffn, T>(W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0),
+                                      grads.shared.w_out(0), x.data(), x.outerStride(),
+                                      ws.shared_hidden_.data(), ws.shared_act_.data(), fs,
+                                      num_tokens, ds_h, ds_y);
+  });
+
+  // ---- routing: weights -> logits, plus the auxiliary losses -----------------------------
+  S* dlogits = bws.dlogits_.ensure(num_tokens * E);
+  std::fill(dlogits, dlogits + num_tokens * E, S(0));
+  S* dnoise = nullptr;
+  if constexpr (Gating::uses_noise) {
+    dnoise = bws.dnoise_.ensure(num_tokens * E);
+    std::fill(dnoise, dnoise + num_tokens * E, S(0));
+  }
+  const detail::GatingBackward<S> gb{
+      config, routing, dweights, dlogits, dnoise, Gating::uses_noise ? ws.noise_.data() : nullptr};
+  detail::gating_backward(block.gating(), gb);
+  const auto logits = routing.logits();
+  switch (coeffs.aux_loss) {
+    case AuxLoss::none:
+      break;
+    case AuxLoss::load_balancing:
+      values.aux = losses::load_balancing_loss<S>(logits, config.top_k, coeffs.normalization,
+                                                  coeffs.token_mask,
+                                                  coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
+      break;
+    case AuxLoss::switch_top1:
+      values.aux =
+          losses::switch_load_balancing_loss<S>(logits, routing.experts(), coeffs.seq_len,
+                                                coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
+      break;
+    case AuxLoss::deepseek_sequence:
+      values.aux = losses::deepseek_sequence_balance_loss<S>(
+          logits, routing.experts(), coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr,
+          coeffs.aux);
+      break;
+  }
+  values.z = losses::router_z_loss<S>(logits, coeffs.z != 0 ? dlogits : nullptr, coeffs.z);
+
+  // ---- parameters and input of the router --------------------------------------------------
+  ConstMap<S> dz(dlogits, num_tokens, E);
+  if constexpr (std::is_same_v<S, T>) {
+    grads.router.noalias() += dz.transpose() * x;
+    dx.noalias() = dz * W.router;
+  } else {
+    const RowMatrix<T> dzt = dz.template cast<T>();
+    grads.router.noalias() += dzt.transpose() * x;
+    dx.noalias() = dzt * W.router;
+  }
+  if constexpr (Gating::uses_noise) {
+    const RowMatrix<T> dnt = ConstMap<S>(dnoise, num_tokens, E).template cast<T>();
+    grads.router_noise.noalias() += dnt.transpose() * x;
+    dx.noalias() += dnt * W.router_noise;
+  }
+  if (has_shared && config.shared_expert_gate) {
+    const Eigen::Map<const RowMatrix<T>> dg(dgate, 1, num_tokens);
+    grads.shared_gate.noalias() += dg * x;
+  }
+
+  // ---- dx: expert rows in slot order, then the shared expert and its gate ----------------
+  for (Index t = 0; t < num_tokens; ++t) {
+    auto dxr = dx.row(t);
+    for (Index j = 0; j < slots; ++j) {
+      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
+      if (r >= 0) dxr += ConstMap<T>(d_rows + r * d, 1, d);
+    }
+    if (has_shared) {
+      dxr += ConstMap<T>(ds_y + t * d, 1, d);
+      if (config.shared_expert_gate) dxr += dgate[t] * W.shared_gate.row(0);
+    }
+  }
+  return values;
+}
+
+/// block_backward with a temporary BackwardWorkspace (allocates on every call; keep one per
+/// thread in training loops).
+template <class T, class Gating, class Ffn, class XDerived, class DyDerived>
+LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
+                          const Eigen::DenseBase<XDerived>& x,
+                          const Eigen::DenseBase<DyDerived>& dy, const Workspace<T>& ws,
+                          MoeGradients<T>& grads,
+                          MatrixMut<typename SparseMoeBlock<T, Gating, Ffn>::Scalar> dx,
+                          const LossCoefficients& coeffs = {}) {
+  BackwardWorkspace<T> bws;
+  return block_backward(block, x, dy, ws, grads, dx, coeffs, bws);
+}
+
+}  // namespace moe
