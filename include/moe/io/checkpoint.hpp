@@ -130,6 +130,7 @@ class Checkpoint {
   /// Number of distinct files (1 without an index).
   std::size_t num_files() const { return files_.size(); }
 
+  /// True when `name` is in the checkpoint (for an index: listed in its weight_map).
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
 
   /// The file holding `name`. Throws io_error "moe: <dir>: no tensor named 'x'".

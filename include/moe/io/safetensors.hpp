@@ -48,8 +48,8 @@ struct TensorInfo {
   std::string name;
   Dtype dtype = Dtype::F32;
   std::vector<std::int64_t> shape;  ///< Row-major; empty for a scalar.
-  std::size_t offset = 0;
-  std::size_t nbytes = 0;
+  std::size_t offset = 0;           ///< First byte, relative to the start of the data section.
+  std::size_t nbytes = 0;           ///< Byte count: numel() * dtype_size(dtype).
 
   /// Product of the shape (1 for a scalar). Validation guarantees it does not overflow.
   std::int64_t numel() const {
@@ -318,6 +318,7 @@ class SafetensorsFile {
   /// Number of tensors.
   std::size_t size() const { return tensors_.size(); }
 
+  /// True when the header lists `name` ("__metadata__" is never a tensor).
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
 
   /// Dtype, shape and location of `name`. Throws io_error "moe: <file>: no tensor named 'x'".
