@@ -1,7 +1,10 @@
-// Runs a Mixtral-style model (random weights by default) on a token sequence: prints throughput,
-// the tokens each expert received per layer, and the top-5 next-token predictions.
+// Runs a Mixtral-style model (random weights by default, or a Hugging Face Mixtral / Qwen2-MoE
+// checkpoint) on a token sequence: prints throughput, the tokens each expert received per layer,
+// and the top-5 next-token predictions; optionally writes the logits [S x V] (float32) to a
+// safetensors file under the name "logits".
 //
-//   mixtral_forward [--tokens 1,2,3] [--seq-len N] [--threads N] [--layers N] [--seed N]
+//   mixtral_forward [--checkpoint DIR] [--tokens 1,2,3] [--logits-out FILE] [--seq-len N]
+//                   [--threads N] [--layers N] [--seed N]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +19,8 @@
 namespace {
 
 struct Args {
+  std::string checkpoint;
+  std::string logits_out;
   std::vector<example::Index> tokens;
   example::Index seq_len = 128;
   example::Index threads = 2;
@@ -31,7 +36,8 @@ long parse_int(const std::string& flag, const std::string& v) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != v.size() || v.empty()) throw std::invalid_argument(flag + " expects an integer, got '" + v + "'");
+  if (used != v.size() || v.empty())
+    throw std::invalid_argument(flag + " expects an integer, got '" + v + "'");
   return x;
 }
 
@@ -40,13 +46,21 @@ Args parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
-      std::printf("usage: mixtral_forward [--tokens 1,2,3] [--seq-len N] [--threads N] "
-                  "[--layers N] [--seed N]\n");
+      std::printf(
+          "usage: mixtral_forward [--checkpoint DIR] [--tokens 1,2,3] [--logits-out FILE]\n"
+          "                       [--seq-len N] [--threads N] [--layers N] [--seed N]\n"
+          "  --checkpoint DIR   Hugging Face Mixtral or Qwen2-MoE directory (config.json +\n"
+          "                     safetensors, sharded or not); default: random weights\n"
+          "  --logits-out FILE  write the logits [S x V] as float32 safetensors ('logits')\n");
       std::exit(0);
     }
     if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
     const std::string v = argv[++i];
-    if (flag == "--tokens") {
+    if (flag == "--checkpoint") {
+      a.checkpoint = v;
+    } else if (flag == "--logits-out") {
+      a.logits_out = v;
+    } else if (flag == "--tokens") {
       std::size_t start = 0;
       while (start <= v.size()) {
         const std::size_t end = std::min(v.find(',', start), v.size());
@@ -77,20 +91,27 @@ int main(int argc, char** argv) try {
   const Args args = parse(argc, argv);
   example::ModelConfig config;
   config.num_layers = args.layers;
-  const example::ModelWeights model = example::random_model(config, args.seed);
+  const example::ModelWeights model = args.checkpoint.empty()
+                                          ? example::random_model(config, args.seed)
+                                          : example::load_model(args.checkpoint);
+  config = model.config;
   std::vector<example::Index> ids = args.tokens;
   if (ids.empty()) {
     std::mt19937_64 rng(args.seed + 1);
     for (example::Index t = 0; t < args.seq_len; ++t) {
-      ids.push_back(static_cast<example::Index>(rng() % static_cast<std::uint64_t>(config.vocab_size)));
+      ids.push_back(
+          static_cast<example::Index>(rng() % static_cast<std::uint64_t>(config.vocab_size)));
     }
   }
-  std::printf("Mixtral-style model, random weights (seed %llu): %ld layers, d_model %ld, %ld "
-              "experts of d_ff %ld, top-%ld; %zu tokens, %ld threads\n",
-              static_cast<unsigned long long>(args.seed), static_cast<long>(config.num_layers),
-              static_cast<long>(config.hidden_size), static_cast<long>(config.num_experts),
-              static_cast<long>(config.intermediate_size), static_cast<long>(config.top_k),
-              ids.size(), static_cast<long>(args.threads));
+  const std::string source = args.checkpoint.empty()
+                                 ? "random weights (seed " + std::to_string(args.seed) + ")"
+                                 : "checkpoint " + args.checkpoint;
+  std::printf(
+      "Mixtral-style model, %s: %ld layers, d_model %ld, %ld "
+      "experts of d_ff %ld, top-%ld; %zu tokens, %ld threads\n",
+      source.c_str(), static_cast<long>(config.num_layers), static_cast<long>(config.hidden_size),
+      static_cast<long>(config.num_experts), static_cast<long>(config.intermediate_size),
+      static_cast<long>(config.top_k), ids.size(), static_cast<long>(args.threads));
 
   moe::ThreadPool pool(args.threads);
   moe::Workspace<float> ws;
@@ -119,9 +140,16 @@ int main(int argc, char** argv) try {
                     [&](example::Index a, example::Index b) { return last(a) > last(b); });
   std::printf("top-5 next tokens:");
   for (int i = 0; i < 5; ++i) {
-    std::printf(" %ld (%.4f)", static_cast<long>(order[std::size_t(i)]), last(order[std::size_t(i)]));
+    std::printf(" %ld (%.4f)", static_cast<long>(order[std::size_t(i)]),
+                last(order[std::size_t(i)]));
   }
   std::printf("\n");
+  if (!args.logits_out.empty()) {
+    moe::io::write_safetensors(args.logits_out,
+                               {moe::io::make_tensor("logits", logits, moe::io::Dtype::F32)});
+    std::printf("logits [%ld x %ld] written to %s\n", static_cast<long>(logits.rows()),
+                static_cast<long>(logits.cols()), args.logits_out.c_str());
+  }
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "mixtral_forward: %s\n", e.what());
