@@ -112,6 +112,26 @@ TYPED_TEST(GemmSmallNt, ModelSizes) {
   }
 }
 
+TYPED_TEST(GemmSmallNt, LongRowsManyRowsAndSeveralPasses) {
+  // Long rows with more than one row group are cut into L1-sized chunks; more than
+  // gemm_small_nt_max_rows rows take several passes over W.
+  using T = TypeParam;
+  std::uint32_t seed = 100;
+  for (Index n : {5, 8, 13, 16, 17, 32, 33, 40}) {
+    for (Index in : {1000, 2049}) {
+      for (Index out : {5, 9}) {
+        Data<T> d({n, in, out, 1}, seed++);
+        moe::kernels::gemm_small_nt(d.x.data(), n, d.ldx, d.w.data(), in, d.ldw, 0, out,
+                                    d.y.data(), d.ldy);
+        moe::kernels::gemm_small_nt_scalar(d.x.data(), n, d.ldx, d.w.data(), in, d.ldw, 0, out,
+                                           d.y_ref.data(), d.ldy);
+        expect_close(d, testing::PrintToString(std::vector<Index>{n, in, out}));
+        if (testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
 TYPED_TEST(GemmSmallNt, SubRangeWritesOnlyItsColumns) {
   using T = TypeParam;
   for (auto [begin, end] : {std::pair<Index, Index>{0, 0},
