@@ -172,6 +172,97 @@ TEST(BackwardFd, DeepSeekSequenceLossThroughSoftmaxRouting) {
   check_fd(p);
 }
 
+TEST(BackwardFd, DeepSeekV3SigmoidGroupsBiasScalingSharedExpert) {
+  using G = gating::GroupLimitedTopK;
+  auto p = make_problem<G>(11, 9, 6, 4, 8, 3, 5, false, /*with_bias=*/true);
+  p.options = G::Options::deepseek_v3(/*n_group=*/4, /*topk_group=*/2, /*scaling=*/2.5);
+  p.coeffs.aux = 0.6;
+  p.coeffs.aux_loss = AuxLoss::deepseek_sequence;
+  p.coeffs.seq_len = 3;
+  p.coeffs.z = 0.2;
+  check_fd(p);
+}
+
+TEST(BackwardFd, DeepSeekV3WithoutRenormalisation) {
+  using G = gating::GroupLimitedTopK;
+  auto p = make_problem<G>(12, 7, 5, 4, 6, 2, 0, false, true);
+  p.options = G::Options::deepseek_v3(3, 2, 1.7, /*norm_topk_prob=*/false);
+  check_fd(p);
+}
+
+TEST(BackwardFd, DeepSeekV2SoftmaxMaxGroupScaled) {
+  using G = gating::DeepSeekV2;
+  auto p = make_problem<G>(13, 8, 5, 4, 6, 2, 4, true);
+  p.options = G::Options::deepseek_v2(3, 2, 16.0);
+  p.coeffs.aux = 0.3;
+  check_fd(p);
+}
+
+TEST(BackwardFd, SwitchTop1WithDroppedTokens) {
+  using G = gating::CapacityTopK;
+  auto p = make_problem<G, ReluMlp>(14, 12, 5, 6, 4, 1, 0, false);
+  p.options = G::Options::switch_transformers(/*expert_capacity=*/2);
+  p.coeffs.aux = 0.5;
+  p.coeffs.aux_loss = AuxLoss::switch_top1;
+  p.coeffs.seq_len = 6;
+  p.coeffs.z = 0.25;
+  // The case must drop tokens, or it would not test what it claims.
+  SparseMoeBlock<double, G, ReluMlp> block(p.config, p.w, p.options);
+  Workspace<double> ws;
+  RowMatrix<double> y(12, 5);
+  block.forward(p.x, y, ws);
+  ASSERT_GT(ws.stats().dropped_tokens, 2);
+  check_fd(p);
+}
+
+TEST(BackwardFd, GShardTop2RenormalisedAfterDrop) {
+  using G = gating::CapacityTopK;
+  auto p = make_problem<G>(15, 12, 5, 4, 4, 2, 3, true);
+  p.options = G::Options::gshard(/*capacity_factor=*/0.75);
+  p.coeffs.aux = 0.5;
+  SparseMoeBlock<double, G> block(p.config, p.w, p.options);
+  Workspace<double> ws;
+  RowMatrix<double> y(12, 5);
+  block.forward(p.x, y, ws);
+  ASSERT_GT(ws.stats().dropped, 0);
+  check_fd(p);
+}
+
+TEST(BackwardFd, CapacityTopKRenormalisedBeforeDrop) {
+  using G = gating::CapacityTopK;
+  auto p = make_problem<G>(16, 10, 5, 4, 4, 2, 0, false);
+  p.options = G::Options::gshard(0.75);
+  p.options.renormalize = G::Renormalize::before_drop;
+  check_fd(p);
+}
+
+TEST(BackwardFd, NoisyTopKWithImportanceAndLoadLosses) {
+  using G = gating::NoisyTopK;
+  auto p = make_problem<G>(17, 10, 5, 4, 5, 2, 0, false, false, /*with_noise=*/true);
+  p.coeffs.aux = 0;
+  p.coeffs.importance = 0.7;
+  p.coeffs.load = 0.9;
+  p.coeffs.z = 0.1;
+  check_fd(p);
+}
+
+TEST(BackwardFd, NoisyTopKWithNoiseEpsilonSharedExpert) {
+  using G = gating::NoisyTopK;
+  auto p = make_problem<G>(18, 8, 5, 4, 6, 3, 3, true, false, true);
+  p.options.noise_epsilon = 0.01;
+  p.coeffs.importance = 0.4;
+  p.coeffs.load = 0.4;
+  check_fd(p);
+}
+
+TEST(BackwardFd, ExpertChoice) {
+  using G = gating::ExpertChoice;
+  auto p = make_problem<G>(19, 10, 5, 4, 4, 1, 3, false);
+  p.options.capacity_factor = 1.5;
+  p.coeffs.z = 0.3;
+  check_fd(p);
+}
+
 TEST(Backward, AccumulatesIntoGradients) {
   auto p = make_problem<gating::SoftmaxTopK>(6, 5, 4, 3, 4, 2, 3, true);
   SparseMoeBlock<double, gating::SoftmaxTopK> block(p.config, p.w);
@@ -284,6 +375,21 @@ TEST(Backward, RefusesMismatchedShapes) {
   test::expect_error<shape_error>(
       [&] { block_backward(block, p.x, p.dy, ws, bad, dx); },
       "moe: gradient of the router weight has shape [3 x 4], expected [4 x 4]");
+}
+
+TEST(Backward, RefusesShazeerLossesOnOtherGatings) {
+  auto p = make_problem<gating::SoftmaxTopK>(20, 4, 4, 3, 4, 2, 0, false);
+  SparseMoeBlock<double, gating::SoftmaxTopK> block(p.config, p.w);
+  Workspace<double> ws;
+  ws.set_training(true);
+  RowMatrix<double> y(4, 4), dx(4, 4);
+  block.forward(p.x, y, ws);
+  auto g = MoeGradients<double>::zeros_like(p.w);
+  LossCoefficients c;
+  c.importance = 0.1;
+  test::expect_error<config_error>(
+      [&] { block_backward(block, p.x, p.dy, ws, g, dx, c); },
+      "moe: LossCoefficients::importance and load apply to noisy top-k gating only");
 }
 
 }  // namespace

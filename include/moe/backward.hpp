@@ -153,6 +153,191 @@ inline void gating_backward(const gating::SoftmaxTopK& g, const GatingBackward<S
   }
 }
 
+/// dz += VJP of the scores for a sparse score gradient ds (entries dv[j] at experts idx[j]):
+///   softmax: dz = p * (ds - <p, ds>);   sigmoid: dz = ds * s * (1 - s).
+template <class S, class DvFn>
+inline void scores_vjp(bool softmax, const S* scores, const std::int32_t* idx, Index k, Index E,
+                       DvFn&& dv, S* dz) {
+  if (softmax) {
+    double pdp = 0;
+    for (Index j = 0; j < k; ++j) {
+      pdp += static_cast<double>(scores[idx[j]]) * dv(j);
+    }
+    for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(scores[e]) * pdp);
+    for (Index j = 0; j < k; ++j) {
+      dz[idx[j]] += static_cast<S>(static_cast<double>(scores[idx[j]]) * dv(j));
+    }
+  } else {
+    for (Index j = 0; j < k; ++j) {
+      const double sj = static_cast<double>(scores[idx[j]]);
+      dz[idx[j]] += static_cast<S>(dv(j) * sj * (1 - sj));
+    }
+  }
+}
+
+/// Group-limited top-k (DeepSeek-V2/V3, gating::BasicGroupLimitedTopK):
+///   s = softmax(z) or sigmoid(z), v_j = s[i_j] (the unbiased scores; the selection bias and
+///   the group mask only choose i), D = sum_l v_l + 1e-20,
+///   w_j = scale * v_j / D (normalize) or scale * v_j;
+///   dv_j = scale * (dw_j / D - sum_l dw_l v_l / D^2) (normalize) or scale * dw_j;
+///   then the score VJP (sigmoid: dz = dv s (1 - s)).
+template <bool B, class S>
+inline void gating_backward(const gating::BasicGroupLimitedTopK<B>& g, const GatingBackward<S>& a) {
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
+  const auto scores = a.routing.scores();
+  const auto experts = a.routing.experts();
+  const double scale = g.options.routed_scaling_factor;
+  const bool softmax = g.options.scoring == gating::Scoring::softmax;
+  for (Index t = 0; t < T; ++t) {
+    const S* s = scores.data() + t * E;
+    const std::int32_t* idx = experts.data() + t * k;
+    const S* dw = a.dweights + t * k;
+    double D = 1e-20, dot = 0;
+    for (Index j = 0; j < k; ++j) {
+      D += static_cast<double>(s[idx[j]]);
+      dot += static_cast<double>(dw[j]) * static_cast<double>(s[idx[j]]);
+    }
+    auto dv = [&](Index j) {
+      return g.options.normalize ? scale * (static_cast<double>(dw[j]) / D - dot / (D * D))
+                                 : scale * static_cast<double>(dw[j]);
+    };
+    scores_vjp<S>(softmax, s, idx, k, E, dv, a.dlogits + t * E);
+  }
+}
+
+/// Top-k with capacity (Switch / GShard, gating::CapacityTopK): p = softmax(z), v_j = p[i_j];
+///   none:        w_j = v_j,                          dv_j = dw_j
+///   before_drop: w_j = v_j / sum_all v,              dv_j = (dw_j - sum_l dw_l w_l) / sum_all v
+///   after_drop:  w_j = v_j / sum_kept v (kept j),    dv_j = (dw_j - sum_kept dw_l w_l) / sum_kept
+///   v
+/// A dropped slot contributes nothing to the output, so dw_j = 0 there and (after_drop) it is
+/// outside the normalisation: a dropped token's router gradient comes from the losses alone.
+template <class S>
+inline void gating_backward(const gating::CapacityTopK& g, const GatingBackward<S>& a) {
+  using R = gating::CapacityTopK::Renormalize;
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
+  const auto scores = a.routing.scores();
+  const auto experts = a.routing.experts();
+  const auto weights = a.routing.weights();
+  const auto kept = a.routing.kept();
+  const R mode = g.options.renormalize;
+  for (Index t = 0; t < T; ++t) {
+    const S* p = scores.data() + t * E;
+    const std::int32_t* idx = experts.data() + t * k;
+    const S* dw = a.dweights + t * k;
+    double sum = 0, dot = 0;
+    for (Index j = 0; j < k; ++j) {
+      const bool in = mode == R::before_drop || (mode == R::after_drop && kept(t, j));
+      if (!in) continue;
+      sum += static_cast<double>(p[idx[j]]);
+      dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
+    }
+    auto dv = [&](Index j) {
+      if (mode == R::none) return static_cast<double>(dw[j]);
+      if (mode == R::after_drop && !kept(t, j)) return 0.0;
+      return sum > 0 ? (static_cast<double>(dw[j]) - dot) / sum : 0.0;
+    };
+    scores_vjp<S>(true, p, idx, k, E, dv, a.dlogits + t * E);
+  }
+}
+
+/// Noisy top-k (Shazeer et al. 2017, gating::NoisyTopK): H = z + eps * std, std =
+/// softplus(n) + noise_epsilon with n = x W_noise^T, w = softmax of the k selected H:
+///   dH_{i_j} = w_j (dw_j - sum_l w_l dw_l);  dz += dH;  dn += dH eps sigmoid(n).
+/// The draws eps are the forward's (Workspace::noise_, after the noise logits).
+template <class S>
+inline void gating_backward(const gating::NoisyTopK&, const GatingBackward<S>& a) {
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
+  const auto experts = a.routing.experts();
+  const auto weights = a.routing.weights();
+  const S* noise_logits = a.noise;
+  const S* draws = a.noise + T * E;
+  for (Index t = 0; t < T; ++t) {
+    const S* dw = a.dweights + t * k;
+    double dot = 0;
+    for (Index j = 0; j < k; ++j)
+      dot += static_cast<double>(weights(t, j)) * static_cast<double>(dw[j]);
+    for (Index j = 0; j < k; ++j) {
+      const Index e = experts(t, j);
+      const double dh = static_cast<double>(weights(t, j)) * (static_cast<double>(dw[j]) - dot);
+      a.dlogits[t * E + e] += static_cast<S>(dh);
+      a.dnoise_logits[t * E + e] +=
+          static_cast<S>(dh * static_cast<double>(draws[t * E + e]) *
+                         kernels::sigmoid(static_cast<double>(noise_logits[t * E + e])));
+    }
+  }
+}
+
+/// Expert choice (Zhou et al. 2022, gating::ExpertChoice): slot e of token t holds weight
+/// S[t, e] = softmax(z_t)_e when expert e chose t, so dS = dw (zero where not chosen) and
+/// dz = S * (dS - <S, dS>). The choice itself (top-c tokens per expert) has no gradient.
+template <class S>
+inline void gating_backward(const gating::ExpertChoice&, const GatingBackward<S>& a) {
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts();
+  const auto scores = a.routing.scores();
+  for (Index t = 0; t < T; ++t) {
+    const S* dw = a.dweights + t * E;
+    double dot = 0;
+    for (Index e = 0; e < E; ++e)
+      dot += static_cast<double>(scores(t, e)) * static_cast<double>(dw[e]);
+    for (Index e = 0; e < E; ++e) {
+      a.dlogits[t * E + e] +=
+          static_cast<S>(static_cast<double>(scores(t, e)) * (static_cast<double>(dw[e]) - dot));
+    }
+  }
+}
+
+/// Shazeer et al. 2017 importance and load losses of a noisy top-k routing (values into v, and
+/// with their coefficients: the importance gradient into dweights (it flows through the gating
+/// like the output's), the load gradient into dlogits and dnoise_logits). scratch: 6 T E.
+template <class S>
+inline void noisy_losses(const gating::NoisyTopK& g, const GatingBackward<S>& a, S* dweights,
+                         const LossCoefficients& c, LossValues& v, S* scratch) {
+  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
+  const auto experts = a.routing.experts();
+  const auto weights = a.routing.weights();
+  const auto logits = a.routing.logits();
+  const Index n = T * E;
+  S* gates = scratch;
+  S* dgates = scratch + n;
+  S* noisy = scratch + 2 * n;
+  S* stddev = scratch + 3 * n;
+  S* dnoisy = scratch + 4 * n;
+  S* dstd = scratch + 5 * n;
+  std::fill(scratch, scratch + 6 * n, S(0));
+  for (Index t = 0; t < T; ++t) {
+    for (Index j = 0; j < k; ++j) gates[t * E + experts(t, j)] = weights(t, j);
+  }
+  v.importance = losses::shazeer_importance_loss<S>(
+      ConstMap<S>(gates, T, E), c.importance != 0 ? dgates : nullptr, c.importance);
+  if (c.importance != 0) {
+    for (Index t = 0; t < T; ++t) {
+      for (Index j = 0; j < k; ++j) dweights[t * k + j] += dgates[t * E + experts(t, j)];
+    }
+  }
+  if (k >= E) return;  // the load estimator needs a k-th largest among the other experts
+  const S* nl = a.noise;
+  const S* eps = a.noise + n;
+  for (Index i = 0; i < n; ++i) {
+    stddev[i] = g.noise_stddev(nl[i]);
+    noisy[i] = logits.data()[i] + eps[i] * stddev[i];
+  }
+  losses::ShazeerLoadGrads<S> lg;
+  if (c.load != 0) lg = {a.dlogits, dnoisy, dstd};
+  v.load = losses::shazeer_load_loss<S>(logits, ConstMap<S>(noisy, T, E), ConstMap<S>(stddev, T, E),
+                                        k, lg, c.load);
+  if (c.load != 0) {
+    for (Index i = 0; i < n; ++i) {
+      a.dlogits[i] += dnoisy[i];
+      const double sig = kernels::sigmoid(static_cast<double>(nl[i]));
+      a.dnoise_logits[i] +=
+          static_cast<S>((static_cast<double>(dnoisy[i]) * static_cast<double>(eps[i]) +
+                          static_cast<double>(dstd[i])) *
+                         sig);
+    }
+  }
+}
+
 /// dX = dH W_in etc. for one block of rows: the FFN backward shared by routed and shared experts.
 ///   dA = dY W_out; dW_out += dY^T A; gated: dG = dA * up * act'(gate), dU = dA * act(gate),
 ///   plain: dH = dA * act'(H); dW_in += dH^T X; dX = dH W_in (written over dY).
@@ -251,6 +436,16 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   if (coeffs.token_mask && coeffs.aux_loss != AuxLoss::load_balancing) {
     throw config_error("moe: LossCoefficients::token_mask applies to AuxLoss::load_balancing only");
   }
+  if ((coeffs.importance != 0 || coeffs.load != 0) && !Gating::uses_noise) {
+    throw config_error(
+        "moe: LossCoefficients::importance and load apply to noisy top-k gating only");
+  }
+  if (coeffs.load != 0 && config.top_k >= E) {
+    throw config_error(
+        detail::concat("moe: the Shazeer load loss needs top_k < num_experts, got "
+                       "top_k = ",
+                       config.top_k, ", num_experts = ", E));
+  }
   if (coeffs.aux_loss == AuxLoss::switch_top1 || coeffs.aux_loss == AuxLoss::deepseek_sequence) {
     losses::detail::check_sequences(num_tokens, coeffs.seq_len);
   }
@@ -319,6 +514,10 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   }
   const detail::GatingBackward<S> gb{
       config, routing, dweights, dlogits, dnoise, Gating::uses_noise ? ws.noise_.data() : nullptr};
+  if constexpr (Gating::uses_noise) {
+    detail::noisy_losses(block.gating(), gb, dweights, coeffs, values,
+                         bws.aux_.ensure(6 * num_tokens * E));
+  }
   detail::gating_backward(block.gating(), gb);
   const auto logits = routing.logits();
   switch (coeffs.aux_loss) {
