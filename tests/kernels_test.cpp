@@ -121,8 +121,8 @@ TYPED_TEST(GemmSmallNt, LongRowsManyRowsAndSeveralPasses) {
     for (Index in : {1000, 2049}) {
       for (Index out : {5, 9}) {
         Data<T> d({n, in, out, 1}, seed++);
-        moe::kernels::gemm_small_nt(d.x.data(), n, d.ldx, d.w.data(), in, d.ldw, 0, out,
-                                    d.y.data(), d.ldy);
+        moe::kernels::gemm_small_nt(d.x.data(), n, d.ldx, d.w.data(), in, d.ldw, 0, out, d.y.data(),
+                                    d.ldy);
         moe::kernels::gemm_small_nt_scalar(d.x.data(), n, d.ldx, d.w.data(), in, d.ldw, 0, out,
                                            d.y_ref.data(), d.ldy);
         expect_close(d, testing::PrintToString(std::vector<Index>{n, in, out}));
