@@ -613,6 +613,8 @@ TEST(IoCheckpoint, IndexErrorsNameTheIndexFile) {
                 "contain it");
   EXPECT_EQ(open_with(R"({"weight_map": {"a": "s1.safetensors", "a": "s1.safetensors"}})"),
             "moe: " + index + ": key 'a' appears twice in 'weight_map'");
+  EXPECT_EQ(open_with(R"({"weight_map": {}, "weight_map": {}})"),
+            "moe: " + index + ": key 'weight_map' appears twice");
   EXPECT_EQ(open_with("[]"), "moe: " + index + ": index is a JSON array, expected an object");
   EXPECT_EQ(open_with("").rfind("moe: " + index + " is not valid JSON: ", 0), 0u);
   // A malformed shard reports the shard.
@@ -621,6 +623,35 @@ TEST(IoCheckpoint, IndexErrorsNameTheIndexFile) {
             "moe: " + dir.file("s3.safetensors") +
                 ": file has 3 bytes, too few for the 8-byte header length");
   EXPECT_EQ(open_with(R"({"weight_map": {"a": "s1.safetensors"}})"), "<no exception>");
+}
+
+TEST(IoCheckpoint, LargeWeightMapParsesInLinearTime) {
+  // DeepSeek-V3's index lists about 90k names; duplicate detection must not be quadratic.
+  std::string text = R"({"weight_map": {)";
+  for (int i = 0; i < 100000; ++i) {
+    if (i) text += ',';
+    text += "\"model.layers." + std::to_string(i) + ".w\": \"model-0000" + std::to_string(i % 7) +
+            ".safetensors\"";
+  }
+  text += "}}";
+  const auto map = moe::io::parse_weight_map(text, "big.index.json");
+  ASSERT_EQ(map.size(), 100000u);
+  EXPECT_EQ(map.at("model.layers.12345.w"), "model-00004.safetensors");
+}
+
+TEST(IoSafetensors, ManyTensors) {
+  TempDir dir;
+  std::vector<TensorToWrite> tensors;
+  for (int i = 0; i < 5000; ++i) {
+    tensors.push_back(moe::io::make_tensor("t" + std::to_string(i), matrix(1, 2, {1.0 * i, -1.0}),
+                                           i % 2 ? Dtype::F32 : Dtype::BF16));
+  }
+  const std::string path = dir.file("many.safetensors");
+  moe::io::write_safetensors(path, tensors);
+  const auto f = SafetensorsFile::open(path);
+  ASSERT_EQ(f.size(), 5000u);
+  EXPECT_EQ(f.read_vector<double>("t4321"), (std::vector<double>{4321, -1}));
+  EXPECT_EQ(f.read_vector<double>("t254"), (std::vector<double>{254, -1}));  // exact in bf16
 }
 
 TEST(IoCheckpoint, EmptyDirectory) {

@@ -32,8 +32,8 @@ namespace moe::io {
 inline std::map<std::string, std::string> parse_weight_map(const std::string& text,
                                                            const std::string& index_name) {
   const std::string where = "moe: " + index_name;
-  const nlohmann::json index =
-      detail::parse_untrusted_json(text.data(), text.data() + text.size(), where, /*max_depth=*/16);
+  const nlohmann::json index = detail::parse_untrusted_json(text.data(), text.data() + text.size(),
+                                                            where, /*max_depth=*/16, "key");
   if (!index.is_object()) {
     throw io_error(where + ": index is " + detail::json_kind(index) + ", expected an object");
   }

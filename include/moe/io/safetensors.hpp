@@ -23,6 +23,7 @@
 #include <set>
 #include <string>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -119,11 +120,14 @@ inline std::optional<std::uint64_t> json_non_negative_integer(const nlohmann::js
 
 /// Parses untrusted JSON text with nlohmann-json, rejecting what nlohmann would silently accept:
 /// a key repeated in one object (nlohmann keeps the last) and nesting deeper than `max_depth`.
-/// `where` starts every message ("moe: file: header"). Throws io_error.
+/// `where` starts every message ("moe: file: header"); `top_level_noun` names a top-level key
+/// in them ("tensor" for a safetensors header). Throws io_error.
 inline nlohmann::json parse_untrusted_json(const char* begin, const char* end,
-                                           const std::string& where, int max_depth) {
-  // Keys seen in each open object, innermost last; the top-level key names the entry.
-  std::vector<std::vector<std::string>> open_keys;
+                                           const std::string& where, int max_depth,
+                                           const char* top_level_noun) {
+  // Keys seen in each open object, innermost last (hashed: a weight_map may hold 10^5 names);
+  // the current top-level key names the entry in messages.
+  std::vector<std::unordered_set<std::string>> open_keys;
   std::string top_key;
   auto callback = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     using E = nlohmann::json::parse_event_t;
@@ -136,16 +140,15 @@ inline nlohmann::json parse_untrusted_json(const char* begin, const char* end,
       if (!open_keys.empty()) open_keys.pop_back();
     } else if (event == E::key && !open_keys.empty()) {
       const auto& key = parsed.get_ref<const std::string&>();
-      auto& keys = open_keys.back();
-      if (std::find(keys.begin(), keys.end(), key) != keys.end()) {
+      if (!open_keys.back().insert(key).second) {
         if (open_keys.size() == 1) {
-          throw io_error(moe::detail::concat(where, ": tensor '", key, "' appears twice"));
+          throw io_error(
+              moe::detail::concat(where, ": ", top_level_noun, " '", key, "' appears twice"));
         }
         throw io_error(
             moe::detail::concat(where, ": key '", key, "' appears twice in '", top_key, "'"));
       }
       if (open_keys.size() == 1) top_key = key;
-      keys.push_back(key);
     }
     return true;
   };
@@ -484,8 +487,8 @@ class SafetensorsFile {
     data_offset_ = static_cast<std::size_t>(8 + n);
     const std::size_t data_size = size_ - data_offset_;
     const char* text = reinterpret_cast<const char*>(bytes_ + 8);
-    const nlohmann::json header =
-        detail::parse_untrusted_json(text, text + n, where() + ": header", /*max_depth=*/8);
+    const nlohmann::json header = detail::parse_untrusted_json(text, text + n, where() + ": header",
+                                                               /*max_depth=*/8, "tensor");
     if (!header.is_object()) {
       fail(moe::detail::concat("header is ", detail::json_kind(header), ", expected an object"));
     }
