@@ -14,3 +14,6 @@
 #include "moe/threading.hpp"
 #include "moe/weights.hpp"
 #include "moe/workspace.hpp"
+#include "moe/losses.hpp"
+#include "moe/gradients.hpp"
+#include "moe/backward.hpp"
