@@ -362,6 +362,50 @@ TYPED_TEST(GatingTyped, EqualScoresGoToTheLowerExpertIndex) {
   EXPECT_EQ(r.experts()(0, 1), 0);
 }
 
+// A token with NaN logits never produces an out-of-range expert, in any policy, and does not
+// change the routing of the other tokens.
+TYPED_TEST(GatingTyped, NaNLogitsKeepExpertsInRange) {
+  using S = RouteScalar<TypeParam>;
+  MoeConfig c;
+  c.d_model = 1;
+  c.d_ff = 1;
+  c.num_experts = 8;
+  c.top_k = 2;
+  std::mt19937_64 rng(9);
+  const RowMatrix<double> z = test::random_matrix<double>(5, 8, rng);
+  const S bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto check = [&](const auto& policy) {
+    Routing<S> clean, dirty;
+    for (Routing<S>* r : {&clean, &dirty}) {
+      r->resize(5, 8, policy.slots(c));
+      r->logits() = z.cast<S>();
+    }
+    dirty.logits()(2, 3) = std::numeric_limits<S>::quiet_NaN();
+    RouteContext<S> ctx;
+    ctx.selection_bias = bias;
+    policy.validate(c);
+    policy.route(c, ctx, clean);
+    policy.route(c, ctx, dirty);
+    for (Index t = 0; t < 5; ++t) {
+      for (Index j = 0; j < dirty.slots(); ++j) {
+        const std::int32_t e = dirty.experts()(t, j);
+        EXPECT_TRUE(e == -1 || (e >= 0 && e < 8)) << "token " << t << " slot " << j;
+        if (dirty.kept()(t, j)) {
+          EXPECT_GE(e, 0);
+        }
+        if (t != 2) {
+          EXPECT_EQ(e, clean.experts()(t, j)) << "token " << t << " slot " << j;
+        }
+      }
+    }
+  };
+  check(gating::SoftmaxTopK());
+  check(gating::GroupLimitedTopK(gating::GroupLimitedTopK::Options::deepseek_v3(4, 2, 2.5)));
+  check(gating::DeepSeekV2(gating::DeepSeekV2::Options::deepseek_v2(4, 2, 16.0)));
+  check(gating::CapacityTopK(gating::CapacityTopK::Options::dropless()));
+  check(gating::NoisyTopK());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Group-limited (DeepSeek-V3 / V2).
 
