@@ -526,6 +526,21 @@ class LayerReader {
     return w;
   }
 
+  /// Reads 2-D `name` into `dst` (same shape, checked by check()). When the file stores T
+  /// itself, aligned and unscaled, the bytes are copied straight from the mapping (no
+  /// temporary); otherwise through read().
+  template <class T>
+  void read_into(const std::string& name, MutMap<T> dst) const {
+    const TensorInfo& info = m_.tensors().info(name);
+    const auto address = reinterpret_cast<std::uintptr_t>(m_.tensors().file_of(name).data(name));
+    if (info.dtype == io::detail::native_dtype<T>() && address % alignof(T) == 0 &&
+        !has(name + "_scale_inv")) {
+      dst = m_.tensors().map_matrix<T>(name);
+    } else {
+      dst = read<T>(name);
+    }
+  }
+
  private:
   const ModelCheckpoint& m_;
   Index layer_;
@@ -691,18 +706,18 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer) {
   } else {
     for (Index e = 0; e < c.num_experts; ++e) {
       if (switch_family) {
-        w.experts.gate(e) = r.read<T>(expert_name(e, "wi"));
+        r.read_into<T>(expert_name(e, "wi"), w.experts.gate(e));
       } else {
-        w.experts.gate(e) = r.read<T>(expert_name(e, gate_n));
-        w.experts.up(e) = r.read<T>(expert_name(e, up_n));
+        r.read_into<T>(expert_name(e, gate_n), w.experts.gate(e));
+        r.read_into<T>(expert_name(e, up_n), w.experts.up(e));
       }
-      w.experts.w_out(e) = r.read<T>(expert_name(e, switch_family ? "wo" : down_n));
+      r.read_into<T>(expert_name(e, switch_family ? "wo" : down_n), w.experts.w_out(e));
     }
   }
   if (S > 0) {
-    w.shared.gate(0) = r.read<T>(sp + "gate_proj.weight");
-    w.shared.up(0) = r.read<T>(sp + "up_proj.weight");
-    w.shared.w_out(0) = r.read<T>(sp + "down_proj.weight");
+    r.read_into<T>(sp + "gate_proj.weight", w.shared.gate(0));
+    r.read_into<T>(sp + "up_proj.weight", w.shared.up(0));
+    r.read_into<T>(sp + "down_proj.weight", w.shared.w_out(0));
     if (c.shared_expert_gate) w.shared_gate = r.read<T>(p + "shared_expert_gate.weight");
   }
   return w;
@@ -800,14 +815,14 @@ DenseFfn<T, Ffn> load_dense_ffn(const ModelCheckpoint& m, Index layer) {
     r.check(p + "gate_proj.weight", {F, H});
     r.check(p + "up_proj.weight", {F, H});
     r.check(p + "down_proj.weight", {H, F});
-    stack.gate(0) = r.read<T>(p + "gate_proj.weight");
-    stack.up(0) = r.read<T>(p + "up_proj.weight");
-    stack.w_out(0) = r.read<T>(p + "down_proj.weight");
+    r.read_into<T>(p + "gate_proj.weight", stack.gate(0));
+    r.read_into<T>(p + "up_proj.weight", stack.up(0));
+    r.read_into<T>(p + "down_proj.weight", stack.w_out(0));
   } else {
     r.check(p + "wi.weight", {F, H});
     r.check(p + "wo.weight", {H, F});
-    stack.gate(0) = r.read<T>(p + "wi.weight");
-    stack.w_out(0) = r.read<T>(p + "wo.weight");
+    r.read_into<T>(p + "wi.weight", stack.gate(0));
+    r.read_into<T>(p + "wo.weight", stack.w_out(0));
   }
   return DenseFfn<T, Ffn>(std::move(stack));
 }
