@@ -145,6 +145,8 @@ struct RoutingStats {
   Index assignments = 0;                 ///< executed assignments (T * k without drops)
   Index dropped = 0;                     ///< assignments dropped by capacity
   Index dropped_tokens = 0;              ///< tokens whose every chosen assignment was dropped
+  Index unrouted_tokens = 0;             ///< tokens no expert processes (dropped, or unchosen
+                                         ///< by every expert under expert choice)
   Index dead_experts = 0;                ///< experts that received no token
   double imbalance = 0;                  ///< max load / mean load (1 = perfectly even)
   double load_cv = 0;                    ///< coefficient of variation (std / mean) of the load
@@ -155,14 +157,12 @@ struct RoutingStats {
   template <class S>
   void compute(const Routing<S>& routing, const DispatchPlan& plan) {
     const Index E = routing.num_experts(), T = routing.num_tokens();
-    if (tokens_per_expert.size() < static_cast<std::size_t>(E)) {
-      tokens_per_expert.resize(static_cast<std::size_t>(E));
-    }
     tokens_per_expert.resize(static_cast<std::size_t>(E));
     std::copy(plan.counts.begin(), plan.counts.begin() + E, tokens_per_expert.begin());
     assignments = plan.num_rows;
     dropped = 0;
     dropped_tokens = 0;
+    unrouted_tokens = 0;
     const auto experts = routing.experts();
     const auto kept = routing.kept();
     for (Index t = 0; t < T; ++t) {
@@ -174,6 +174,7 @@ struct RoutingStats {
       }
       dropped += chosen - executed;
       if (chosen > 0 && executed == 0) ++dropped_tokens;
+      if (executed == 0) ++unrouted_tokens;
     }
     dead_experts = 0;
     double sum = 0, sum_sq = 0, max_load = 0;
@@ -189,6 +190,7 @@ struct RoutingStats {
     const double var = E > 0 ? std::max(0.0, sum_sq / static_cast<double>(E) - mean * mean) : 0.0;
     load_cv = mean > 0 ? std::sqrt(var) / mean : 0.0;
     double entropy = 0;
+    Index finite_rows = 0;
     const auto scores = routing.scores();
     for (Index t = 0; t < T; ++t) {
       double total = 0;
@@ -200,8 +202,10 @@ struct RoutingStats {
         if (p > 0) h -= p * std::log(p);
       }
       entropy += h;
+      ++finite_rows;
     }
-    mean_entropy = T > 0 ? entropy / static_cast<double>(T) : 0.0;
+    // Tokens with non-finite scores (NaN input) are left out of the mean.
+    mean_entropy = finite_rows > 0 ? entropy / static_cast<double>(finite_rows) : 0.0;
   }
 };
 
