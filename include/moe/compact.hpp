@@ -1,0 +1,468 @@
+// moe: compact storage of expert weights (bf16, int8 with per-row scales, fp8 e4m3 with block
+// scales), quantisation from fp32, dequantisation, and a compact expert stack.
+//
+// Decode is bandwidth bound (PERFORMANCE.md): bytes per weight set the speed. The router, the
+// routing weights, activations and accumulation stay fp32; only the expert weights are compact.
+// The products on compact weights are in moe/kernels/gemm_compact.hpp.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moe/error.hpp"
+#include "moe/expert.hpp"
+#include "moe/io/dtype.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe {
+
+/// bfloat16 weights: the top half of an fp32 (1 sign, 8 exponent, 7 mantissa bits), quantised
+/// with round to nearest even (NaN stays NaN). 2 bytes per weight, no scales. Checkpoint dtype
+/// "BF16" (Mixtral, Qwen, OLMoE) is this layout.
+struct Bf16 {
+  using code_type = std::uint16_t;
+  static constexpr const char* name = "bf16";
+};
+
+/// Symmetric int8 weights with one fp32 scale per output row: w[o, i] = scale[o] * q[o, i],
+/// q in [-127, 127], scale[o] = max_i |w[o, i]| / 127 (0 for an all-zero row). 1 byte per weight
+/// plus 4 bytes per row.
+struct Int8 {
+  using code_type = std::int8_t;
+  static constexpr const char* name = "int8";
+};
+
+/// OCP FP8 E4M3 ("e4m3fn", torch.float8_e4m3fn, DeepSeek-V3): 1 sign, 4 exponent (bias 7),
+/// 3 mantissa bits; largest finite 448, smallest subnormal 2^-9, no infinity, NaN 0x7f / 0xff.
+/// One fp32 scale per block of [block_rows x block_cols] weights (DeepSeek-V3 weight_scale_inv:
+/// 128 x 128, grid [ceil(rows / 128) x ceil(cols / 128)], row-major): w = fp8 * scale. A single
+/// block covering the matrix is the per-tensor case. 1 byte per weight plus 4 per block.
+struct Fp8E4M3 {
+  using code_type = std::uint8_t;
+  static constexpr const char* name = "fp8";
+};
+
+/// Side of DeepSeek-V3's square fp8 scale blocks.
+inline constexpr Index fp8_block = 128;
+
+namespace detail {
+
+/// e4m3 code -> float for all 256 codes (exact; 0x7f / 0xff are NaN). Built once.
+inline const std::array<float, 256>& e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[std::size_t(c)] = io::e4m3_to_float(std::uint8_t(c));
+    return t;
+  }();
+  return table;
+}
+
+/// Storage of an owning CompactMatrix, shared (immutable) between its copies.
+template <class Code>
+struct CompactStorage {
+  std::vector<Code> codes;
+  std::vector<float> scales;
+};
+
+}  // namespace detail
+
+/// A compact weight matrix [rows x cols] in nn.Linear orientation [out x in], row-major codes with
+/// row stride cols. Format is Bf16, Int8 or Fp8E4M3.
+///
+/// Scales: Bf16 none; Int8 scales()[o], one per row; Fp8E4M3 a row-major grid
+/// [scale_grid_rows() x scale_grid_cols()] of blocks [block_rows() x block_cols()], the scale of
+/// w[o, i] being scales()[(o / block_rows) * scale_grid_cols + i / block_cols].
+///
+/// Ownership: quantize() returns an owning matrix (storage shared by its copies, immutable);
+/// view() is non-owning: the codes and scales (e.g. a memory-mapped checkpoint, see
+/// io::SafetensorsFile::data) must outlive every copy of it. Immutable, so one matrix serves
+/// many threads.
+template <class Format>
+class CompactMatrix {
+ public:
+  using code_type = typename Format::code_type;
+
+  CompactMatrix() = default;
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  /// Row-major codes, row stride cols().
+  const code_type* codes() const { return codes_; }
+  /// Int8: rows() per-row scales; Fp8E4M3: the block grid; Bf16: nullptr.
+  const float* scales() const { return scales_; }
+  Index block_rows() const { return block_rows_; }
+  Index block_cols() const { return block_cols_; }
+  Index scale_grid_rows() const {
+    return block_rows_ > 0 ? (rows_ + block_rows_ - 1) / block_rows_ : 0;
+  }
+  Index scale_grid_cols() const {
+    return block_cols_ > 0 ? (cols_ + block_cols_ - 1) / block_cols_ : 0;
+  }
+  Index num_scales() const {
+    if constexpr (std::is_same_v<Format, Int8>) return rows_;
+    if constexpr (std::is_same_v<Format, Fp8E4M3>) return scale_grid_rows() * scale_grid_cols();
+    return 0;
+  }
+  /// True when this matrix owns its storage (quantize), false for a view of caller memory.
+  bool owning() const { return storage_ != nullptr; }
+  /// Fp8E4M3 only: no NaN code and every scale finite and below 2^8, so the SIMD kernel may fold
+  /// its exponent rebias into the scale (see gemm_compact.hpp). Always true for other formats.
+  bool simple() const { return simple_; }
+  /// Bytes of codes and scales.
+  std::size_t bytes() const {
+    return std::size_t(rows_ * cols_) * sizeof(code_type) +
+           std::size_t(num_scales()) * sizeof(float);
+  }
+
+  /// Scale of weight (o, i) (1 for Bf16).
+  float scale(Index o, Index i) const {
+    if constexpr (std::is_same_v<Format, Int8>) {
+      (void)i;
+      return scales_[o];
+    } else if constexpr (std::is_same_v<Format, Fp8E4M3>) {
+      return scales_[(o / block_rows_) * scale_grid_cols() + i / block_cols_];
+    } else {
+      (void)o, (void)i;
+      return 1.0f;
+    }
+  }
+
+  /// Weight (o, i) as fp32: decode (exact) times its scale (one rounding). What the kernels use.
+  float operator()(Index o, Index i) const { return decode(codes_[o * cols_ + i], scale(o, i)); }
+
+  /// The fp32 value of `code` with scale `s`, exactly as every kernel computes it: bf16 exact;
+  /// int8 float(q) * s; fp8 e4m3_to_float(code) * s.
+  static float decode(code_type code, float s) {
+    if constexpr (std::is_same_v<Format, Bf16>) {
+      (void)s;
+      return io::bf16_to_float(code);
+    } else if constexpr (std::is_same_v<Format, Int8>) {
+      return float(code) * s;
+    } else {
+      return detail::e4m3_table()[code] * s;
+    }
+  }
+
+  /// out [row_end - row_begin x cols] row-major (row stride cols) = the fp32 weights of rows
+  /// [row_begin, row_end). Cost: one pass over the rows' codes (auto-vectorised for bf16 and
+  /// int8, a 1 KiB table lookup for fp8). No allocation.
+  void dequantize_rows(Index row_begin, Index row_end, float* out) const {
+    MOE_ASSERT(0 <= row_begin && row_begin <= row_end && row_end <= rows_);
+    const Index c = cols_;
+    for (Index o = row_begin; o < row_end; ++o) {
+      const code_type* q = codes_ + o * c;
+      float* dst = out + (o - row_begin) * c;
+      if constexpr (std::is_same_v<Format, Bf16>) {
+        for (Index i = 0; i < c; ++i) {
+          const std::uint32_t u = std::uint32_t(q[i]) << 16;
+          std::memcpy(dst + i, &u, sizeof u);
+        }
+      } else if constexpr (std::is_same_v<Format, Int8>) {
+        const float s = scales_[o];
+        for (Index i = 0; i < c; ++i) dst[i] = float(q[i]) * s;
+      } else {
+        const float* table = detail::e4m3_table().data();
+        const float* srow = scales_ + (o / block_rows_) * scale_grid_cols();
+        for (Index b = 0; b * block_cols_ < c; ++b) {
+          const float s = srow[b];
+          const Index end = std::min(c, (b + 1) * block_cols_);
+          for (Index i = b * block_cols_; i < end; ++i) dst[i] = table[q[i]] * s;
+        }
+      }
+    }
+  }
+
+  /// The whole matrix in fp32 (allocates; for tests and tools).
+  RowMatrix<float> dequantize() const {
+    RowMatrix<float> m(rows_, cols_);
+    dequantize_rows(0, rows_, m.data());
+    return m;
+  }
+
+  /// Quantises fp32 weights [rows x cols].
+  ///  Bf16: round to nearest even, NaN stays NaN, overflow to +-inf as IEEE.
+  ///  Int8: scale = max|row| / 127 over the row, q = round-half-even(w / scale) saturated to
+  ///        +-127 (+-inf saturate); throws value_error on NaN (int8 has no NaN).
+  ///  Fp8E4M3: one scale per block [block_rows x block_cols] (default 128 x 128; pass
+  ///        block_rows = rows and block_cols = cols for per-tensor), scale = max|finite block| /
+  ///        448, code = e4m3(w / scale) round to nearest even, saturating at +-448 (inf too); NaN
+  ///        gives the NaN code. An all-zero block has scale 0.
+  /// Cost: one pass, a few ns per weight (exact double-based rounding of io/dtype.hpp).
+  static CompactMatrix quantize(const MatrixRef<float>& w, Index block_rows = fp8_block,
+                                Index block_cols = fp8_block) {
+    CompactMatrix m;
+    auto st = std::make_shared<detail::CompactStorage<code_type>>();
+    const Index rows = w.rows(), cols = w.cols();
+    st->codes.resize(std::size_t(rows * cols));
+    if constexpr (std::is_same_v<Format, Bf16>) {
+      (void)block_rows, (void)block_cols;
+      for (Index o = 0; o < rows; ++o) {
+        for (Index i = 0; i < cols; ++i)
+          st->codes[std::size_t(o * cols + i)] = io::float_to_bf16(w(o, i));
+      }
+    } else if constexpr (std::is_same_v<Format, Int8>) {
+      (void)block_rows, (void)block_cols;
+      st->scales.resize(std::size_t(rows));
+      for (Index o = 0; o < rows; ++o) {
+        float amax = 0.0f;
+        for (Index i = 0; i < cols; ++i) {
+          const float v = w(o, i);
+          if (std::isnan(v)) {
+            throw value_error(
+                detail::concat("moe: cannot quantise NaN to int8 (row ", o, ", column ", i, ")"));
+          }
+          if (std::isfinite(v)) amax = std::max(amax, std::abs(v));
+        }
+        const float s = amax / 127.0f;
+        st->scales[std::size_t(o)] = s;
+        for (Index i = 0; i < cols; ++i) {
+          st->codes[std::size_t(o * cols + i)] = int8_code(w(o, i), s);
+        }
+      }
+    } else {
+      check_blocks(block_rows, block_cols, rows, cols);
+      m.block_rows_ = block_rows;
+      m.block_cols_ = block_cols;
+      const Index gr = (rows + block_rows - 1) / block_rows,
+                  gc = (cols + block_cols - 1) / block_cols;
+      st->scales.resize(std::size_t(gr * gc));
+      for (Index br = 0; br < gr; ++br) {
+        for (Index bc = 0; bc < gc; ++bc) {
+          const Index o0 = br * block_rows, o1 = std::min(rows, o0 + block_rows);
+          const Index i0 = bc * block_cols, i1 = std::min(cols, i0 + block_cols);
+          float amax = 0.0f;
+          for (Index o = o0; o < o1; ++o) {
+            for (Index i = i0; i < i1; ++i) {
+              if (std::isfinite(w(o, i))) amax = std::max(amax, std::abs(w(o, i)));
+            }
+          }
+          const float s = amax / 448.0f;
+          st->scales[std::size_t(br * gc + bc)] = s;
+          for (Index o = o0; o < o1; ++o) {
+            for (Index i = i0; i < i1; ++i)
+              st->codes[std::size_t(o * cols + i)] = fp8_code(w(o, i), s);
+          }
+        }
+      }
+    }
+    m.adopt(std::move(st), rows, cols);
+    return m;
+  }
+
+  /// Fp8E4M3 with one given per-tensor scale: code = e4m3(w / scale), saturating at +-448 (so
+  /// |w| > 448 * scale gives +-448). Throws value_error unless scale > 0 and finite.
+  static CompactMatrix quantize_per_tensor(const MatrixRef<float>& w, float scale) {
+    static_assert(std::is_same_v<Format, Fp8E4M3>, "moe: quantize_per_tensor is for Fp8E4M3");
+    if (!(scale > 0.0f) || !std::isfinite(scale)) {
+      throw value_error(
+          detail::concat("moe: fp8 per-tensor scale must be > 0 and finite, got ", scale));
+    }
+    const Index rows = w.rows(), cols = w.cols();
+    auto st = std::make_shared<detail::CompactStorage<code_type>>();
+    st->codes.resize(std::size_t(rows * cols));
+    st->scales.assign(1, scale);
+    for (Index o = 0; o < rows; ++o) {
+      for (Index i = 0; i < cols; ++i)
+        st->codes[std::size_t(o * cols + i)] = fp8_code(w(o, i), scale);
+    }
+    CompactMatrix m;
+    m.block_rows_ = std::max<Index>(rows, 1);
+    m.block_cols_ = std::max<Index>(cols, 1);
+    m.adopt(std::move(st), rows, cols);
+    return m;
+  }
+
+  /// Zero-copy view of codes (row-major [rows x cols], row stride cols) and scales stored
+  /// elsewhere, e.g. a checkpoint's BF16 tensor, or an F8_E4M3 weight with its F32
+  /// weight_scale_inv [ceil(rows / 128) x ceil(cols / 128)] (block 128 x 128; pass block_rows =
+  /// rows, block_cols = cols and one scale for per-tensor). Both arrays must outlive the view
+  /// and every copy of it. Int8: scales has rows entries. Fp8: block_cols must be a multiple of
+  /// 16 or >= cols (the kernels' 16-lane chunks never straddle a scale block). Fp8 scans the
+  /// codes once for NaN (see simple()). Throws config_error on bad sizes.
+  static CompactMatrix view(const code_type* codes, Index rows, Index cols,
+                            const float* scales = nullptr, Index block_rows = fp8_block,
+                            Index block_cols = fp8_block) {
+    if (rows < 0 || cols < 0) {
+      throw config_error(
+          detail::concat("moe: compact matrix sizes must be >= 0, got [", rows, " x ", cols, "]"));
+    }
+    CompactMatrix m;
+    m.rows_ = rows;
+    m.cols_ = cols;
+    m.codes_ = codes;
+    m.scales_ = scales;
+    if constexpr (!std::is_same_v<Format, Bf16>) {
+      if (scales == nullptr && rows * cols > 0) {
+        throw config_error(detail::concat("moe: ", Format::name, " weights need scales"));
+      }
+    }
+    if constexpr (std::is_same_v<Format, Fp8E4M3>) {
+      check_blocks(block_rows, block_cols, rows, cols);
+      m.block_rows_ = block_rows;
+      m.block_cols_ = block_cols;
+      m.simple_ = m.compute_simple();
+    }
+    return m;
+  }
+
+ private:
+  static void check_blocks(Index block_rows, Index block_cols, Index rows, Index cols) {
+    if (block_rows < 1 || block_cols < 1 || (block_cols % 16 != 0 && block_cols < cols)) {
+      throw config_error(detail::concat("moe: fp8 scale block [", block_rows, " x ", block_cols,
+                                        "] is invalid for a [", rows, " x ", cols,
+                                        "] matrix: sides must be >= 1 and block_cols a multiple "
+                                        "of 16 or >= cols"));
+    }
+  }
+
+  static std::int8_t int8_code(float v, float s) {
+    if (s == 0.0f) return 0;
+    const double q = std::nearbyint(double(v) / double(s));
+    return std::int8_t(std::clamp(q, -127.0, 127.0));  // +-inf saturate too
+  }
+
+  static std::uint8_t fp8_code(float v, float s) {
+    if (std::isnan(v)) return io::float_to_e4m3(v);
+    if (s == 0.0f) return std::isinf(v) ? io::double_to_e4m3(double(v), true) : 0;
+    return io::double_to_e4m3(double(v) / double(s), /*saturate=*/true);
+  }
+
+  bool compute_simple() const {
+    if constexpr (std::is_same_v<Format, Fp8E4M3>) {
+      for (Index k = 0; k < num_scales(); ++k) {
+        if (!(std::abs(scales_[k]) < 256.0f)) return false;
+      }
+      const std::size_t count = std::size_t(rows_ * cols_);
+      for (std::size_t k = 0; k < count; ++k) {
+        if ((codes_[k] & 0x7f) == 0x7f) return false;
+      }
+    }
+    return true;
+  }
+
+  void adopt(std::shared_ptr<detail::CompactStorage<code_type>> st, Index rows, Index cols) {
+    rows_ = rows;
+    cols_ = cols;
+    codes_ = st->codes.data();
+    scales_ = st->scales.empty() ? nullptr : st->scales.data();
+    storage_ = std::move(st);
+    simple_ = compute_simple();
+  }
+
+  Index rows_ = 0, cols_ = 0;
+  const code_type* codes_ = nullptr;
+  const float* scales_ = nullptr;
+  Index block_rows_ = 0, block_cols_ = 0;
+  bool simple_ = true;
+  std::shared_ptr<const detail::CompactStorage<code_type>> storage_;
+};
+
+/// Compact weights of `num_experts` FFN experts, mirroring ExpertStack: per expert e the input
+/// projection w_in(e) [in_rows x d_model] is gate(e) [d_ff x d_model] (rows [0, d_ff)) followed,
+/// when gated, by up(e) [d_ff x d_model] (rows [d_ff, 2 d_ff)); w_out(e) is [d_model x d_ff].
+/// Gate, up and down are separate CompactMatrix objects (each with its own scale grid, as
+/// DeepSeek-V3 stores gate_proj / up_proj / down_proj), so checkpoint tensors can be viewed
+/// without a copy. Immutable once built; one stack serves many threads.
+template <class Format>
+class CompactExpertStack {
+ public:
+  CompactExpertStack() = default;
+  /// Empty matrices for num_experts experts, to be filled with set_gated / set_plain.
+  CompactExpertStack(Index num_experts, Index d_model, Index d_ff, bool gated)
+      : num_experts_(num_experts), d_model_(d_model), d_ff_(d_ff), gated_(gated) {
+    if (num_experts < 0 || d_model < 0 || d_ff < 0) {
+      throw config_error(detail::concat(
+          "moe: CompactExpertStack sizes must be >= 0, got num_experts = ", num_experts,
+          ", d_model = ", d_model, ", d_ff = ", d_ff));
+    }
+    gate_.resize(std::size_t(num_experts));
+    up_.resize(gated ? std::size_t(num_experts) : 0);
+    down_.resize(std::size_t(num_experts));
+  }
+
+  /// Quantises every expert of an fp32 stack (fp8: 128 x 128 blocks per projection).
+  static CompactExpertStack from(const ExpertStack<float>& w) {
+    CompactExpertStack s(w.num_experts(), w.d_model(), w.d_ff(), w.gated());
+    using M = CompactMatrix<Format>;
+    for (Index e = 0; e < w.num_experts(); ++e) {
+      s.gate_[std::size_t(e)] = M::quantize(w.gate(e));
+      if (w.gated()) s.up_[std::size_t(e)] = M::quantize(w.up(e));
+      s.down_[std::size_t(e)] = M::quantize(w.w_out(e));
+    }
+    return s;
+  }
+
+  Index num_experts() const { return num_experts_; }
+  Index d_model() const { return d_model_; }
+  Index d_ff() const { return d_ff_; }
+  bool gated() const { return gated_; }
+  Index in_rows() const { return gated_ ? 2 * d_ff_ : d_ff_; }
+
+  /// [d_ff x d_model] gate (or, for a plain FFN, the only) input projection of expert e.
+  const CompactMatrix<Format>& gate(Index e) const { return gate_[std::size_t(e)]; }
+  /// [d_ff x d_model] up projection of expert e (gated only).
+  const CompactMatrix<Format>& up(Index e) const {
+    MOE_ASSERT(gated_);
+    return up_[std::size_t(e)];
+  }
+  /// [d_model x d_ff] output projection of expert e.
+  const CompactMatrix<Format>& w_out(Index e) const { return down_[std::size_t(e)]; }
+
+  /// Sets a gated expert's matrices (quantised or checkpoint views). Throws shape_error.
+  void set_gated(Index e, CompactMatrix<Format> gate_w, CompactMatrix<Format> up_w,
+                 CompactMatrix<Format> down_w) {
+    check_expert(e);
+    if (!gated_) throw config_error("moe: set_gated called on a plain (non-gated) expert stack");
+    check("gate", e, gate_w, d_ff_, d_model_);
+    check("up", e, up_w, d_ff_, d_model_);
+    check("down", e, down_w, d_model_, d_ff_);
+    gate_[std::size_t(e)] = std::move(gate_w);
+    up_[std::size_t(e)] = std::move(up_w);
+    down_[std::size_t(e)] = std::move(down_w);
+  }
+  /// Sets a plain expert's matrices (wi [d_ff x d_model], wo [d_model x d_ff]).
+  void set_plain(Index e, CompactMatrix<Format> wi, CompactMatrix<Format> wo) {
+    check_expert(e);
+    if (gated_) throw config_error("moe: set_plain called on a gated expert stack");
+    check("wi", e, wi, d_ff_, d_model_);
+    check("wo", e, wo, d_model_, d_ff_);
+    gate_[std::size_t(e)] = std::move(wi);
+    down_[std::size_t(e)] = std::move(wo);
+  }
+
+  /// Bytes of codes and scales of all experts (owned or viewed).
+  std::size_t bytes() const {
+    std::size_t b = 0;
+    for (const auto& m : gate_) b += m.bytes();
+    for (const auto& m : up_) b += m.bytes();
+    for (const auto& m : down_) b += m.bytes();
+    return b;
+  }
+
+ private:
+  void check_expert(Index e) const {
+    if (e < 0 || e >= num_experts_) {
+      throw config_error(
+          detail::concat("moe: expert index ", e, " out of range [0, ", num_experts_, ")"));
+    }
+  }
+  static void check(const char* what, Index e, const CompactMatrix<Format>& m, Index rows,
+                    Index cols) {
+    const std::string name = detail::concat("expert ", e, ' ', what, " weight");
+    detail::check_shape(name.c_str(), m.rows(), m.cols(), rows, cols);
+  }
+
+  Index num_experts_ = 0, d_model_ = 0, d_ff_ = 0;
+  bool gated_ = true;
+  std::vector<CompactMatrix<Format>> gate_, up_, down_;
+};
+
+}  // namespace moe
