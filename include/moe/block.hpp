@@ -28,7 +28,9 @@ namespace moe {
 /// in Gating::Options; both are validated in the constructor.
 ///
 /// forward() groups the tokens of each expert into one contiguous matrix (counting sort), runs
-/// every expert as one matrix product, and scatters back weighted. The sum over a token's k
+/// every expert as (expert, column-block) tasks through the executor (experts with at most
+/// detail::small_batch_rows rows on the streaming small-batch kernel, larger ones on Eigen's
+/// GEMM), and scatters back weighted. The sum over a token's k
 /// experts is taken in slot order (descending weight), then the shared expert is added: the same
 /// order for every batch size and thread count, so results are deterministic.
 ///
@@ -108,42 +110,52 @@ class SparseMoeBlock {
     T* s_y = has_shared ? ws.shared_y_.ensure(num_tokens * d) : nullptr;
     T* s_gate = has_shared ? ws.shared_gate_.ensure(num_tokens) : nullptr;
 
-    // Tasks 0..E-1: one routed expert each (gather its rows, run it). Then chunks of tokens
-    // through the shared expert.
+    // Gather each expert's rows contiguously (plan row order). A copy of N * d_model values:
+    // cheap next to the products, so it runs on the caller.
+    for (Index r = 0; r < N; ++r) {
+      const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
+      std::copy(src, src + d, x_rows + r * d);
+    }
+
+    // Jobs 0..E-1: the routed experts on their gathered rows; job E: the shared expert on the
+    // tokens (read in place, strided). Each job runs as (job, column-block) tasks in two phases
+    // (input projection + activation, then output projection); see detail::run_ffn_jobs.
     const Index E = config_.num_experts;
-    const Index shared_chunk = 64;
-    const Index shared_tasks = has_shared ? (num_tokens + shared_chunk - 1) / shared_chunk : 0;
-    executor.run(E + shared_tasks, [&](Index task, Index /*worker*/) {
-      if (task < E) {
-        const Index begin = plan.offsets[static_cast<std::size_t>(task)];
-        const Index n = plan.counts[static_cast<std::size_t>(task)];
-        if (n == 0) return;
-        for (Index r = begin; r < begin + n; ++r) {
-          const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
-          std::copy(src, src + d, x_rows + r * d);
-        }
-        detail::expert_ffn_rows<Ffn>(experts, task, x_rows + begin * d, n, hidden + begin * in,
-                                     act + begin * ld_act, ld_act, y_rows + begin * d);
-        return;
+    const T* shared_in = has_shared ? weights_.shared.w_in(0).data() : nullptr;
+    const T* shared_out = has_shared ? weights_.shared.w_out(0).data() : nullptr;
+    auto job_at = [&](Index j) {
+      detail::FfnJob<T> job;
+      job.d = d;
+      if (j < E) {
+        const Index begin = plan.offsets[static_cast<std::size_t>(j)];
+        job.x = x_rows + begin * d;
+        job.ldx = d;
+        job.n = plan.counts[static_cast<std::size_t>(j)];
+        job.w_in = experts.w_in(j).data();
+        job.w_out = experts.w_out(j).data();
+        job.f = f;
+        job.in = in;
+        job.hidden = hidden + begin * in;
+        job.act = act + begin * ld_act;
+        job.ld_act = ld_act;
+        job.y = y_rows + begin * d;
+      } else {
+        job.x = x.data();
+        job.ldx = x.outerStride();
+        job.n = num_tokens;
+        job.w_in = shared_in;
+        job.w_out = shared_out;
+        job.f = fs;
+        job.in = in_s;
+        job.hidden = s_hidden;
+        job.act = s_act;
+        job.ld_act = ld_s_act;
+        job.y = s_y;
       }
-      const Index t0 = (task - E) * shared_chunk;
-      const Index n = std::min(shared_chunk, num_tokens - t0);
-      // x rows are strided by outerStride; the shared FFN reads them through a strided map.
-      Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> xs(
-          x.data() + t0 * x.outerStride(), n, d, Eigen::OuterStride<>(x.outerStride()));
-      MutMap<T> hs(s_hidden + t0 * in_s, n, in_s);
-      hs.noalias() = xs * weights_.shared.w_in(0).transpose();
-      detail::apply_activation<Ffn>(s_hidden + t0 * in_s, in_s, n, fs, s_act + t0 * ld_s_act,
-                                    ld_s_act);
-      Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> as(s_act + t0 * ld_s_act, n, fs,
-                                                                Eigen::OuterStride<>(ld_s_act));
-      MutMap<T>(s_y + t0 * d, n, d).noalias() = as * weights_.shared.w_out(0).transpose();
-      for (Index t = t0; t < t0 + n; ++t) {
-        s_gate[t] = config_.shared_expert_gate
-                        ? kernels::sigmoid<T>(xs.row(t - t0).dot(weights_.shared_gate.row(0)))
-                        : T(1);
-      }
-    });
+      return job;
+    };
+    const Index num_jobs = E + (has_shared ? 1 : 0);
+    detail::run_ffn_jobs<Ffn, T>(num_jobs, job_at, ws.task_begin_.ensure(num_jobs + 1), executor);
 
     // Weighted combine, per token in slot order, then the shared expert.
     const auto weights = ws.routing_.weights();
@@ -159,7 +171,12 @@ class SparseMoeBlock {
           if (r < 0) continue;
           yr += static_cast<T>(weights(t, j)) * ConstMap<T>(y_rows + r * d, 1, d);
         }
-        if (has_shared) yr += s_gate[t] * ConstMap<T>(s_y + t * d, 1, d);
+        if (has_shared) {
+          s_gate[t] = config_.shared_expert_gate
+                          ? kernels::sigmoid<T>(x.row(t).dot(weights_.shared_gate.row(0)))
+                          : T(1);
+          yr += s_gate[t] * ConstMap<T>(s_y + t * d, 1, d);
+        }
       }
     });
   }

@@ -1,11 +1,15 @@
 // moe: expert FFN weights, stacked for all experts of a layer, and the FFN math on a block of rows.
 #pragma once
 
+#include <algorithm>
+
 #include <Eigen/Core>
 
 #include "moe/activations.hpp"
 #include "moe/error.hpp"
+#include "moe/kernels/gemm_small.hpp"
 #include "moe/tensor.hpp"
+#include "moe/threading.hpp"
 
 namespace moe {
 
@@ -140,6 +144,194 @@ inline void expert_ffn_rows(const ExpertStack<T>& w, Index e, const T* x, Index 
   Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> am(act, n, f, Eigen::OuterStride<>(ld_act));
   MutMap<T> ym(y, n, d);
   ym.noalias() = am * w.w_out(e).transpose();
+}
+
+/// Rows at or below which an FFN runs on the small-batch kernel (kernels::gemm_small_nt, which
+/// streams each weight once for all rows) instead of Eigen's blocked GEMM (which packs the weights
+/// on every call). Measured on Zen 5 with the Mixtral-quarter and OLMoE shapes
+/// (benchmarks/moe_bench.cpp, kind `sparse`): see docs/benchmarks.md.
+#ifndef MOE_SMALL_BATCH_ROWS
+#define MOE_SMALL_BATCH_ROWS 16
+#endif
+inline constexpr Index small_batch_rows = MOE_SMALL_BATCH_ROWS;
+
+/// Above small_batch_rows the streaming kernel still beats Eigen's GEMM (which packs the weights
+/// on every call) while the rows of x it reuses for every weight row stay in the L2 cache:
+/// measured on Zen 5 (1 MiB L2), fp32, [n x 1024] * [1024 x 7168]: 153 against 106 GFLOP/s at
+/// n = 128; [n x 3584] * [3584 x 1024]: equal at n = 64 (917 KiB of x), Eigen ahead beyond.
+inline constexpr Index stream_x_bytes = Index(768) << 10;
+
+/// Whether a product of n rows of length k runs on the streaming kernel (else on Eigen's GEMM).
+template <class T>
+constexpr bool use_stream(Index n, Index k) {
+  return n <= small_batch_rows || n * k * Index(sizeof(T)) <= stream_x_bytes;
+}
+
+/// One FFN applied to n rows: a routed expert on its gathered rows, the shared expert on the
+/// tokens, or a dense FFN. All row-major:
+///   x [n x d] (row stride ldx), w_in [in x d], w_out [d x f], hidden [n x in] (row stride in),
+///   act [n x f] (row stride ld_act; may be hidden's gate columns), y [n x d] (row stride d).
+template <class T>
+struct FfnJob {
+  const T* x = nullptr;
+  Index ldx = 0, n = 0;
+  const T* w_in = nullptr;
+  const T* w_out = nullptr;
+  Index d = 0, f = 0, in = 0;
+  T* hidden = nullptr;
+  T* act = nullptr;
+  Index ld_act = 0;
+  T* y = nullptr;
+
+  /// The input projection (rows of length d) runs on the streaming kernel.
+  bool up_stream() const { return use_stream<T>(n, d); }
+  /// The output projection (rows of length f) runs on the streaming kernel.
+  bool down_stream() const { return use_stream<T>(n, f); }
+};
+
+/// Column granule of every task: a multiple of the small kernel's register tile and of a cache
+/// line of floats, so tasks write whole lines and only the last block has a partial tile.
+inline constexpr Index ffn_granule = 16;
+
+/// Columns per task for a product whose weight rows are `row_bytes` long: about 1 MiB of weights
+/// per task on the streaming path (fine tasks balance two cores), 256 columns on the GEMM path
+/// (compute bound; wide enough that Eigen's per-call packing of x is negligible). A function of the
+/// shapes only, never of the thread count: the same tasks run serially or in parallel, so results
+/// are bitwise identical for every executor.
+inline Index ffn_parts(Index cols, Index row_bytes, bool small) {
+  if (cols <= 0) return 0;
+  Index width = 256;
+  if (small) {
+    width = std::max<Index>(ffn_granule, (Index(1) << 20) / std::max<Index>(row_bytes, 1));
+  }
+  width = (width + ffn_granule - 1) / ffn_granule * ffn_granule;
+  return (cols + width - 1) / width;
+}
+
+/// Tasks of the input phase of a job (blocks of the d_ff activation columns).
+template <class Ffn, class T>
+Index ffn_up_parts(const FfnJob<T>& job) {
+  if (job.n == 0) return 0;
+  return ffn_parts(job.f, (Ffn::gated ? 2 : 1) * job.d * Index(sizeof(T)), job.up_stream());
+}
+/// Tasks of the output phase of a job (blocks of the d_model output columns).
+template <class T>
+Index ffn_down_parts(const FfnJob<T>& job) {
+  if (job.n == 0) return 0;
+  return ffn_parts(job.d, job.f * Index(sizeof(T)), job.down_stream());
+}
+
+/// act[:, a:b] = activation of hidden's columns [a, b) (and [f + a, f + b) for the up half of a
+/// gated FFN), element by element exactly as apply_activation. act may alias hidden's gate
+/// columns.
+template <class Ffn, class T>
+inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, Index a, Index b,
+                                  T* act, Index ld_act) {
+  using A = typename Ffn::activation;
+  for (Index r = 0; r < n; ++r) {
+    const T* hr = h + r * ld_h;
+    T* ar = act + r * ld_act;
+    if constexpr (Ffn::gated) {
+      for (Index i = a; i < b; ++i) ar[i] = A::value(hr[i]) * hr[d_ff + i];
+    } else {
+      for (Index i = a; i < b; ++i) ar[i] = A::value(hr[i]);
+    }
+  }
+}
+
+/// out[:, c0:c1] = x * W[c0:c1, :]^T, one column block of out = x * W^T, on the small kernel or
+/// on Eigen's GEMM. x [n x k] (row stride ldx), W [* x k], out row stride ldo.
+template <class T>
+inline void ffn_product_block(const T* x, Index n, Index ldx, const T* w, Index k, Index c0,
+                              Index c1, T* out, Index ldo, bool small) {
+  if (c1 <= c0) return;
+  if (small) {
+    kernels::gemm_small_nt(x, n, ldx, w, k, k, c0, c1, out, ldo);
+    return;
+  }
+  using Strided = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+  using MutStrided = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+  const Strided xm(x, n, k, Eigen::OuterStride<>(ldx));
+  const ConstMap<T> wm(w + c0 * k, c1 - c0, k);
+  MutStrided om(out + c0, n, c1 - c0, Eigen::OuterStride<>(ldo));
+  om.noalias() = xm * wm.transpose();
+}
+
+/// Input-phase task `part` of a job: hidden's gate (and up) columns of one block of d_ff, then
+/// the activation of that block, in place when act aliases hidden.
+template <class Ffn, class T>
+void ffn_up_task(const FfnJob<T>& job, Index part) {
+  const Index parts = ffn_up_parts<Ffn>(job);
+  const auto [a, b] = block_range(job.f, parts, part, ffn_granule);
+  const bool small = job.up_stream();
+  ffn_product_block(job.x, job.n, job.ldx, job.w_in, job.d, a, b, job.hidden, job.in, small);
+  if constexpr (Ffn::gated) {
+    ffn_product_block(job.x, job.n, job.ldx, job.w_in, job.d, job.f + a, job.f + b, job.hidden,
+                      job.in, small);
+  }
+  apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+}
+
+/// Output-phase task `part` of a job: one block of y's d_model columns.
+template <class T>
+void ffn_down_task(const FfnJob<T>& job, Index part) {
+  const Index parts = ffn_down_parts(job);
+  const auto [c0, c1] = block_range(job.d, parts, part, ffn_granule);
+  ffn_product_block(job.act, job.n, job.ld_act, job.w_out, job.f, c0, c1, job.y, job.d,
+                    job.down_stream());
+}
+
+/// Runs num_jobs FFN jobs (job_at(j) -> FfnJob<T>) through the executor as (job, column-block)
+/// tasks in two phases: input projection + activation, then (after the barrier between the two
+/// run() calls) the output projection. task_begin: caller-owned scratch of num_jobs + 1 indices
+/// (no allocation here). The task list depends on the shapes only: bitwise identical results for
+/// every executor. Eigen's GEMM (jobs above small_batch_rows rows) may allocate its packing
+/// buffers; the small path allocates nothing.
+template <class Ffn, class T, class JobAt>
+void run_ffn_jobs(Index num_jobs, const JobAt& job_at, Index* task_begin,
+                  const Executor& executor) {
+  auto job_of_task = [&](Index task) {
+    return static_cast<Index>(std::upper_bound(task_begin, task_begin + num_jobs + 1, task) -
+                              task_begin) -
+           1;
+  };
+  task_begin[0] = 0;
+  for (Index j = 0; j < num_jobs; ++j)
+    task_begin[j + 1] = task_begin[j] + ffn_up_parts<Ffn>(job_at(j));
+  executor.run(task_begin[num_jobs], [&](Index task, Index /*worker*/) {
+    const Index j = job_of_task(task);
+    ffn_up_task<Ffn>(job_at(j), task - task_begin[j]);
+  });
+  for (Index j = 0; j < num_jobs; ++j)
+    task_begin[j + 1] = task_begin[j] + ffn_down_parts(job_at(j));
+  executor.run(task_begin[num_jobs], [&](Index task, Index /*worker*/) {
+    const Index j = job_of_task(task);
+    ffn_down_task(job_at(j), task - task_begin[j]);
+  });
+}
+
+/// One FFN (expert e of the stack) on n rows through the same tasks as the block: x [n x d] (row
+/// stride ldx), hidden [n x in_rows], act [n x d_ff] (row stride ld_act; may be hidden's gate
+/// columns), y [n x d]. What a dense FFN calls to give the block's results bitwise.
+template <class Ffn, class T>
+void ffn_forward(const ExpertStack<T>& w, Index e, const T* x, Index ldx, Index n, T* hidden,
+                 T* act, Index ld_act, T* y, const Executor& executor = serial_executor()) {
+  FfnJob<T> job;
+  job.x = x;
+  job.ldx = ldx;
+  job.n = n;
+  job.w_in = w.w_in(e).data();
+  job.w_out = w.w_out(e).data();
+  job.d = w.d_model();
+  job.f = w.d_ff();
+  job.in = w.in_rows();
+  job.hidden = hidden;
+  job.act = act;
+  job.ld_act = ld_act;
+  job.y = y;
+  Index task_begin[2];
+  run_ffn_jobs<Ffn, T>(
+      1, [&](Index) { return job; }, task_begin, executor);
 }
 
 }  // namespace detail

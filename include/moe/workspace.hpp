@@ -21,6 +21,7 @@ namespace moe {
 ///   N * (d_model [gathered x] + I [hidden] + d_model [expert outputs])
 ///   + T * E * 2 (logits, scores) + T * top_k * (2 + 1 byte) (indices, weights, kept)
 ///   + T * (Is + d_model + 1) with a shared expert
+///   + (E + 2) indices (the task table of the expert phases)
 ///   + training only: N * d_ff [activations kept for backward] + T * shared d_ff.
 template <class T>
 class Workspace {
@@ -45,7 +46,7 @@ class Workspace {
   std::size_t bytes() const {
     return routing_.bytes() + plan_.bytes() + x_rows_.bytes() + hidden_.bytes() + act_.bytes() +
            y_rows_.bytes() + noise_.bytes() + shared_hidden_.bytes() + shared_act_.bytes() +
-           shared_y_.bytes() + shared_gate_.bytes() + gating_scratch_.bytes();
+           shared_y_.bytes() + shared_gate_.bytes() + gating_scratch_.bytes() + task_begin_.bytes();
   }
 
   // Buffers of the forward pass, read by backward(); not part of the stable API.
@@ -63,6 +64,8 @@ class Workspace {
   detail::GrowBuffer<T> shared_act_;    ///< [T x shared d_ff] (training only)
   detail::GrowBuffer<T> shared_y_;      ///< [T x d_model] shared expert output before gating
   detail::GrowBuffer<T> shared_gate_;   ///< [T] sigmoid gate of the shared expert
+  /// [E + 2] first task of each FFN job of one phase (block.hpp, detail::run_ffn_jobs)
+  detail::GrowBuffer<Index> task_begin_;
 
  private:
   bool training_ = false;
