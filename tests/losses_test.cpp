@@ -230,7 +230,7 @@ TEST(Losses, AuxFreeBiasUpdate) {
   Vector<double> bias(4);
   bias << 0.1, -0.2, 0.0, 0.3;
   const std::vector<Index> counts = {10, 2, 4, 4};  // mean 5
-  aux_free_bias_update<double>(bias, counts, 1e-3);
+  aux_free_bias_update(bias, counts, 1e-3);
   EXPECT_DOUBLE_EQ(bias[0], 0.1 - 1e-3);   // overloaded: down
   EXPECT_DOUBLE_EQ(bias[1], -0.2 + 1e-3);  // underloaded: up
   EXPECT_DOUBLE_EQ(bias[2], 0.0 + 1e-3);
@@ -238,7 +238,12 @@ TEST(Losses, AuxFreeBiasUpdate) {
   for (Index i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(bias[i], expected[static_cast<std::size_t>(i)]);
   // Exactly balanced: no change (sign(0) = 0).
   Vector<float> fb = Vector<float>::Zero(3);
-  aux_free_bias_update<float>(fb, std::vector<double>{2, 2, 2}, 0.5);
+  aux_free_bias_update(fb, std::vector<double>{2, 2, 2}, 0.5);
+  // A view (Eigen::Ref) of a bias stored elsewhere works too.
+  Vector<double> owned = Vector<double>::Zero(2);
+  aux_free_bias_update<double>(Eigen::Ref<Vector<double>>(owned), std::vector<int>{3, 1}, 0.25);
+  EXPECT_EQ(owned[0], -0.25);
+  EXPECT_EQ(owned[1], 0.25);
   EXPECT_EQ(fb, Vector<float>::Zero(3));
   test::expect_error<shape_error>(
       [&] {

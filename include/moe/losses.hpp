@@ -528,4 +528,10 @@ void aux_free_bias_update(Eigen::Ref<Vector<S>> bias, const std::vector<Count>& 
   }
 }
 
+/// aux_free_bias_update on an owned bias vector (deduces S; MoeWeights::router_bias).
+template <class S, class Count>
+void aux_free_bias_update(Vector<S>& bias, const std::vector<Count>& counts, double gamma) {
+  aux_free_bias_update<S, Count>(Eigen::Ref<Vector<S>>(bias), counts, gamma);
+}
+
 }  // namespace moe
