@@ -198,7 +198,7 @@ TEST(CompactFp8, ZeroCopyViewOfCheckpointTensors) {
   } catch (const moe::config_error& e) {
     EXPECT_STREQ(e.what(),
                  "moe: fp8 scale block [128 x 8] is invalid for a [3 x 20] matrix: sides must be "
-                 ">= 1 and block_cols a multiple of 16 or >= cols");
+                 ">= 1 and block_cols a power of two >= 16 or >= cols");
   }
   try {
     (void)CompactMatrix<Int8>::view(nullptr, 2, 2);
@@ -249,7 +249,13 @@ void check_simd_equals_scalar(const CompactMatrix<Format>& w, Index n, const std
 template <class Format>
 class CompactKernel : public ::testing::Test {};
 using Formats = ::testing::Types<Bf16, Int8, Fp8E4M3>;
-TYPED_TEST_SUITE(CompactKernel, Formats);
+struct FormatNames {
+  template <class Format>
+  static std::string GetName(int /*index*/) {
+    return Format::name;
+  }
+};
+TYPED_TEST_SUITE(CompactKernel, Formats, FormatNames);
 
 TYPED_TEST(CompactKernel, SimdEqualsScalarBitForBitOverAwkwardSizes) {
   for (Index in : {1, 15, 16, 17, 129, 300}) {

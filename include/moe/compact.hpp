@@ -65,11 +65,13 @@ inline const std::array<float, 256>& e4m3_table() {
   return table;
 }
 
-/// Storage of an owning CompactMatrix, shared (immutable) between its copies.
+/// Storage of a CompactMatrix, shared (immutable) between its copies: the codes and scales when
+/// owning (empty for a view), and fp8's kernel scales (scale * 2^120) in both cases.
 template <class Code>
 struct CompactStorage {
   std::vector<Code> codes;
   std::vector<float> scales;
+  std::vector<float> kernel_scales;
 };
 
 }  // namespace detail
@@ -111,8 +113,15 @@ class CompactMatrix {
     if constexpr (std::is_same_v<Format, Fp8E4M3>) return scale_grid_rows() * scale_grid_cols();
     return 0;
   }
-  /// True when this matrix owns its storage (quantize), false for a view of caller memory.
-  bool owning() const { return storage_ != nullptr; }
+  /// True when this matrix owns its codes and scales (quantize), false for a view.
+  bool owning() const { return owning_; }
+  /// Fp8E4M3 with simple(): the scale grid times 2^120 (the SIMD decode's exponent rebias folded
+  /// in; exact), held by the matrix itself (4 bytes per block, not counted in bytes()); else
+  /// nullptr.
+  const float* kernel_scales() const { return kernel_scales_; }
+  /// Fp8E4M3: column c is in scale block c >> block_cols_shift() (block_cols is a power of two,
+  /// or the whole width: then a shift that gives 0).
+  int block_cols_shift() const { return block_cols_shift_; }
   /// Fp8E4M3 only: no NaN code and every scale finite and below 2^8, so the SIMD kernel may fold
   /// its exponent rebias into the scale (see gemm_compact.hpp). Always true for other formats.
   bool simple() const { return simple_; }
@@ -192,7 +201,8 @@ class CompactMatrix {
   ///  Int8: scale = max|row| / 127 over the row, q = round-half-even(w / scale) saturated to
   ///        +-127 (+-inf saturate); throws value_error on NaN (int8 has no NaN).
   ///  Fp8E4M3: one scale per block [block_rows x block_cols] (default 128 x 128; pass
-  ///        block_rows = rows and block_cols = cols for per-tensor), scale = max|finite block| /
+  ///        block_rows = rows and block_cols = cols for per-tensor; block_cols a power of two
+  ///        >= 16 or >= cols), scale = max|finite block| /
   ///        448, code = e4m3(w / scale) round to nearest even, saturating at +-448 (inf too); NaN
   ///        gives the NaN code. An all-zero block has scale 0.
   /// Cost: one pass, a few ns per weight (exact double-based rounding of io/dtype.hpp).
@@ -284,9 +294,10 @@ class CompactMatrix {
   /// elsewhere, e.g. a checkpoint's BF16 tensor, or an F8_E4M3 weight with its F32
   /// weight_scale_inv [ceil(rows / 128) x ceil(cols / 128)] (block 128 x 128; pass block_rows =
   /// rows, block_cols = cols and one scale for per-tensor). Both arrays must outlive the view
-  /// and every copy of it. Int8: scales has rows entries. Fp8: block_cols must be a multiple of
-  /// 16 or >= cols (the kernels' 16-lane chunks never straddle a scale block). Fp8 scans the
-  /// codes once for NaN (see simple()). Throws config_error on bad sizes.
+  /// and every copy of it. Int8: scales has rows entries. Fp8: block_cols must be a power of two
+  /// >= 16 or >= cols (16-lane chunks never straddle a block; the kernel finds a chunk's block
+  /// by a shift). Fp8 scans the codes once for NaN (see simple()) and keeps a small copy of the
+  /// scales (kernel_scales()). Throws config_error on bad sizes.
   static CompactMatrix view(const code_type* codes, Index rows, Index cols,
                             const float* scales = nullptr, Index block_rows = fp8_block,
                             Index block_cols = fp8_block) {
@@ -308,18 +319,19 @@ class CompactMatrix {
       check_blocks(block_rows, block_cols, rows, cols);
       m.block_rows_ = block_rows;
       m.block_cols_ = block_cols;
-      m.simple_ = m.compute_simple();
+      m.finish(std::make_shared<detail::CompactStorage<code_type>>());
     }
     return m;
   }
 
  private:
   static void check_blocks(Index block_rows, Index block_cols, Index rows, Index cols) {
-    if (block_rows < 1 || block_cols < 1 || (block_cols % 16 != 0 && block_cols < cols)) {
+    const bool pow2 = block_cols >= 16 && (block_cols & (block_cols - 1)) == 0;
+    if (block_rows < 1 || block_cols < 1 || (!pow2 && block_cols < cols)) {
       throw config_error(detail::concat("moe: fp8 scale block [", block_rows, " x ", block_cols,
                                         "] is invalid for a [", rows, " x ", cols,
-                                        "] matrix: sides must be >= 1 and block_cols a multiple "
-                                        "of 16 or >= cols"));
+                                        "] matrix: sides must be >= 1 and block_cols a power of "
+                                        "two >= 16 or >= cols"));
     }
   }
 
@@ -353,15 +365,37 @@ class CompactMatrix {
     cols_ = cols;
     codes_ = st->codes.data();
     scales_ = st->scales.empty() ? nullptr : st->scales.data();
-    storage_ = std::move(st);
+    owning_ = true;
+    finish(std::move(st));
+  }
+
+  // simple_, the fp8 block shift and kernel scales (st: the storage to keep them in).
+  void finish(std::shared_ptr<detail::CompactStorage<code_type>> st) {
     simple_ = compute_simple();
+    if constexpr (std::is_same_v<Format, Fp8E4M3>) {
+      int shift = 62;  // one block across: every column index >> 62 is 0
+      if (block_cols_ < cols_) {
+        shift = 0;
+        while ((Index(1) << shift) < block_cols_) ++shift;
+      }
+      block_cols_shift_ = shift;
+      if (simple_) {
+        st->kernel_scales.resize(std::size_t(num_scales()));
+        for (Index k = 0; k < num_scales(); ++k)
+          st->kernel_scales[std::size_t(k)] = scales_[k] * 0x1p120f;
+        kernel_scales_ = st->kernel_scales.data();
+      }
+    }
+    storage_ = std::move(st);
   }
 
   Index rows_ = 0, cols_ = 0;
   const code_type* codes_ = nullptr;
   const float* scales_ = nullptr;
   Index block_rows_ = 0, block_cols_ = 0;
-  bool simple_ = true;
+  int block_cols_shift_ = 0;
+  const float* kernel_scales_ = nullptr;
+  bool simple_ = true, owning_ = false;
   std::shared_ptr<const detail::CompactStorage<code_type>> storage_;
 };
 

@@ -118,8 +118,6 @@ struct CompactSimd<Bf16, kSimple> {
     return Eigen::internal::Bf16ToF32(
         Eigen::internal::Packet16bf(_mm256_maskz_loadu_epi16(mask, p)));
   }
-  static __m512 scale(__m512 w, __m512 /*s*/) { return w; }
-  static __m512 prepare_scale(float /*s*/) { return _mm512_setzero_ps(); }
 };
 
 template <bool kSimple>
@@ -132,8 +130,6 @@ struct CompactSimd<Int8, kSimple> {
   static __m512 load(const std::int8_t* p, __mmask16 mask) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
   }
-  static __m512 scale(__m512 w, __m512 /*s*/) { return w; }
-  static __m512 prepare_scale(float /*s*/) { return _mm512_setzero_ps(); }
 };
 
 // E4M3 by bit manipulation (no Eigen conversion exists): the 7 exponent+mantissa bits placed at
@@ -167,8 +163,6 @@ struct CompactSimd<Fp8E4M3, kSimple> {
   static __m512 load(const std::uint8_t* p, __mmask16 mask) {
     return decode(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
   }
-  static __m512 scale(__m512 w, __m512 s) { return _mm512_mul_ps(w, s); }
-  static __m512 prepare_scale(float s) { return _mm512_set1_ps(kSimple ? s * 0x1p120f : s); }
 };
 
 /// The canonical tree sum (file comment) of one packet.
@@ -181,55 +175,64 @@ inline float compact_reduce(__m512 v) {
 }
 
 // Y[r, j] for r < RowsX, j < RowsW: W rows o0 .. o0 + RowsW - 1 of w against X rows x (stride
-// ldx). Column blocks of the scale grid outside, 16-lane chunks inside. Not inlined (see
-// gemm_small_nt_tile: the accumulators stay in registers only in a function of their own).
+// ldx). One flat loop over 16-lane chunks: in a loop nest (or with a block-change branch inside)
+// GCC 12 keeps the accumulators in memory and stores them on every step, 2-3x slower. Fp8 reads
+// its block scale per chunk and row as a broadcast memory operand of the multiply (chunk i is in
+// scale block i >> block_cols_shift). Not inlined (see gemm_small_nt_tile).
 template <class Format, bool kSimple, int RowsW, int RowsX>
 EIGEN_DONT_INLINE void gemm_compact_tile(const float* __restrict x, Index ldx,
                                          const CompactMatrix<Format>& w, Index o0,
                                          float* __restrict y, Index ldy) {
   using Simd = CompactSimd<Format, kSimple>;
   using Code = typename Format::code_type;
+  constexpr bool kBlocked = std::is_same_v<Format, Fp8E4M3>;
   const Index in = w.cols();
   const Code* code[RowsW];
   for (int j = 0; j < RowsW; ++j) code[j] = w.codes() + (o0 + j) * in;
-  const Index block = std::is_same_v<Format, Fp8E4M3> ? std::min(w.block_cols(), in) : in;
+  const float* srow[RowsW] = {};
+  int shift = 0;
+  if constexpr (kBlocked) {
+    // kSimple: the scales pre-multiplied by 2^120 (CompactMatrix::kernel_scales).
+    const float* grid = kSimple ? w.kernel_scales() : w.scales();
+    for (int j = 0; j < RowsW; ++j) {
+      srow[j] = grid + ((o0 + j) / w.block_rows()) * w.scale_grid_cols();
+    }
+    shift = w.block_cols_shift();
+  }
   __m512 acc[RowsW][RowsX];
   for (int j = 0; j < RowsW; ++j) {
     for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_setzero_ps();
   }
-  for (Index c0 = 0; c0 < in; c0 += block) {
-    const Index c1 = std::min(in, c0 + block);
-    __m512 sv[RowsW];
-    for (int j = 0; j < RowsW; ++j) sv[j] = Simd::prepare_scale(compact_chunk_scale(w, o0 + j, c0));
-    Index i = c0;
-    for (; i + 16 <= c1; i += 16) {
-      __m512 xv[RowsX];
-      for (int r = 0; r < RowsX; ++r) {
-        xv[r] = _mm512_loadu_ps(x + r * ldx + i);
-        compact_keep(xv[r]);
-      }
-      for (int j = 0; j < RowsW; ++j) {
-        __m512 wv = Simd::scale(Simd::load(code[j] + i), sv[j]);
-        compact_keep(wv);
-        for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
-      }
+  const Index full = in - in % 16;
+  for (Index i = 0; i < full; i += 16) {
+    __m512 xv[RowsX];
+    for (int r = 0; r < RowsX; ++r) {
+      xv[r] = _mm512_loadu_ps(x + r * ldx + i);
+      compact_keep(xv[r]);
     }
-    if (i < c1) {
-      const __mmask16 mask = __mmask16((1u << (c1 - i)) - 1u);
-      __m512 xv[RowsX];
-      for (int r = 0; r < RowsX; ++r) xv[r] = _mm512_maskz_loadu_ps(mask, x + r * ldx + i);
-      for (int j = 0; j < RowsW; ++j) {
-        const __m512 wv = Simd::scale(Simd::load(code[j] + i, mask), sv[j]);
-        for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
-      }
+    const Index b = i >> shift;
+    for (int j = 0; j < RowsW; ++j) {
+      __m512 wv = Simd::load(code[j] + i);
+      if constexpr (kBlocked) wv = _mm512_mul_ps(wv, _mm512_set1_ps(srow[j][b]));
+      compact_keep(wv);
+      for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
+    }
+  }
+  if (full < in) {
+    const __mmask16 mask = __mmask16((1u << (in - full)) - 1u);
+    __m512 xv[RowsX];
+    for (int r = 0; r < RowsX; ++r) xv[r] = _mm512_maskz_loadu_ps(mask, x + r * ldx + full);
+    const Index b = full >> shift;
+    for (int j = 0; j < RowsW; ++j) {
+      __m512 wv = Simd::load(code[j] + full, mask);
+      if constexpr (kBlocked) wv = _mm512_mul_ps(wv, _mm512_set1_ps(srow[j][b]));
+      for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
     }
   }
   for (int j = 0; j < RowsW; ++j) {
-    const float rs = compact_row_scale(w, o0 + j);
     for (int r = 0; r < RowsX; ++r) {
       float sum = compact_reduce(acc[j][r]);
-      if constexpr (std::is_same_v<Format, Int8>) sum *= rs;
-      (void)rs;
+      if constexpr (std::is_same_v<Format, Int8>) sum *= w.scales()[o0 + j];
       y[r * ldy + j] = sum;
     }
   }
@@ -262,11 +265,15 @@ template <class Format, bool kSimple>
 inline void gemm_compact_simd(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
                               Index out_begin, Index out_end, float* y, Index ldy) {
   constexpr Index kOutTile = gemm_compact_out_tile;
-  Index o = out_begin;
-  for (; o + kOutTile <= out_end; o += kOutTile) {
+  // Two loops with precomputed bounds: GCC 12 misreads "for (; o < out_end; ++o)" after the tiled
+  // loop as overflowing (-Waggressive-loop-optimizations) when the sizes are constants.
+  const Index tiled_end = out_begin + (out_end - out_begin) / kOutTile * kOutTile;
+  for (Index o = out_begin; o < tiled_end; o += kOutTile) {
     gemm_compact_rows<Format, kSimple, kOutTile>(x, n, ldx, w, o, y + o, ldy);
   }
-  for (; o < out_end; ++o) gemm_compact_rows<Format, kSimple, 1>(x, n, ldx, w, o, y + o, ldy);
+  for (Index o = tiled_end; o < out_end; ++o) {
+    gemm_compact_rows<Format, kSimple, 1>(x, n, ldx, w, o, y + o, ldy);
+  }
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
