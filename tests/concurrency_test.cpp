@@ -83,6 +83,7 @@ int hammer(const Block& block, const std::vector<Case<T>>& cases, const Executor
   std::atomic<int> mismatches{0};
   std::atomic<long> done{0};
   std::vector<std::thread> threads;
+  threads.reserve(kThreads);
   for (int id = 0; id < kThreads; ++id) {
     threads.emplace_back([&, id] {
       std::mt19937_64 rng(1000 + static_cast<std::uint64_t>(id));
@@ -147,6 +148,7 @@ TEST(Concurrency, OnePoolPerCallerBitwiseEqualToSerial) {
   const auto cases = make_cases<float>(block, rng, 32);
   std::atomic<int> mismatches{0};
   std::vector<std::thread> threads;
+  threads.reserve(kThreads);
   for (int id = 0; id < kThreads; ++id) {
     threads.emplace_back([&, id] {
       const ThreadPool pool(2);
