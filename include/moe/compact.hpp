@@ -66,7 +66,7 @@ inline const std::array<float, 256>& e4m3_table() {
 }
 
 /// Storage of a CompactMatrix, shared (immutable) between its copies: the codes and scales when
-/// owning (empty for a view), and fp8's kernel scales (scale * 2^120) in both cases.
+/// owning (empty for a view), and fp8's kernel scales (scale * 2^8) in both cases.
 template <class Code>
 struct CompactStorage {
   std::vector<Code> codes;
@@ -115,15 +115,15 @@ class CompactMatrix {
   }
   /// True when this matrix owns its codes and scales (quantize), false for a view.
   bool owning() const { return owning_; }
-  /// Fp8E4M3 with simple(): the scale grid times 2^120 (the SIMD decode's exponent rebias folded
+  /// Fp8E4M3 with simple(): the scale grid times 2^8 (the SIMD decode's exponent rebias folded
   /// in; exact), held by the matrix itself (4 bytes per block, not counted in bytes()); else
   /// nullptr.
   const float* kernel_scales() const { return kernel_scales_; }
   /// Fp8E4M3: column c is in scale block c >> block_cols_shift() (block_cols is a power of two,
   /// or the whole width: then a shift that gives 0).
   int block_cols_shift() const { return block_cols_shift_; }
-  /// Fp8E4M3 only: no NaN code and every scale finite and below 2^8, so the SIMD kernel may fold
-  /// its exponent rebias into the scale (see gemm_compact.hpp). Always true for other formats.
+  /// Fp8E4M3 only: no NaN code and every |scale| below 2^100, so the SIMD kernel may fold its
+  /// exponent rebias (2^8) into the scale (see gemm_compact.hpp). Always true for other formats.
   bool simple() const { return simple_; }
   /// Bytes of codes and scales.
   std::size_t bytes() const {
@@ -350,7 +350,7 @@ class CompactMatrix {
   bool compute_simple() const {
     if constexpr (std::is_same_v<Format, Fp8E4M3>) {
       for (Index k = 0; k < num_scales(); ++k) {
-        if (!(std::abs(scales_[k]) < 256.0f)) return false;
+        if (!(std::abs(scales_[k]) < 0x1p100f)) return false;
       }
       const std::size_t count = std::size_t(rows_ * cols_);
       for (std::size_t k = 0; k < count; ++k) {
@@ -382,7 +382,7 @@ class CompactMatrix {
       if (simple_) {
         st->kernel_scales.resize(std::size_t(num_scales()));
         for (Index k = 0; k < num_scales(); ++k)
-          st->kernel_scales[std::size_t(k)] = scales_[k] * 0x1p120f;
+          st->kernel_scales[std::size_t(k)] = scales_[k] * 0x1p8f;
         kernel_scales_ = st->kernel_scales.data();
       }
     }
