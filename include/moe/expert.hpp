@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -222,12 +223,44 @@ Index ffn_down_parts(const FfnJob<T>& job) {
 }
 
 /// act[:, a:b] = activation of hidden's columns [a, b) (and [f + a, f + b) for the up half of a
-/// gated FFN), element by element exactly as apply_activation. act may alias hidden's gate
-/// columns.
+/// gated FFN). act may alias hidden's gate columns. SwiGLU is vectorised with Eigen's packet exp
+/// (within an ulp or two of std::exp, and about ten times faster: at 512 tokens the scalar
+/// std::exp took ~10% of a Mixtral-quarter forward); other activations follow apply_activation
+/// element by element.
 template <class Ffn, class T>
 inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, Index a, Index b,
                                   T* act, Index ld_act) {
   using A = typename Ffn::activation;
+  if constexpr (Ffn::gated && std::is_same_v<A, Silu>) {
+    // Every element goes through the same packet code, the tail through a padded packet: the
+    // result of an element depends neither on its address nor on the block split.
+    using Packet = typename Eigen::internal::packet_traits<T>::type;
+    constexpr Index kLanes = Eigen::internal::packet_traits<T>::size;
+    const Packet one = Eigen::internal::pset1<Packet>(T(1));
+    auto swiglu = [&](const Packet& g, const Packet& u) {
+      using namespace Eigen::internal;
+      return pmul(pdiv(g, padd(one, pexp(pnegate(g)))), u);
+    };
+    for (Index r = 0; r < n; ++r) {
+      const T* gr = h + r * ld_h;
+      const T* ur = gr + d_ff;
+      T* ar = act + r * ld_act;
+      Index i = a;
+      for (; i + kLanes <= b; i += kLanes) {
+        Eigen::internal::pstoreu(ar + i, swiglu(Eigen::internal::ploadu<Packet>(gr + i),
+                                                Eigen::internal::ploadu<Packet>(ur + i)));
+      }
+      if (i < b) {
+        T g[kLanes] = {}, u[kLanes] = {}, out[kLanes];
+        std::copy(gr + i, gr + b, g);
+        std::copy(ur + i, ur + b, u);
+        Eigen::internal::pstoreu(
+            out, swiglu(Eigen::internal::ploadu<Packet>(g), Eigen::internal::ploadu<Packet>(u)));
+        std::copy(out, out + (b - i), ar + i);
+      }
+    }
+    return;
+  }
   for (Index r = 0; r < n; ++r) {
     const T* hr = h + r * ld_h;
     T* ar = act + r * ld_act;
