@@ -1,0 +1,279 @@
+// The dense-vs-sparse benchmark of the MoE block (issue 5), with the machine's own ceilings.
+//
+// Names: <kind>/<config>/tokens:<T>/threads:<n>, kind one of
+//   sparse        SparseMoeBlock<float> (Mixtral softmax top-k gating, SwiGLU experts);
+//   dense_active  one SwiGLU FFN of width d_ff * k (+ the shared experts' width): the same active
+//                 parameters and FLOPs as the sparse block, no router;
+//   dense_total   one SwiGLU FFN of width d_ff * E (+ shared): the same parameters;
+// and peak/gemm/threads:<n> (Eigen GEMM, 2048^3, split into n column blocks on our executor).
+// peak/read (streaming read of 1 GiB) lives in kernels_bench.cpp. Both dense kinds run on the same
+// kernels and (column-block) task decomposition as the block's experts (detail::run_ffn_jobs), so
+// sparse / dense_active measures what routing and grouping cost.
+//
+// Counters: tokens/s; GFLOP/s = (2 * 3 * d_model * width * T [+ router 2 * d_model * E * T]) / s,
+// width = d_ff * k + shared d_ff for sparse and dense_active; GB/s of expert weights touched (for
+// T <= 16; the weights of the experts the routing selected, averaged over the rotated inputs);
+// imbalance = max / mean rows per expert (sparse).
+//
+// Decode measurements rotate among 8 input batches (different routings) and, when a model is
+// smaller than 256 MiB, among several copies of its weights, so the weights come from DRAM as in
+// a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
+// one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
+//
+// Threads: 1 = the serial executor, 2 = moe::ThreadPool(2). Built with EIGEN_DONT_PARALLELIZE: the
+// only parallelism is ours (no OpenMP, no nesting).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+
+#include "moe/moe.hpp"
+
+namespace {
+
+using moe::Index;
+using moe::RowMatrix;
+
+struct Config {
+  std::string name;
+  Index d_model, d_ff, num_experts, top_k, shared_d_ff;
+  std::vector<Index> tokens;
+  std::vector<std::string> kinds;
+};
+
+const std::vector<Config>& configs() {
+  static const std::vector<Config> all = [] {
+    const std::vector<std::string> every = {"dense_total", "dense_active", "sparse"};
+    std::vector<Config> c = {
+        {"mixtral_quarter", 1024, 3584, 8, 2, 0, {1, 8, 64, 512, 2048}, every},
+        {"olmoe", 2048, 1024, 64, 8, 0, {1, 8, 64, 512}, every},
+        {"deepseek_lite", 2048, 1408, 64, 6, 2 * 1408, {1, 8, 64, 512}, every},
+        {"mixtral_8x7b", 4096, 14336, 8, 2, 0, {1, 16}, every},
+    };
+    // The expert-count series: the cost should stay flat as experts are added at fixed top-2.
+    for (Index e : {8, 16, 32, 64, 128}) {
+      c.push_back({"experts_" + std::to_string(e),
+                   1024,
+                   1024,
+                   e,
+                   2,
+                   0,
+                   {512},
+                   e == 8 ? std::vector<std::string>{"dense_active", "sparse"}
+                          : std::vector<std::string>{"sparse"}});
+    }
+    return c;
+  }();
+  return all;
+}
+
+// Seeded pseudo-random values in [-scale, scale) (splitmix64 of the index): fast enough for
+// gigabytes of weights, never zero-filled, reproducible.
+void fill(float* data, std::size_t count, std::uint64_t seed, float scale) {
+  for (std::size_t i = 0; i < count; ++i) {
+    std::uint64_t z = seed * 0x9e3779b97f4a7c15ull + i;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * (1.0f / float(1 << 24));  // [0, 1)
+    data[i] = scale * (2.0f * u - 1.0f);
+  }
+}
+
+void fill(RowMatrix<float>& m, std::uint64_t seed, float scale) {
+  fill(m.data(), std::size_t(m.size()), seed, scale);
+}
+
+// Uniform scales with the variance of a Kaiming-style init: activations stay O(1) through the FFN.
+void fill_ffn(moe::ExpertStack<float>& s, std::uint64_t seed) {
+  fill(s.stacked_in(), seed, std::sqrt(3.0f / float(s.d_model())));
+  fill(s.stacked_out(), seed + 1, std::sqrt(3.0f / float(s.d_ff())));
+}
+
+constexpr std::size_t kRotationBytes = std::size_t(256) << 20;  // 8x the last-level cache.
+constexpr Index kInputSets = 8;
+
+// Everything one (config, kind) needs: weight sets, inputs, outputs, workspace. One at a time.
+struct Model {
+  std::string key;
+  const Config* config = nullptr;
+  std::vector<std::unique_ptr<moe::SparseMoeBlock<float>>> sparse;
+  std::vector<moe::ExpertStack<float>> dense;
+  std::size_t model_bytes = 0;  // expert (+ shared) weights of one set
+};
+
+Model& model_for(const Config& c, const std::string& kind) {
+  static Model m;
+  const std::string key = c.name + "/" + kind;
+  if (m.key == key) return m;
+  m = Model{};  // Free the previous model first: the largest ones do not fit twice.
+  m.key = key;
+  m.config = &c;
+  moe::MoeConfig mc;
+  mc.d_model = c.d_model;
+  mc.d_ff = c.d_ff;
+  mc.num_experts = c.num_experts;
+  mc.top_k = c.top_k;
+  mc.shared_d_ff = c.shared_d_ff;
+  const Index width = kind == "sparse"         ? 0
+                      : kind == "dense_active" ? c.d_ff * c.top_k + c.shared_d_ff
+                                               : c.d_ff * c.num_experts + c.shared_d_ff;
+  m.model_bytes = std::size_t(3 * c.d_model) * sizeof(float) *
+                  std::size_t(kind == "sparse" ? c.d_ff * c.num_experts + c.shared_d_ff : width);
+  const Index sets =
+      std::max<Index>(1, Index((kRotationBytes + m.model_bytes - 1) / m.model_bytes));
+  for (Index s = 0; s < sets; ++s) {
+    const std::uint64_t seed = 1000 * std::uint64_t(s + 1);
+    if (kind == "sparse") {
+      auto w = moe::MoeWeights<float>::zeros(mc);
+      // Router logits with a standard deviation of about 1 for inputs uniform in [-1, 1): a
+      // realistic spread of tokens over experts, not all to one (see the imbalance counter).
+      fill(w.router, seed + 2, 3.0f / std::sqrt(float(c.d_model)));
+      fill_ffn(w.experts, seed + 3);
+      if (c.shared_d_ff > 0) fill_ffn(w.shared, seed + 5);
+      m.sparse.push_back(std::make_unique<moe::SparseMoeBlock<float>>(mc, std::move(w)));
+    } else {
+      moe::ExpertStack<float> stack(1, c.d_model, width, true);
+      fill_ffn(stack, seed + 7);
+      m.dense.push_back(std::move(stack));
+    }
+  }
+  return m;
+}
+
+const moe::Executor& executor(Index threads) {
+  static moe::ThreadPool pool(2);
+  return threads == 1 ? moe::serial_executor() : pool;
+}
+
+void set_label(benchmark::State& state) {
+  state.SetLabel(std::string(Eigen::SimdInstructionSetsInUse()) +
+                 ", small_batch_rows=" + std::to_string(moe::detail::small_batch_rows));
+}
+
+// One dense SwiGLU FFN on x through the same task decomposition as the block's experts; the
+// activation in place over the gate columns (inference).
+void dense_forward(const moe::ExpertStack<float>& w, const RowMatrix<float>& x,
+                   RowMatrix<float>& hidden, RowMatrix<float>& y, const moe::Executor& ex) {
+  moe::detail::ffn_forward<moe::SwiGLU, float>(w, 0, x.data(), x.cols(), x.rows(), hidden.data(),
+                                               hidden.data(), hidden.cols(), y.data(), ex);
+}
+
+void bm_model(benchmark::State& state, const Config* c, std::string kind, Index tokens,
+              Index threads) {
+  Model& m = model_for(*c, kind);
+  const moe::Executor& ex = executor(threads);
+  std::vector<RowMatrix<float>> xs;
+  for (Index i = 0; i < kInputSets; ++i) {
+    xs.emplace_back(tokens, c->d_model);
+    fill(xs.back(), 77 + std::uint64_t(i), 1.0f);
+  }
+  RowMatrix<float> y(tokens, c->d_model);
+  moe::Workspace<float> ws;
+  const bool sparse = kind == "sparse";
+  const Index sets = Index(sparse ? m.sparse.size() : m.dense.size());
+  RowMatrix<float> hidden;
+  if (!sparse) hidden.resize(tokens, m.dense[0].in_rows());
+
+  // Routing statistics and the bytes of the experts each input batch touches.
+  double touched_bytes = 0, imbalance = 0;
+  const double expert_bytes = 3.0 * double(c->d_model) * double(c->d_ff) * sizeof(float);
+  const double shared_bytes = 3.0 * double(c->d_model) * double(c->shared_d_ff) * sizeof(float);
+  for (Index i = 0; i < kInputSets; ++i) {
+    if (sparse) {
+      m.sparse[0]->forward(xs[std::size_t(i)], y, ws, ex);  // also warms the workspace
+      Index used = 0;
+      for (Index e = 0; e < c->num_experts; ++e) used += ws.plan().counts[std::size_t(e)] > 0;
+      touched_bytes += double(used) * expert_bytes + shared_bytes;
+      imbalance += ws.stats().imbalance;
+    } else {
+      dense_forward(m.dense[0], xs[std::size_t(i)], hidden, y, ex);
+      touched_bytes += double(m.model_bytes);
+    }
+  }
+  touched_bytes /= double(kInputSets);
+  imbalance /= double(kInputSets);
+
+  Index k = 0;
+  for (auto _ : state) {
+    const RowMatrix<float>& x = xs[std::size_t(k % kInputSets)];
+    const Index set = (k / kInputSets + k) % sets;
+    if (sparse) {
+      m.sparse[std::size_t(set)]->forward(x, y, ws, ex);
+    } else {
+      dense_forward(m.dense[std::size_t(set)], x, hidden, y, ex);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    ++k;
+  }
+
+  const double iters = double(state.iterations());
+  const double width = sparse || kind == "dense_active"
+                           ? double(c->d_ff * c->top_k + c->shared_d_ff)
+                           : double(c->d_ff * c->num_experts + c->shared_d_ff);
+  double flops = 2.0 * 3.0 * double(c->d_model) * width * double(tokens);
+  if (sparse) flops += 2.0 * double(c->d_model) * double(c->num_experts) * double(tokens);
+  using benchmark::Counter;
+  state.counters["tokens/s"] = Counter(double(tokens) * iters, Counter::kIsRate);
+  state.counters["GFLOP/s"] = Counter(flops * 1e-9 * iters, Counter::kIsRate);
+  if (tokens <= 16) {
+    state.counters["GB/s"] = Counter(touched_bytes * 1e-9 * iters, Counter::kIsRate);
+  }
+  if (sparse) state.counters["imbalance"] = imbalance;
+  set_label(state);
+}
+
+// Eigen's GEMM on Y = X * W^T, 2048^3, in `threads` column blocks on our executor.
+void bm_peak_gemm(benchmark::State& state, Index threads) {
+  constexpr Index n = 2048;
+  RowMatrix<float> x(n, n), w(n, n), y(n, n);
+  fill(x, 5, 1.0f);
+  fill(w, 6, 1.0f);
+  const moe::Executor& ex = executor(threads);
+  for (auto _ : state) {
+    ex.run(threads, [&](Index task, Index) {
+      const auto [c0, c1] = moe::block_range(n, threads, task, 16);
+      y.middleCols(c0, c1 - c0).noalias() = x * w.middleRows(c0, c1 - c0).transpose();
+    });
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * double(n) * double(n) * double(n) * 1e-9 * double(state.iterations()),
+      benchmark::Counter::kIsRate);
+  set_label(state);
+}
+
+const bool registered = [] {
+  for (Index threads : {1, 2}) {
+    benchmark::RegisterBenchmark(("peak/gemm/threads:" + std::to_string(threads)).c_str(),
+                                 bm_peak_gemm, threads)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.5);
+  }
+  for (const Config& c : configs()) {
+    for (const std::string& kind : c.kinds) {
+      for (Index tokens : c.tokens) {
+        for (Index threads : {1, 2}) {
+          const std::string name = kind + "/" + c.name + "/tokens:" + std::to_string(tokens) +
+                                   "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(name.c_str(), bm_model, &c, kind, tokens, threads)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond)
+              ->MinTime(0.3);
+        }
+      }
+    }
+  }
+  return true;
+}();
+
+}  // namespace
