@@ -5,7 +5,7 @@
 // tests/reference/config_draw.hpp (shared with the libFuzzer target
 // tests/fuzz/differential_fuzz.cpp).
 //
-// Environment: MOE_DIFF_CASES (default 3000), MOE_DIFF_SEED (the master seed), MOE_DIFF_ONLY
+// Environment: MOE_DIFF_CASES (default 5000), MOE_DIFF_SEED (the master seed), MOE_DIFF_ONLY
 // (one case seed, as printed by a failure: reruns that case alone).
 #include <chrono>
 #include <cstdint>
@@ -38,7 +38,7 @@ std::uint64_t case_seed(std::uint64_t master, std::uint64_t i) {
 TEST(Differential, BlockMatchesScalarReference) {
   const std::uint64_t master = env_u64("MOE_DIFF_SEED", 0x0d1ff5eedULL);
   const std::uint64_t only = env_u64("MOE_DIFF_ONLY", 0);
-  const std::uint64_t cases = only != 0 ? 1 : env_u64("MOE_DIFF_CASES", 3000);
+  const std::uint64_t cases = only != 0 ? 1 : env_u64("MOE_DIFF_CASES", 5000);
   const ThreadPool pool(2);
   difftest::Tally tally;
   long long per_policy[6] = {};
