@@ -76,7 +76,11 @@ std::size_t expected_workspace_bytes(const MoeConfig& c, Index num_tokens, bool 
   std::size_t bytes = static_cast<std::size_t>(elements) * sizeof(T);
   bytes += static_cast<std::size_t>(num_tokens * E * 2 + num_tokens * k) * sizeof(RouteS);
   bytes += static_cast<std::size_t>(num_tokens * k) * (sizeof(std::int32_t) + 1);
-  bytes += static_cast<std::size_t>(3 * E + 1 + 2 * N + num_tokens * k + E) * sizeof(Index);
+  // Dispatch plan (counts, offsets, fill, row_token, row_slot, slot_row) and the task offsets of
+  // the fast path: one job per routed expert (+1 for the shared expert), plus one.
+  const Index jobs = E + (c.shared_d_ff > 0 ? 1 : 0);
+  bytes += static_cast<std::size_t>(3 * E + 1 + 2 * N + num_tokens * k + E + jobs + 1) *
+           sizeof(Index);
   return bytes;
 }
 

@@ -5,6 +5,7 @@
 #include "moe/error.hpp"
 #include "moe/expert.hpp"
 #include "moe/tensor.hpp"
+#include "moe/threading.hpp"
 #include "moe/workspace.hpp"
 
 namespace moe {
@@ -28,7 +29,8 @@ class DenseFfn {
 
   /// y = FFN(x); x, y: [num_tokens x d_model] row-major. Throws shape_error.
   template <class XDerived>
-  void forward(const Eigen::DenseBase<XDerived>& x_in, MatrixMut<T> y, Workspace<T>& ws) const {
+  void forward(const Eigen::DenseBase<XDerived>& x_in, MatrixMut<T> y, Workspace<T>& ws,
+               const Executor& executor = serial_executor()) const {
     static_assert(is_row_major_v<XDerived>, "moe: x must be row-major [num_tokens x d_model]");
     const MatrixRef<T> x(x_in.derived());
     const Index n = x.rows(), d = weights_.d_model(), in = weights_.in_rows();
@@ -36,12 +38,17 @@ class DenseFfn {
     detail::check_shape("y", y.rows(), y.cols(), n, d);
     if (n == 0) return;
     T* hidden = ws.hidden_.ensure(n * in);
-    MutMap<T> h(hidden, n, in);
-    h.noalias() = x * weights_.w_in(0).transpose();
-    detail::apply_activation<Ffn>(hidden, in, n, weights_.d_ff(), hidden, in);
-    Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> a(hidden, n, weights_.d_ff(),
-                                                             Eigen::OuterStride<>(in));
-    y.noalias() = a * weights_.w_out(0).transpose();
+    // The block's own FFN path (streaming kernel for few rows, GEMM for many), so a one-expert
+    // block and the dense FFN compute the same sums. y rows must be contiguous for it.
+    if (y.outerStride() == d) {
+      detail::ffn_forward<Ffn, T>(weights_, 0, x.data(), x.outerStride(), n, hidden, hidden, in,
+                                  y.data(), executor);
+    } else {
+      T* out = ws.y_rows_.ensure(n * d);
+      detail::ffn_forward<Ffn, T>(weights_, 0, x.data(), x.outerStride(), n, hidden, hidden, in,
+                                  out, executor);
+      y = ConstMap<T>(out, n, d);
+    }
   }
 
  private:

@@ -5,6 +5,7 @@
 
 #include "moe/config.hpp"
 #include "moe/gating.hpp"
+#include "moe/kernels/gemm_small.hpp"
 #include "moe/weights.hpp"
 #include "moe/workspace.hpp"
 
@@ -29,7 +30,7 @@ class Router {
     Routing<RouteS>& routing = ws.routing_;
     routing.resize(num_tokens, E, gating_.slots(config));
     if (num_tokens == 0) return;
-    routing.logits().noalias() = (x * weights.router.transpose()).template cast<RouteS>();
+    logits_nt(x, weights.router, routing.logits().data());
     RouteContext<RouteS> ctx;
     ctx.training = ws.training();
     ctx.scratch = ws.gating_scratch_.ensure(E);
@@ -40,7 +41,7 @@ class Router {
         // noise_ holds [T x E] noise logits, then [T x E] standard normal draws (for backward).
         RouteS* buffer = ws.noise_.ensure(2 * num_tokens * E);
         MutMap<RouteS> noise(buffer, num_tokens, E);
-        noise.noalias() = (x * weights.router_noise.transpose()).template cast<RouteS>();
+        logits_nt(x, weights.router_noise, noise.data());
         ctx.noise_logits = noise.data();
         ctx.noise_draws = buffer + num_tokens * E;
         ctx.rng = &ws.rng();
@@ -50,6 +51,16 @@ class Router {
   }
 
  private:
+  /// out [T x E] = x * w^T through the streaming kernel: each token's logits are computed by the
+  /// same sequence of operations whatever the batch size, so routing is batch-invariant (Eigen's
+  /// product takes different paths for 1 row and for more, with different summation orders).
+  /// The router matrix is small (E x d_model), so it stays in cache across row tiles.
+  static void logits_nt(const MatrixRef<T>& x, const RowMatrix<T>& w, RouteS* out) {
+    static_assert(std::is_same_v<RouteS, T>, "moe: the router computes in the block's scalar");
+    kernels::gemm_small_nt<T>(x.data(), x.rows(), x.outerStride(), w.data(), w.cols(), w.cols(),
+                              0, w.rows(), out, w.rows());
+  }
+
   Gating gating_;
 };
 
