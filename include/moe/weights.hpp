@@ -38,6 +38,9 @@ struct MoeWeights {
   void validate(const MoeConfig& config, bool gated, bool needs_bias, bool needs_noise) const {
     const Index E = config.num_experts, d = config.d_model;
     detail::check_shape("router weight", router.rows(), router.cols(), E, d);
+    // A non-finite router weight would make every token's routing NaN: refuse it up front (the
+    // check is E * d_model reads; expert weights are not scanned, their cost is the model size).
+    if (!router.allFinite()) throw value_error("moe: router weight has non-finite values");
     if (needs_bias) {
       detail::check_shape("router bias", router_bias.rows(), router_bias.cols(), E, 1);
       if (!router_bias.allFinite()) throw value_error("moe: router bias has non-finite values");
