@@ -5,10 +5,12 @@
 #include <utility>
 
 #include "moe/activations.hpp"
+#include "moe/compact.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
 #include "moe/expert.hpp"
 #include "moe/gating.hpp"
+#include "moe/kernels/gemm_compact.hpp"
 #include "moe/kernels/topk.hpp"
 #include "moe/router.hpp"
 #include "moe/routing.hpp"
@@ -19,13 +21,53 @@
 
 namespace moe {
 
+/// Storage policy of a block's routed experts: the block's own scalar T (ExpertStack<T>, the
+/// default; the only policy that supports training / block_backward).
+struct NativeExperts {};
+
+/// Storage policy of a block's routed experts: compact weights (CompactExpertStack<Format>,
+/// Format = Bf16, Int8 or Fp8E4M3; moe/compact.hpp), for float blocks. The router, the routing
+/// weights, the shared expert, activations and accumulation stay fp32. Inference only:
+/// block_backward does not accept such a block (it does not compile).
+template <class Format>
+struct CompactExperts {
+  using format = Format;
+};
+
+namespace detail {
+
+struct NoCompactStack {};
+
+template <class Storage>
+struct expert_storage {
+  static_assert(std::is_same_v<Storage, NativeExperts>,
+                "moe: expert storage must be NativeExperts or CompactExperts<Format>");
+  static constexpr bool compact = false;
+  using format = void;
+  using stack = NoCompactStack;
+};
+
+template <class Format>
+struct expert_storage<CompactExperts<Format>> {
+  static_assert(std::is_same_v<Format, Bf16> || std::is_same_v<Format, Int8> ||
+                    std::is_same_v<Format, Fp8E4M3>,
+                "moe: CompactExperts<Format> needs Format = Bf16, Int8 or Fp8E4M3");
+  static constexpr bool compact = true;
+  using format = Format;
+  using stack = CompactExpertStack<Format>;
+};
+
+}  // namespace detail
+
 /// A sparse MoE layer (HF MixtralSparseMoeBlock and its relatives).
 ///
 ///   y[t] = sum_{j < slots} w[t,j] * FFN_{e[t,j]}(x[t])  (+ g(x[t]) * Shared(x[t]))
 ///
 /// Template parameters: T the scalar (float or double), Gating the routing policy (gating.hpp),
-/// Ffn the expert kind (SwiGLU, GeGLU, ReluMlp...). Sizes live in MoeConfig, the gating's numbers
-/// in Gating::Options; both are validated in the constructor.
+/// Ffn the expert kind (SwiGLU, GeGLU, ReluMlp...), Storage the routed experts' storage
+/// (NativeExperts: ExpertStack<T>; CompactExperts<Bf16 | Int8 | Fp8E4M3>: compact weights, float
+/// blocks only, see docs/compact.md). Sizes live in MoeConfig, the gating's numbers in
+/// Gating::Options; both are validated in the constructor.
 ///
 /// forward() groups the tokens of each expert into one contiguous matrix (counting sort), runs
 /// every expert as (expert, column-block) tasks through the executor (experts with at most
@@ -36,29 +78,94 @@ namespace moe {
 ///
 /// The block is immutable after construction; forward() is const and may be called from many
 /// threads at once, each with its own Workspace.
-template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU>
+template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU,
+          class Storage = NativeExperts>
 class SparseMoeBlock {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "moe: SparseMoeBlock supports float and double");
+  using StorageTraits = detail::expert_storage<Storage>;
+  static_assert(!StorageTraits::compact || std::is_same_v<T, float>,
+                "moe: compact expert storage needs a float block");
 
  public:
   using Scalar = T;
   using RouteS = RouteScalar<T>;
   using GatingPolicy = Gating;
   using FfnKind = Ffn;
+  using ExpertStorage = Storage;
+  /// True when the routed experts are stored compact (CompactExperts<Format>).
+  static constexpr bool compact = StorageTraits::compact;
+  /// CompactExpertStack<Format> for compact storage (else an empty placeholder type).
+  using CompactStack = typename StorageTraits::stack;
   using Options = typename Gating::Options;
 
   /// Validates config, gating options and every weight shape (config_error / shape_error /
-  /// value_error, naming the field and both shapes).
+  /// value_error, naming the field and both shapes). Compact storage: quantises
+  /// weights.experts expert by expert (CompactMatrix::quantize; fp8 with 128 x 128 blocks) and
+  /// frees the fp32 experts (weights().experts is then empty).
   SparseMoeBlock(const MoeConfig& config, MoeWeights<T> weights, Options options = {})
       : config_(config), weights_(std::move(weights)), router_(Gating(options)) {
     config_.validate();
     router_.gating().validate(config_);
     weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise);
+    if constexpr (compact) {
+      experts_ = CompactStack::from(weights_.experts);
+      weights_.experts = ExpertStack<T>();
+    }
+  }
+
+  /// Compact storage only: the routed experts given compact (quantised elsewhere, or views of
+  /// checkpoint tensors: CompactMatrix::view, zero-copy); weights.experts must be empty
+  /// (ExpertStack<float>()), every other tensor as for the other constructor. Throws
+  /// config_error / shape_error as the other constructor, and when a matrix is missing.
+  SparseMoeBlock(const MoeConfig& config, MoeWeights<T> weights, CompactStack experts,
+                 Options options = {})
+      : config_(config), weights_(std::move(weights)), router_(Gating(options)) {
+    static_assert(compact, "moe: this constructor is for CompactExperts<Format> blocks");
+    config_.validate();
+    router_.gating().validate(config_);
+    if (weights_.experts.num_experts() != 0) {
+      throw config_error(
+          "moe: a compact block takes its routed experts as a CompactExpertStack; pass an empty "
+          "MoeWeights::experts");
+    }
+    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise,
+                      /*check_experts=*/false);
+    if constexpr (compact) {
+      if (experts.num_experts() != config_.num_experts || experts.d_model() != config_.d_model ||
+          experts.d_ff() != config_.d_ff || experts.gated() != Ffn::gated) {
+        throw shape_error(
+            detail::concat("moe: compact routed experts hold ", experts.num_experts(),
+                           " experts of d_model ", experts.d_model(), ", d_ff ", experts.d_ff(),
+                           (experts.gated() ? " (gated)" : " (plain)"), ", expected ",
+                           config_.num_experts, " experts of d_model ", config_.d_model, ", d_ff ",
+                           config_.d_ff, (Ffn::gated ? " (gated)" : " (plain)")));
+      }
+      for (Index e = 0; e < experts.num_experts(); ++e) {
+        const bool missing = experts.gate(e).codes() == nullptr ||
+                             (Ffn::gated && experts.up(e).codes() == nullptr) ||
+                             experts.w_out(e).codes() == nullptr;
+        if (missing && config_.d_model * config_.d_ff > 0) {
+          throw config_error(detail::concat("moe: compact expert ", e, " has no weights set"));
+        }
+      }
+      experts_ = std::move(experts);
+    }
   }
 
   const MoeConfig& config() const { return config_; }
+  /// The block's weights. With compact storage, weights().experts is empty: see experts().
   const MoeWeights<T>& weights() const { return weights_; }
+  /// The routed experts as stored: ExpertStack<T> (NativeExperts) or CompactExpertStack<Format>.
+  const auto& experts() const {
+    if constexpr (compact) {
+      return experts_;
+    } else {
+      return weights_.experts;
+    }
+  }
+  /// Resident bytes of the routed experts as stored (codes and scales for compact storage).
+  std::size_t expert_bytes() const { return experts().bytes(); }
   const Router<T, Gating>& router() const { return router_; }
   const Gating& gating() const { return router_.gating(); }
 
@@ -91,8 +198,7 @@ class SparseMoeBlock {
     if (num_tokens == 0) return;
 
     const DispatchPlan& plan = ws.plan_;
-    const ExpertStack<T>& experts = weights_.experts;
-    const Index N = plan.num_rows, in = experts.in_rows(), f = config_.d_ff;
+    const Index N = plan.num_rows, in = experts().in_rows(), f = config_.d_ff;
     T* x_rows = ws.x_rows_.ensure(N * d);
     T* hidden = ws.hidden_.ensure(N * in);
     T* y_rows = ws.y_rows_.ensure(N * d);
@@ -123,16 +229,36 @@ class SparseMoeBlock {
     const Index E = config_.num_experts;
     const T* shared_in = has_shared ? weights_.shared.w_in(0).data() : nullptr;
     const T* shared_out = has_shared ? weights_.shared.w_out(0).data() : nullptr;
+    // Compact prefill: per-worker scratch for one decoded 256-row tile of weights.
+    T* scratch = nullptr;
+    Index scratch_stride = 0;
+    if constexpr (compact) {
+      bool prefill = false;
+      for (Index e = 0; e < config_.num_experts; ++e)
+        prefill = prefill || plan.counts[static_cast<std::size_t>(e)] > detail::compact_small_rows;
+      if (prefill) {
+        scratch_stride = kernels::gemm_compact_scratch_floats(std::max(d, f));
+        scratch = ws.compact_scratch_.ensure(executor.num_workers() * scratch_stride);
+      }
+    }
     auto job_at = [&](Index j) {
-      detail::FfnJob<T> job;
+      detail::FfnJob<T, typename StorageTraits::format> job;
       job.d = d;
       if (j < E) {
         const Index begin = plan.offsets[static_cast<std::size_t>(j)];
         job.x = x_rows + begin * d;
         job.ldx = d;
         job.n = plan.counts[static_cast<std::size_t>(j)];
-        job.w_in = experts.w_in(j).data();
-        job.w_out = experts.w_out(j).data();
+        if constexpr (compact) {
+          job.c_gate = &experts_.gate(j);
+          if constexpr (Ffn::gated) job.c_up = &experts_.up(j);
+          job.c_out = &experts_.w_out(j);
+          job.scratch = scratch;
+          job.scratch_stride = scratch_stride;
+        } else {
+          job.w_in = weights_.experts.w_in(j).data();
+          job.w_out = weights_.experts.w_out(j).data();
+        }
         job.f = f;
         job.in = in;
         job.hidden = hidden + begin * in;
@@ -184,6 +310,7 @@ class SparseMoeBlock {
   MoeConfig config_;
   MoeWeights<T> weights_;
   Router<T, Gating> router_;
+  CompactStack experts_;  ///< the routed experts with compact storage (else empty)
 };
 
 }  // namespace moe

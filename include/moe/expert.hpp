@@ -14,6 +14,9 @@
 
 namespace moe {
 
+template <class Format>
+class CompactMatrix;  // moe/compact.hpp
+
 /// The weights of `num_experts` FFN experts of one layer, stacked like ggml / transformers v5.
 ///
 /// Per expert e, in checkpoint (nn.Linear [out x in]) orientation:
@@ -45,14 +48,20 @@ class ExpertStack {
   Index in_rows() const { return gated_ ? 2 * d_ff_ : d_ff_; }
 
   /// [in_rows x d_model] fused input projection of expert e.
-  ConstMap<T> w_in(Index e) const { return {w_in_.data() + e * in_rows() * d_model_, in_rows(), d_model_}; }
+  ConstMap<T> w_in(Index e) const {
+    return {w_in_.data() + e * in_rows() * d_model_, in_rows(), d_model_};
+  }
   MutMap<T> w_in(Index e) { return {w_in_.data() + e * in_rows() * d_model_, in_rows(), d_model_}; }
   /// [d_model x d_ff] output projection of expert e.
-  ConstMap<T> w_out(Index e) const { return {w_out_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
+  ConstMap<T> w_out(Index e) const {
+    return {w_out_.data() + e * d_model_ * d_ff_, d_model_, d_ff_};
+  }
   MutMap<T> w_out(Index e) { return {w_out_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
   /// [d_ff x d_model] gate (or, for a plain FFN, the only) input projection of expert e.
   MutMap<T> gate(Index e) { return {w_in_.data() + e * in_rows() * d_model_, d_ff_, d_model_}; }
-  ConstMap<T> gate(Index e) const { return {w_in_.data() + e * in_rows() * d_model_, d_ff_, d_model_}; }
+  ConstMap<T> gate(Index e) const {
+    return {w_in_.data() + e * in_rows() * d_model_, d_ff_, d_model_};
+  }
   /// [d_ff x d_model] up projection of expert e (gated only).
   MutMap<T> up(Index e) {
     MOE_ASSERT(gated_);
@@ -93,13 +102,15 @@ class ExpertStack {
   const RowMatrix<T>& stacked_in() const { return w_in_; }
   const RowMatrix<T>& stacked_out() const { return w_out_; }
 
-  std::size_t bytes() const { return static_cast<std::size_t>(w_in_.size() + w_out_.size()) * sizeof(T); }
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(w_in_.size() + w_out_.size()) * sizeof(T);
+  }
 
  private:
   void check_expert(Index e) const {
     if (e < 0 || e >= num_experts_) {
-      throw config_error(detail::concat("moe: expert index ", e, " out of range [0, ",
-                                        num_experts_, ")"));
+      throw config_error(
+          detail::concat("moe: expert index ", e, " out of range [0, ", num_experts_, ")"));
     }
   }
   static std::string name(const char* what, Index e) {
@@ -142,7 +153,8 @@ inline void expert_ffn_rows(const ExpertStack<T>& w, Index e, const T* x, Index 
   MutMap<T> hm(h, n, in);
   hm.noalias() = xm * w.w_in(e).transpose();
   apply_activation<Ffn>(h, in, n, f, act, ld_act);
-  Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> am(act, n, f, Eigen::OuterStride<>(ld_act));
+  Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> am(act, n, f,
+                                                             Eigen::OuterStride<>(ld_act));
   MutMap<T> ym(y, n, d);
   ym.noalias() = am * w.w_out(e).transpose();
 }
@@ -168,11 +180,28 @@ constexpr bool use_stream(Index n, Index k) {
   return n <= small_batch_rows || n * k * Index(sizeof(T)) <= stream_x_bytes;
 }
 
+/// Rows at or below which a job on compact weights (moe/compact.hpp) streams them through
+/// kernels::gemm_compact_nt (decoding in registers); above, each column block of up to 256 weight
+/// rows is decoded into per-worker fp32 scratch and multiplied by Eigen's GEMM
+/// (kernels::gemm_compact_nt_prefill).
+inline constexpr Index compact_small_rows = 16;
+
+/// The product on compact weights, defined in moe/kernels/gemm_compact.hpp (which includes this
+/// header): run(x, n, ldx, w, c0, c1, out, ldo, small, scratch, scratch_floats).
+template <class Format>
+struct CompactProduct;
+
 /// One FFN applied to n rows: a routed expert on its gathered rows, the shared expert on the
 /// tokens, or a dense FFN. All row-major:
 ///   x [n x d] (row stride ldx), w_in [in x d], w_out [d x f], hidden [n x in] (row stride in),
 ///   act [n x f] (row stride ld_act; may be hidden's gate columns), y [n x d] (row stride d).
-template <class T>
+///
+/// Compact weights (Format = Bf16, Int8 or Fp8E4M3, T = float): when c_gate is set, the job
+/// reads c_gate / c_up [f x d] (c_up gated only) and c_out [d x f] instead of w_in / w_out; the
+/// prefill path (n > compact_small_rows) needs scratch: scratch_stride floats per worker (at
+/// least 256 max(d, f), kernels::gemm_compact_scratch_floats), worker w at scratch + w *
+/// scratch_stride. Format = void (the default): fp32 weights only.
+template <class T, class Format = void>
 struct FfnJob {
   const T* x = nullptr;
   Index ldx = 0, n = 0;
@@ -183,11 +212,32 @@ struct FfnJob {
   T* act = nullptr;
   Index ld_act = 0;
   T* y = nullptr;
+  const CompactMatrix<Format>* c_gate = nullptr;
+  const CompactMatrix<Format>* c_up = nullptr;
+  const CompactMatrix<Format>* c_out = nullptr;
+  T* scratch = nullptr;
+  Index scratch_stride = 0;
 
+  /// True when the job reads compact weights.
+  bool compact() const {
+    if constexpr (std::is_void_v<Format>) {
+      return false;
+    } else {
+      return c_gate != nullptr;
+    }
+  }
+  /// Bytes of one stored weight (fp32: sizeof(T); compact: the code size).
+  Index weight_bytes() const {
+    if constexpr (std::is_void_v<Format>) {
+      return Index(sizeof(T));
+    } else {
+      return compact() ? Index(sizeof(typename Format::code_type)) : Index(sizeof(T));
+    }
+  }
   /// The input projection (rows of length d) runs on the streaming kernel.
-  bool up_stream() const { return use_stream<T>(n, d); }
+  bool up_stream() const { return compact() ? n <= compact_small_rows : use_stream<T>(n, d); }
   /// The output projection (rows of length f) runs on the streaming kernel.
-  bool down_stream() const { return use_stream<T>(n, f); }
+  bool down_stream() const { return compact() ? n <= compact_small_rows : use_stream<T>(n, f); }
 };
 
 /// Column granule of every task: a multiple of the small kernel's register tile and of a cache
@@ -210,16 +260,16 @@ inline Index ffn_parts(Index cols, Index row_bytes, bool small) {
 }
 
 /// Tasks of the input phase of a job (blocks of the d_ff activation columns).
-template <class Ffn, class T>
-Index ffn_up_parts(const FfnJob<T>& job) {
+template <class Ffn, class T, class Format>
+Index ffn_up_parts(const FfnJob<T, Format>& job) {
   if (job.n == 0) return 0;
-  return ffn_parts(job.f, (Ffn::gated ? 2 : 1) * job.d * Index(sizeof(T)), job.up_stream());
+  return ffn_parts(job.f, (Ffn::gated ? 2 : 1) * job.d * job.weight_bytes(), job.up_stream());
 }
 /// Tasks of the output phase of a job (blocks of the d_model output columns).
-template <class T>
-Index ffn_down_parts(const FfnJob<T>& job) {
+template <class T, class Format>
+Index ffn_down_parts(const FfnJob<T, Format>& job) {
   if (job.n == 0) return 0;
-  return ffn_parts(job.d, job.f * Index(sizeof(T)), job.down_stream());
+  return ffn_parts(job.d, job.f * job.weight_bytes(), job.down_stream());
 }
 
 /// act[:, a:b] = activation of hidden's columns [a, b) (and [f + a, f + b) for the up half of a
@@ -292,11 +342,25 @@ inline void ffn_product_block(const T* x, Index n, Index ldx, const T* w, Index 
 
 /// Input-phase task `part` of a job: hidden's gate (and up) columns of one block of d_ff, then
 /// the activation of that block, in place when act aliases hidden.
-template <class Ffn, class T>
-void ffn_up_task(const FfnJob<T>& job, Index part) {
+template <class Ffn, class T, class Format>
+void ffn_up_task(const FfnJob<T, Format>& job, Index part, Index worker = 0) {
   const Index parts = ffn_up_parts<Ffn>(job);
   const auto [a, b] = block_range(job.f, parts, part, ffn_granule);
   const bool small = job.up_stream();
+  if constexpr (!std::is_void_v<Format>) {
+    if (job.compact()) {
+      T* scratch = job.scratch + worker * job.scratch_stride;
+      CompactProduct<Format>::run(job.x, job.n, job.ldx, *job.c_gate, a, b, job.hidden, job.in,
+                                  small, scratch, job.scratch_stride);
+      if constexpr (Ffn::gated) {
+        CompactProduct<Format>::run(job.x, job.n, job.ldx, *job.c_up, a, b, job.hidden + job.f,
+                                    job.in, small, scratch, job.scratch_stride);
+      }
+      apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+      return;
+    }
+  }
+  (void)worker;
   ffn_product_block(job.x, job.n, job.ldx, job.w_in, job.d, a, b, job.hidden, job.in, small);
   if constexpr (Ffn::gated) {
     ffn_product_block(job.x, job.n, job.ldx, job.w_in, job.d, job.f + a, job.f + b, job.hidden,
@@ -306,10 +370,19 @@ void ffn_up_task(const FfnJob<T>& job, Index part) {
 }
 
 /// Output-phase task `part` of a job: one block of y's d_model columns.
-template <class T>
-void ffn_down_task(const FfnJob<T>& job, Index part) {
+template <class T, class Format>
+void ffn_down_task(const FfnJob<T, Format>& job, Index part, Index worker = 0) {
   const Index parts = ffn_down_parts(job);
   const auto [c0, c1] = block_range(job.d, parts, part, ffn_granule);
+  if constexpr (!std::is_void_v<Format>) {
+    if (job.compact()) {
+      CompactProduct<Format>::run(job.act, job.n, job.ld_act, *job.c_out, c0, c1, job.y, job.d,
+                                  job.down_stream(), job.scratch + worker * job.scratch_stride,
+                                  job.scratch_stride);
+      return;
+    }
+  }
+  (void)worker;
   ffn_product_block(job.act, job.n, job.ld_act, job.w_out, job.f, c0, c1, job.y, job.d,
                     job.down_stream());
 }
@@ -331,15 +404,15 @@ void run_ffn_jobs(Index num_jobs, const JobAt& job_at, Index* task_begin,
   task_begin[0] = 0;
   for (Index j = 0; j < num_jobs; ++j)
     task_begin[j + 1] = task_begin[j] + ffn_up_parts<Ffn>(job_at(j));
-  executor.run(task_begin[num_jobs], [&](Index task, Index /*worker*/) {
+  executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
     const Index j = job_of_task(task);
-    ffn_up_task<Ffn>(job_at(j), task - task_begin[j]);
+    ffn_up_task<Ffn>(job_at(j), task - task_begin[j], worker);
   });
   for (Index j = 0; j < num_jobs; ++j)
     task_begin[j + 1] = task_begin[j] + ffn_down_parts(job_at(j));
-  executor.run(task_begin[num_jobs], [&](Index task, Index /*worker*/) {
+  executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
     const Index j = job_of_task(task);
-    ffn_down_task(job_at(j), task - task_begin[j]);
+    ffn_down_task(job_at(j), task - task_begin[j], worker);
   });
 }
 

@@ -10,12 +10,13 @@ namespace moe {
 /// The parameters of a sparse MoE block. Owned storage; the block takes them by value (move).
 template <class T>
 struct MoeWeights {
-  RowMatrix<T> router;          ///< [E x d_model] router (HF `gate.weight`)
-  Vector<T> router_bias;        ///< [E] selection-only bias (DeepSeek-V3 e_score_correction_bias), or empty
-  RowMatrix<T> router_noise;    ///< [E x d_model] noise projection W_noise (noisy top-k), or empty
-  ExpertStack<T> experts;       ///< the E routed experts
-  ExpertStack<T> shared;        ///< one expert of width shared_d_ff every token visits, or empty
-  RowMatrix<T> shared_gate;     ///< [1 x d_model] Qwen2-MoE shared_expert_gate, or empty
+  RowMatrix<T> router;  ///< [E x d_model] router (HF `gate.weight`)
+  Vector<T>
+      router_bias;  ///< [E] selection-only bias (DeepSeek-V3 e_score_correction_bias), or empty
+  RowMatrix<T> router_noise;  ///< [E x d_model] noise projection W_noise (noisy top-k), or empty
+  ExpertStack<T> experts;     ///< the E routed experts
+  ExpertStack<T> shared;      ///< one expert of width shared_d_ff every token visits, or empty
+  RowMatrix<T> shared_gate;   ///< [1 x d_model] Qwen2-MoE shared_expert_gate, or empty
 
   /// Zero weights shaped for `config` (gated experts when `gated`), with a bias / noise projection
   /// when asked. Fill them, then hand them to the block.
@@ -34,8 +35,10 @@ struct MoeWeights {
     return w;
   }
 
-  /// Throws shape_error / config_error unless every tensor agrees with `config`.
-  void validate(const MoeConfig& config, bool gated, bool needs_bias, bool needs_noise) const {
+  /// Throws shape_error / config_error unless every tensor agrees with `config`. check_experts =
+  /// false skips the routed experts (a block that stores them compact checks them itself).
+  void validate(const MoeConfig& config, bool gated, bool needs_bias, bool needs_noise,
+                bool check_experts = true) const {
     const Index E = config.num_experts, d = config.d_model;
     detail::check_shape("router weight", router.rows(), router.cols(), E, d);
     // A non-finite router weight would make every token's routing NaN: refuse it up front (the
@@ -59,11 +62,12 @@ struct MoeWeights {
             " experts of d_model ", d, ", d_ff ", f, (gated ? " (gated)" : " (plain)")));
       }
     };
-    check_stack("routed experts", experts, E, config.d_ff);
+    if (check_experts) check_stack("routed experts", experts, E, config.d_ff);
     check_stack("shared experts", shared, config.shared_d_ff > 0 ? 1 : 0,
                 config.shared_d_ff > 0 ? config.shared_d_ff : shared.d_ff());
     if (config.shared_expert_gate) {
-      detail::check_shape("shared expert gate weight", shared_gate.rows(), shared_gate.cols(), 1, d);
+      detail::check_shape("shared expert gate weight", shared_gate.rows(), shared_gate.cols(), 1,
+                          d);
     } else if (shared_gate.size() != 0) {
       throw config_error("moe: shared_gate weight given, but config.shared_expert_gate is false");
     }

@@ -389,3 +389,26 @@ void gemm_compact_nt_auto(const float* x, Index n, Index ldx, const CompactMatri
 }
 
 }  // namespace moe::kernels
+
+namespace moe::detail {
+
+/// The product of the expert FFN tasks (moe/expert.hpp, FfnJob with compact weights):
+/// out[:, c0:c1] = x * W[c0:c1, :]^T on the streaming kernel when `small`, else through
+/// dequantise-and-GEMM in `scratch` (scratch_floats >= W's columns; 256 rows of them decode a
+/// whole 256-column block at once). Column blocks start on multiples of ffn_granule (16), hence of
+/// gemm_compact_out_tile.
+template <class Format>
+struct CompactProduct {
+  static void run(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w, Index c0,
+                  Index c1, float* out, Index ldo, bool small, float* scratch,
+                  Index scratch_floats) {
+    if (c1 <= c0 || n == 0) return;
+    if (small) {
+      kernels::gemm_compact_nt(x, n, ldx, w, c0, c1, out, ldo);
+    } else {
+      kernels::gemm_compact_nt_prefill(x, n, ldx, w, c0, c1, out, ldo, scratch, scratch_floats);
+    }
+  }
+};
+
+}  // namespace moe::detail
