@@ -20,12 +20,21 @@
 // a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
 // one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
 //
+// Dtypes (issue 6): sparse/<config>/dtype:<fp32|bf16|int8|fp8>/tokens:<T>/threads:<n>, the same
+// block with its routed experts stored as SparseMoeBlock<float, Mixtral, SwiGLU,
+// CompactExperts<Format>> (the router stays fp32), for mixtral_quarter (1, 8, 64, 512 tokens) and
+// mixtral_8x7b (1, 16). Compact weights are generated expert by expert (fp32 one matrix at a
+// time, quantised, freed), never as a whole fp32 layer. Counters as above, GB/s counting the
+// experts' bytes as stored (codes + scales), plus weights_MiB (resident routed-expert bytes of one
+// weight set, CompactExpertStack::bytes / ExpertStack::bytes) and bytes/weight.
+//
 // Threads: 1 = the serial executor, 2 = moe::ThreadPool(2). Built with EIGEN_DONT_PARALLELIZE: the
 // only parallelism is ours (no OpenMP, no nesting).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -108,8 +117,13 @@ struct Model {
   std::size_t model_bytes = 0;  // expert (+ shared) weights of one set
 };
 
-Model& model_for(const Config& c, const std::string& kind) {
+Model& current_model() {
   static Model m;
+  return m;
+}
+
+Model& model_for(const Config& c, const std::string& kind) {
+  Model& m = current_model();
   const std::string key = c.name + "/" + kind;
   if (m.key == key) return m;
   m = Model{};  // Free the previous model first: the largest ones do not fit twice.
@@ -251,6 +265,135 @@ void bm_peak_gemm(benchmark::State& state, Index threads) {
   set_label(state);
 }
 
+// ---- dtypes (issue 6) ----
+
+// One weight set of a dtype's block, behind a type-erased forward.
+struct DtypeSet {
+  std::function<void(const RowMatrix<float>&, RowMatrix<float>&, moe::Workspace<float>&,
+                     const moe::Executor&)>
+      forward;
+  std::size_t expert_bytes = 0;
+};
+
+struct DtypeModel {
+  std::string key;
+  std::vector<DtypeSet> sets;
+};
+
+moe::MoeConfig moe_config(const Config& c) {
+  moe::MoeConfig mc;
+  mc.d_model = c.d_model;
+  mc.d_ff = c.d_ff;
+  mc.num_experts = c.num_experts;
+  mc.top_k = c.top_k;
+  mc.shared_d_ff = c.shared_d_ff;
+  return mc;
+}
+
+template <class Block>
+DtypeSet erase(std::shared_ptr<Block> block) {
+  DtypeSet set;
+  set.expert_bytes = block->expert_bytes();
+  set.forward = [block](const RowMatrix<float>& x, RowMatrix<float>& y, moe::Workspace<float>& ws,
+                        const moe::Executor& ex) { block->forward(x, y, ws, ex); };
+  return set;
+}
+
+// Compact experts generated one fp32 matrix at a time (same value law as fill_ffn).
+template <class Format>
+DtypeSet make_compact(const Config& c, std::uint64_t seed) {
+  const moe::MoeConfig mc = moe_config(c);
+  moe::MoeWeights<float> w;
+  w.router = RowMatrix<float>(c.num_experts, c.d_model);
+  fill(w.router, seed + 2, 3.0f / std::sqrt(float(c.d_model)));
+  moe::CompactExpertStack<Format> stack(c.num_experts, c.d_model, c.d_ff, true);
+  using M = moe::CompactMatrix<Format>;
+  const float s_in = std::sqrt(3.0f / float(c.d_model)), s_out = std::sqrt(3.0f / float(c.d_ff));
+  for (Index e = 0; e < c.num_experts; ++e) {
+    RowMatrix<float> m(c.d_ff, c.d_model);
+    fill(m, seed + 3 + 10 * std::uint64_t(e), s_in);
+    M gate = M::quantize(m);
+    fill(m, seed + 4 + 10 * std::uint64_t(e), s_in);
+    M up = M::quantize(m);
+    m.resize(c.d_model, c.d_ff);
+    fill(m, seed + 5 + 10 * std::uint64_t(e), s_out);
+    stack.set_gated(e, std::move(gate), std::move(up), M::quantize(m));
+  }
+  using Block =
+      moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU, moe::CompactExperts<Format>>;
+  return erase(std::make_shared<Block>(mc, std::move(w), std::move(stack)));
+}
+
+DtypeSet make_set(const Config& c, const std::string& dtype, std::uint64_t seed) {
+  if (dtype == "bf16") return make_compact<moe::Bf16>(c, seed);
+  if (dtype == "int8") return make_compact<moe::Int8>(c, seed);
+  if (dtype == "fp8") return make_compact<moe::Fp8E4M3>(c, seed);
+  auto w = moe::MoeWeights<float>::zeros(moe_config(c));
+  fill(w.router, seed + 2, 3.0f / std::sqrt(float(c.d_model)));
+  fill_ffn(w.experts, seed + 3);
+  return erase(std::make_shared<moe::SparseMoeBlock<float>>(moe_config(c), std::move(w)));
+}
+
+DtypeModel& dtype_model_for(const Config& c, const std::string& dtype) {
+  static DtypeModel m;
+  const std::string key = c.name + "/" + dtype;
+  if (m.key == key) return m;
+  m = DtypeModel{};           // free the previous model first
+  current_model() = Model{};  // and the model of the other benchmarks
+  m.key = key;
+  m.sets.push_back(make_set(c, dtype, 1000));
+  const std::size_t bytes = m.sets[0].expert_bytes;
+  const Index sets = std::max<Index>(1, Index((kRotationBytes + bytes - 1) / bytes));
+  for (Index s = 1; s < sets; ++s)
+    m.sets.push_back(make_set(c, dtype, 1000 * std::uint64_t(s + 1)));
+  return m;
+}
+
+void bm_dtype(benchmark::State& state, const Config* c, std::string dtype, Index tokens,
+              Index threads) {
+  DtypeModel& m = dtype_model_for(*c, dtype);
+  const moe::Executor& ex = executor(threads);
+  std::vector<RowMatrix<float>> xs;
+  for (Index i = 0; i < kInputSets; ++i) {
+    xs.emplace_back(tokens, c->d_model);
+    fill(xs.back(), 77 + std::uint64_t(i), 1.0f);
+  }
+  RowMatrix<float> y(tokens, c->d_model);
+  moe::Workspace<float> ws;
+  const double expert_bytes = double(m.sets[0].expert_bytes) / double(c->num_experts);
+  double touched_bytes = 0;
+  for (Index i = 0; i < kInputSets; ++i) {
+    m.sets[0].forward(xs[std::size_t(i)], y, ws, ex);  // also warms the workspace
+    Index used = 0;
+    for (Index e = 0; e < c->num_experts; ++e) used += ws.plan().counts[std::size_t(e)] > 0;
+    touched_bytes += double(used) * expert_bytes;
+  }
+  touched_bytes /= double(kInputSets);
+  const Index sets = Index(m.sets.size());
+  Index k = 0;
+  for (auto _ : state) {
+    const RowMatrix<float>& x = xs[std::size_t(k % kInputSets)];
+    m.sets[std::size_t((k / kInputSets + k) % sets)].forward(x, y, ws, ex);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    ++k;
+  }
+  const double iters = double(state.iterations());
+  const double flops =
+      2.0 * 3.0 * double(c->d_model) * double(c->d_ff * c->top_k) * double(tokens) +
+      2.0 * double(c->d_model) * double(c->num_experts) * double(tokens);
+  using benchmark::Counter;
+  state.counters["tokens/s"] = Counter(double(tokens) * iters, Counter::kIsRate);
+  state.counters["GFLOP/s"] = Counter(flops * 1e-9 * iters, Counter::kIsRate);
+  if (tokens <= 16) {
+    state.counters["GB/s"] = Counter(touched_bytes * 1e-9 * iters, Counter::kIsRate);
+  }
+  state.counters["weights_MiB"] = double(m.sets[0].expert_bytes) / double(1 << 20);
+  state.counters["bytes/weight"] = double(m.sets[0].expert_bytes) /
+                                   (3.0 * double(c->d_model) * double(c->d_ff * c->num_experts));
+  set_label(state);
+}
+
 const bool registered = [] {
   for (Index threads : {1, 2}) {
     benchmark::RegisterBenchmark(("peak/gemm/threads:" + std::to_string(threads)).c_str(),
@@ -266,6 +409,24 @@ const bool registered = [] {
           const std::string name = kind + "/" + c.name + "/tokens:" + std::to_string(tokens) +
                                    "/threads:" + std::to_string(threads);
           benchmark::RegisterBenchmark(name.c_str(), bm_model, &c, kind, tokens, threads)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond)
+              ->MinTime(0.3);
+        }
+      }
+    }
+  }
+  for (const Config& c : configs()) {
+    if (c.name != "mixtral_quarter" && c.name != "mixtral_8x7b") continue;
+    const std::vector<Index> tokens =
+        c.name == "mixtral_8x7b" ? std::vector<Index>{1, 16} : std::vector<Index>{1, 8, 64, 512};
+    for (const std::string dtype : {"fp32", "bf16", "int8", "fp8"}) {
+      for (Index t : tokens) {
+        for (Index threads : {1, 2}) {
+          const std::string name = "sparse/" + c.name + "/dtype:" + dtype +
+                                   "/tokens:" + std::to_string(t) +
+                                   "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(name.c_str(), bm_dtype, &c, dtype, t, threads)
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond)
               ->MinTime(0.3);
