@@ -19,15 +19,17 @@ struct Silu {
   }
 };
 
-/// Exact GELU: x * Phi(x) with the erf form (PyTorch gelu, approximate='none'). GeGLU.
+/// Exact GELU: x * Phi(x) (PyTorch gelu, approximate='none'). GeGLU. Phi(x) is computed as
+/// erfc(-x / sqrt 2) / 2, which equals PyTorch's (1 + erf(x / sqrt 2)) / 2 but keeps its relative
+/// accuracy deep in the negative tail, where 1 + erf cancels.
 struct Gelu {
   template <class T>
   static T value(T x) {
-    return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    return T(0.5) * x * std::erfc(-x * T(0.70710678118654752440));
   }
   template <class T>
   static T derivative(T x) {
-    const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    const T cdf = T(0.5) * std::erfc(-x * T(0.70710678118654752440));
     const T pdf = T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
     return cdf + x * pdf;
   }

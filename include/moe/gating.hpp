@@ -67,25 +67,7 @@ struct SoftmaxTopK {
   /// Writes scores = softmax(logits) [T x E] and the k slots of every token. O(T E k).
   template <class S>
   void route(const MoeConfig& config, const RouteContext<S>&, Routing<S>& routing) const {
-    const Index T = routing.num_tokens(), E = routing.num_experts(), k = config.top_k;
-    auto logits = routing.logits();
-    auto scores = routing.scores();
-    auto experts = routing.experts();
-    auto weights = routing.weights();
-    auto kept = routing.kept();
-    for (Index t = 0; t < T; ++t) {
-      S* p = &scores(t, 0);
-      kernels::softmax(&logits(t, 0), E, p);
-      std::int32_t* idx = &experts(t, 0);
-      kernels::top_k(p, E, k, idx);
-      S sum = 0;
-      for (Index j = 0; j < k; ++j) sum += p[idx[j]];
-      const S scale = options.normalize ? S(1) / sum : S(1);
-      for (Index j = 0; j < k; ++j) {
-        weights(t, j) = p[idx[j]] * scale;
-        kept(t, j) = 1;
-      }
-    }
+    detail::softmax_top_k(config.top_k, options.normalize, routing);
   }
 
   Options options;

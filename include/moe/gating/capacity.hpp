@@ -118,25 +118,12 @@ struct CapacityTopK {
   /// O(T E k); uses num_experts entries of ctx.scratch (load counters).
   template <class S>
   void route(const MoeConfig& config, const RouteContext<S>& ctx, Routing<S>& routing) const {
+    detail::softmax_top_k(config.top_k, options.renormalize == Renormalize::before_drop,
+                          routing);
     const Index T = routing.num_tokens(), E = routing.num_experts(), k = config.top_k;
-    auto logits = routing.logits();
-    auto scores = routing.scores();
     auto experts = routing.experts();
     auto weights = routing.weights();
     auto kept = routing.kept();
-    for (Index t = 0; t < T; ++t) {
-      S* p = &scores(t, 0);
-      kernels::softmax(&logits(t, 0), E, p);
-      std::int32_t* idx = &experts(t, 0);
-      kernels::top_k(p, E, k, idx);
-      S sum = 0;
-      for (Index j = 0; j < k; ++j) sum += p[idx[j]];
-      for (Index j = 0; j < k; ++j) {
-        weights(t, j) =
-            options.renormalize == Renormalize::before_drop ? p[idx[j]] / sum : p[idx[j]];
-        kept(t, j) = 1;
-      }
-    }
     if (options.capacity != Capacity::unlimited) {
       const Index cap = capacity(config, T);
       std::vector<Index> fallback;

@@ -126,5 +126,31 @@ inline void require_positive_count(const char* name, Index v) {
   if (v <= 0) throw config_error(moe::detail::concat("moe: ", name, " = ", v, " must be positive"));
 }
 
+/// The softmax-then-top-k step shared by SoftmaxTopK and CapacityTopK: scores = softmax(logits)
+/// over all E experts, the k best in descending order (ties to the lower index), weights = the k
+/// probabilities, divided by their sum when `normalize`; every slot kept. O(T E k).
+template <class S>
+inline void softmax_top_k(Index top_k, bool normalize, Routing<S>& routing) {
+  const Index T = routing.num_tokens(), E = routing.num_experts(), k = top_k;
+  auto logits = routing.logits();
+  auto scores = routing.scores();
+  auto experts = routing.experts();
+  auto weights = routing.weights();
+  auto kept = routing.kept();
+  for (Index t = 0; t < T; ++t) {
+    S* p = &scores(t, 0);
+    kernels::softmax(&logits(t, 0), E, p);
+    std::int32_t* idx = &experts(t, 0);
+    kernels::top_k(p, E, k, idx);
+    S sum = 0;
+    for (Index j = 0; j < k; ++j) sum += p[idx[j]];
+    const S scale = normalize ? S(1) / sum : S(1);
+    for (Index j = 0; j < k; ++j) {
+      weights(t, j) = p[idx[j]] * scale;
+      kept(t, j) = 1;
+    }
+  }
+}
+
 }  // namespace gating::detail
 }  // namespace moe
