@@ -4,7 +4,7 @@
 // Names: compact/<fp32|bf16|int8|fp8>/n:<n>/out:<o>/in:<i>/threads:1. n <= 16 runs the streaming
 // kernels (fp32: gemm_small_nt; compact: gemm_compact_nt); larger n the prefill path (fp32:
 // Eigen GEMM; compact: gemm_compact_nt_prefill). Counters: GB/s of weight bytes as stored (codes
-// and scales; 4 per weight for fp32), GFLOPS. Compare time ratios within one run.
+// and scales; 4 per weight for fp32), GFLOP/s. Compare time ratios within one run.
 //
 // Decode sizes rotate among weight sets of 256 MiB in total per format (8x the 32 MiB
 // last-level cache), so every iteration streams its weights from DRAM.
@@ -170,7 +170,7 @@ void bm_compact(benchmark::State& state, Index n_arg, Index out_arg, Index in_ar
   const double iters = double(state.iterations());
   state.counters["GB/s"] =
       benchmark::Counter(double(w.bytes_per_set()) * iters * 1e-9, benchmark::Counter::kIsRate);
-  state.counters["GFLOPS"] =
+  state.counters["GFLOP/s"] =
       benchmark::Counter(2.0 * double(n * out * in) * iters * 1e-9, benchmark::Counter::kIsRate);
   state.SetLabel(std::string(Eigen::SimdInstructionSetsInUse()) +
                  (moe::kernels::gemm_compact_simd ? "" : " (compact: scalar)"));

@@ -52,7 +52,7 @@ struct Args {
   Index steps = 1500;
   Index print_every = 100;
   bool quick = false;
-  std::string csv = "training.csv";
+  std::string csv;  // empty: no CSV (nothing is written unless asked)
   std::uint64_t seed = 7;
 };
 
@@ -224,8 +224,9 @@ Summary train(Balancing mode, const typename Gating::Options& options, const Arg
       sum_aux += lv.aux;
       sum_dead += double(st.dead_experts);
     }
-    std::fprintf(csv, "%s,%ld,%.6g,%.6g,%.6g,%ld,%.6g\n", s.run.c_str(), long(step), loss, lv.aux,
-                 st.load_cv, long(st.dead_experts), st.imbalance);
+    if (csv)
+      std::fprintf(csv, "%s,%ld,%.6g,%.6g,%.6g,%ld,%.6g\n", s.run.c_str(), long(step), loss, lv.aux,
+                   st.load_cv, long(st.dead_experts), st.imbalance);
     if (step % args.print_every == 0 || step == args.steps - 1) {
       std::printf("%-8s step %5ld  loss %.4f  aux %.3f  load CV %.3f  dead %ld  load",
                   s.run.c_str(), long(step), loss, lv.aux, st.load_cv, long(st.dead_experts));
@@ -250,12 +251,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "train_moe: %s\n", e.what());
     return 2;
   }
-  std::FILE* csv = std::fopen(args.csv.c_str(), "w");
-  if (!csv) {
-    std::fprintf(stderr, "train_moe: cannot write %s\n", args.csv.c_str());
-    return 2;
+  std::FILE* csv = nullptr;
+  if (!args.csv.empty()) {
+    csv = std::fopen(args.csv.c_str(), "w");
+    if (!csv) {
+      std::fprintf(stderr, "train_moe: cannot write %s\n", args.csv.c_str());
+      return 2;
+    }
+    std::fprintf(csv, "run,step,task_loss,aux_loss,load_cv,dead_experts,imbalance\n");
   }
-  std::fprintf(csv, "run,step,task_loss,aux_loss,load_cv,dead_experts,imbalance\n");
   const Task task(args.seed);
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<Summary> runs;
@@ -270,14 +274,14 @@ int main(int argc, char** argv) {
     runs.push_back(train<moe::gating::GroupLimitedTopK>(Balancing::aux_free, o, args, task, csv));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_moe: %s\n", e.what());
-    std::fclose(csv);
+    if (csv) std::fclose(csv);
     return 2;
   }
-  std::fclose(csv);
+  if (csv) std::fclose(csv);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("\n%ld steps x %ld tokens per run, %.1f s; CSV: %s\n", long(args.steps), long(kBatch),
-              seconds, args.csv.c_str());
+              seconds, args.csv.empty() ? "(none: --csv FILE writes one)" : args.csv.c_str());
   std::printf("%-8s  %10s  %10s  %8s  %8s  %6s\n", "run", "first loss", "final loss", "aux",
               "load CV", "dead");
   for (const Summary& s : runs) {

@@ -20,7 +20,8 @@ using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 template <class T>
 using MatrixRef = Eigen::Ref<const RowMatrix<T>>;
 
-/// Writable view of caller-owned output storage. Never stored as a member (see STYLE.md).
+/// Writable view of caller-owned output storage. Never stored as a member: when the argument
+/// needed a conversion, the Ref points at a temporary that is gone by the next call.
 template <class T>
 using MatrixMut = Eigen::Ref<RowMatrix<T>>;
 

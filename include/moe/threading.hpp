@@ -70,7 +70,7 @@ class FunctionRef<R(Args...)> {
 /// unspecified order, and returns after every call finished. `worker` is in [0, num_workers()); two
 /// calls of the same run() that execute concurrently always get different workers, so per-worker
 /// scratch (owned by the caller, e.g. in its workspace) needs no lock. Tasks must not throw:
-/// validate before the parallel region (STYLE.md). run() never allocates.
+/// validate before the parallel region. run() never allocates.
 class Executor {
  public:
   virtual ~Executor() = default;
@@ -181,7 +181,7 @@ class ThreadPool final : public Executor {
 
   /// Spin iterations used when the constructor is not told otherwise: none. A 2000-pause spin did
   /// not measurably shorten runs of 2 x 2 us tasks on the shared 2-core machine, and spinning
-  /// threads take the core from others there (PERFORMANCE.md).
+  /// threads take the core from others there.
   static constexpr Index kDefaultSpinIterations = 0;
 
  private:

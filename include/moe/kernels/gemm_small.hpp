@@ -1,7 +1,7 @@
 // moe: the small-batch product Y = X * W^T for experts that received few rows.
 //
 // With n (rows of X) small, the product is bound by reading W from memory: Eigen's and BLAS's GEMM
-// pack W on every call, which costs as much as the product itself (PERFORMANCE.md). These kernels
+// pack W on every call, which costs as much as the product itself (docs/benchmarks.md). These kernels
 // instead stream every row of W once and, while it is in registers, take its dot product with all
 // n rows of X (a multi-row GEMV).
 #pragma once
