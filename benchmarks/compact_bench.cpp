@@ -22,7 +22,8 @@
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
 
-#include "moe/compact.hpp"
+#include "moe/experts/compact_expert_stack.hpp"
+#include "moe/experts/compact_matrix.hpp"
 #include "moe/kernels/gemm_compact.hpp"
 #include "moe/kernels/gemm_small.hpp"
 #include "moe/tensor.hpp"
@@ -136,7 +137,7 @@ void bm_compact(benchmark::State& state, Index n_arg, Index out_arg, Index in_ar
   benchmark::DoNotOptimize(n);
   benchmark::DoNotOptimize(out);
   benchmark::DoNotOptimize(in);
-  const bool small = n <= moe::kernels::gemm_compact_small_rows;
+  const bool small = n <= moe::kernels::small_batch_rows;
   const Sets<Format>& w = sets<Format>(out, in, small);
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
@@ -158,10 +159,10 @@ void bm_compact(benchmark::State& state, Index n_arg, Index out_arg, Index in_ar
     } else {
       const auto& wm = w.views[std::size_t(set)];
       if (small) {
-        moe::kernels::gemm_compact_nt(x.data(), n, in, wm, 0, out, y.data(), out);
+        moe::kernels::gemm_compact_nt(x.data(), n, in, wm.kernel_view(), 0, out, y.data(), out);
       } else {
-        moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, wm, 0, out, y.data(), out,
-                                              scratch.data(), Index(scratch.size()));
+        moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, wm.kernel_view(), 0, out, y.data(),
+                                              out, scratch.data(), Index(scratch.size()));
       }
     }
     benchmark::DoNotOptimize(y.data());

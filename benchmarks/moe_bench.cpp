@@ -168,7 +168,7 @@ const moe::Executor& executor(Index threads) {
 
 void set_label(benchmark::State& state) {
   state.SetLabel(std::string(Eigen::SimdInstructionSetsInUse()) +
-                 ", small_batch_rows=" + std::to_string(moe::detail::small_batch_rows));
+                 ", small_batch_rows=" + std::to_string(moe::kernels::small_batch_rows));
 }
 
 // One dense SwiGLU FFN on x through the same task decomposition as the block's experts; the

@@ -2,7 +2,7 @@
 // only while `counting` is set (this file is linked into the single test executable, so every
 // other test allocates as usual). Counts allocations on every thread, pool workers included.
 //
-// Decode (1 token) and small batches (<= detail::small_batch_rows rows per expert) must allocate
+// Decode (1 token) and small batches (<= kernels::small_batch_rows rows per expert) must allocate
 // nothing, serially and on a ThreadPool. Larger batches run Eigen's blocked GEMM, which allocates
 // its packing buffers with std::malloc (not operator new) once they exceed
 // EIGEN_STACK_ALLOCATION_LIMIT (128 KiB): on glibc without a sanitizer, malloc itself is
@@ -185,7 +185,7 @@ TEST(Allocation, DecodeAndSmallBatchesAllocateNothing) {
     const SparseMoeBlock<float> block(c, test::random_weights<float>(c, rng));
     // At most 16 tokens: no expert can receive more than small_batch_rows rows.
     for (Index tokens : {1, 2, 8, 16}) {
-      ASSERT_LE(tokens, detail::small_batch_rows);
+      ASSERT_LE(tokens, kernels::small_batch_rows);
       for (bool training : {false, true}) {
         for (const Executor* ex : {&serial_executor(), static_cast<const Executor*>(&pool)}) {
           const Counts n = allocations_of_forward(block, tokens, *ex, training);
@@ -221,6 +221,88 @@ TEST(Allocation, LargeBatchesOnlyEigenPacking) {
     EXPECT_LE(serial.mallocs, 2 * 5 * c.num_experts);
     EXPECT_LE(pooled.mallocs, 2 * 5 * c.num_experts);
   }
+}
+
+// Workspace::reserve sizes a cold workspace once: every forward of at most that many tokens then
+// allocates nothing of ours, from the first call on (no warm-up), serially and on a pool, with a
+// shared expert and in training mode. Without reserve the first call allocates (the control).
+TEST(Allocation, NothingAfterReserve) {
+  std::mt19937_64 rng(3);
+  ThreadPool pool(2);
+  for (Index shared : {Index(0), Index(96)}) {
+    const MoeConfig c = config(shared);
+    const SparseMoeBlock<float> block(c, test::random_weights<float>(c, rng));
+    for (bool training : {false, true}) {
+      for (const Executor* ex : {&serial_executor(), static_cast<const Executor*>(&pool)}) {
+        const Index max_tokens = 129;
+        Workspace<float> ws;
+        ws.set_training(training);
+        ws.reserve(c, max_tokens, ex->num_workers());
+        const std::size_t reserved = ws.bytes();
+        for (Index tokens : {max_tokens, Index(1), Index(7), Index(31), max_tokens}) {
+          const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+          RowMatrix<float> y(tokens, c.d_model);
+          long news = 0;
+          {
+            AllocationCounter counter;
+            block.forward(x, y, ws, *ex);
+            news = counter.count();
+          }
+          EXPECT_EQ(news, 0) << tokens << " tokens, workers " << ex->num_workers() << ", shared "
+                             << shared << ", training " << training;
+        }
+        EXPECT_EQ(ws.bytes(), reserved) << "the forwards grew the reserved workspace";
+        Workspace<float> cold;
+        cold.set_training(training);
+        const RowMatrix<float> x = test::random_matrix<float>(max_tokens, c.d_model, rng);
+        RowMatrix<float> y(max_tokens, c.d_model);
+        AllocationCounter counter;
+        block.forward(x, y, cold, *ex);
+        EXPECT_GT(counter.count(), 0) << "control: a cold workspace must allocate";
+      }
+    }
+  }
+}
+
+// SparseMoeBlock::reserve knows the gating's slots and the storage's decode scratch: expert
+// choice (slots = num_experts) and compact prefill (per-worker decoded tiles) included.
+TEST(Allocation, NothingAfterBlockReserve) {
+  std::mt19937_64 rng(4);
+  ThreadPool pool(2);
+  const MoeConfig c = config(64);
+  const SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<Fp8E4M3>> compact(
+      c, test::random_weights<float>(c, rng));
+  const SparseMoeBlock<float, gating::ExpertChoice> choice(c, test::random_weights<float>(c, rng));
+  for (const Executor* ex : {&serial_executor(), static_cast<const Executor*>(&pool)}) {
+    Workspace<float> ws_compact, ws_choice;
+    compact.reserve(ws_compact, 200, ex->num_workers());
+    choice.reserve(ws_choice, 200, ex->num_workers());
+    for (Index tokens : {Index(200), Index(1), Index(31)}) {
+      const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+      RowMatrix<float> y(tokens, c.d_model);
+      long news_compact = 0, news_choice = 0;
+      {
+        AllocationCounter counter;
+        compact.forward(x, y, ws_compact, *ex);
+        news_compact = counter.count();
+      }
+      {
+        AllocationCounter counter;
+        choice.forward(x, y, ws_choice, *ex);
+        news_choice = counter.count();
+      }
+      EXPECT_EQ(news_compact, 0) << tokens << " tokens, workers " << ex->num_workers();
+      EXPECT_EQ(news_choice, 0) << tokens << " tokens, workers " << ex->num_workers();
+    }
+  }
+}
+
+TEST(Allocation, ReserveRejectsBadArguments) {
+  Workspace<float> ws;
+  test::expect_error<config_error>([&] { ws.reserve(config(), -1); },
+                                   "moe: reserve: max_tokens = -1 must be >= 0");
+  test::expect_error<config_error>([&] { ws.reserve(config(), 4, 0); },
+                                   "moe: reserve: num_workers = 0 must be >= 1");
 }
 
 }  // namespace

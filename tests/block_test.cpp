@@ -221,6 +221,42 @@ TEST(Block, WorkspaceIsReusedAcrossBatchSizes) {
   }
 }
 
+// The allocating first-use overload is the workspace overload on a fresh workspace, bitwise; the
+// float defaults (Mixtral gating, SwiGLU, native storage) need no template argument but T.
+TEST(Block, AllocatingForwardEqualsWorkspaceForward) {
+  std::mt19937_64 rng(10);
+  const MoeConfig c = small_config();
+  const SparseMoeBlock<float> block(c, random_weights<float>(c, rng));
+  static_assert(std::is_same_v<SparseMoeBlock<float>::GatingPolicy, gating::Mixtral>);
+  static_assert(std::is_same_v<SparseMoeBlock<float>::FfnKind, SwiGLU>);
+  static_assert(std::is_same_v<SparseMoeBlock<float>::ExpertStorage, NativeExperts>);
+  for (Index n : {1, 7, 31, 129}) {
+    const RowMatrix<float> x = random_matrix<float>(n, c.d_model, rng);
+    const RowMatrix<float> y = block.forward(x);
+    RowMatrix<float> expected(n, c.d_model);
+    Workspace<float> ws;
+    block.forward(x, expected, ws);
+    ASSERT_EQ(y.rows(), n);
+    EXPECT_EQ(y, expected) << n << " tokens";
+  }
+  const RowMatrix<float> wrong = random_matrix<float>(3, c.d_model + 1, rng);
+  expect_error<shape_error>([&] { (void)block.forward(wrong); },
+                            "moe: x has shape [3 x 17], expected [3 x 16]");
+}
+
+// y may be a block of rows of a larger row-major matrix (an Eigen expression, not only a Ref).
+TEST(Block, OutputMayBeABlockOfRows) {
+  std::mt19937_64 rng(11);
+  const MoeConfig c = small_config();
+  const SparseMoeBlock<float> block(c, random_weights<float>(c, rng));
+  const RowMatrix<float> x = random_matrix<float>(5, c.d_model, rng);
+  RowMatrix<float> big = RowMatrix<float>::Zero(9, c.d_model);
+  Workspace<float> ws;
+  block.forward(x, big.middleRows(2, 5), ws);
+  EXPECT_EQ(RowMatrix<float>(big.middleRows(2, 5)), block.forward(x));
+  EXPECT_EQ(big.topRows(2).cwiseAbs().maxCoeff(), 0.0f);
+}
+
 TEST(Config, InvalidSizesAreRejected) {
   MoeConfig c = small_config();
   c.top_k = 0;

@@ -170,17 +170,17 @@ TYPED_TEST(CompactBlock, WorkspaceStopsGrowing) {
     Workspace<float> ws;
     block.forward(x, y, ws, pool);
     if (tokens <= 8) {
-      EXPECT_EQ(ws.compact_scratch_.bytes(), 0u);
+      EXPECT_EQ(moe::detail::WorkspaceAccess::compact_scratch(ws).bytes(), 0u);
     }
     if (tokens == 200) {
-      EXPECT_GE(ws.compact_scratch_.bytes(),
+      EXPECT_GE(moe::detail::WorkspaceAccess::compact_scratch(ws).bytes(),
                 std::size_t(pool.num_workers() * 256 * c.d_ff) * sizeof(float));
     }
     const std::size_t warm = ws.bytes();
-    const float* hidden = ws.hidden_.ensure(0);
+    const float* hidden = moe::detail::WorkspaceAccess::hidden(ws).ensure(0);
     for (int i = 0; i < 3; ++i) block.forward(x, y, ws, pool);
     EXPECT_EQ(ws.bytes(), warm);
-    EXPECT_EQ(ws.hidden_.ensure(0), hidden);
+    EXPECT_EQ(moe::detail::WorkspaceAccess::hidden(ws).ensure(0), hidden);
   }
 }
 

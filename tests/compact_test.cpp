@@ -1,8 +1,6 @@
 // Tests of compact weight formats (moe/compact.hpp) and their kernels
 // (moe/kernels/gemm_compact.hpp): exact round trips, SIMD == scalar bit for bit, accuracy.
 
-#include "moe/compact.hpp"
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "moe/experts/compact_expert_stack.hpp"
+#include "moe/experts/compact_matrix.hpp"
 #include "moe/kernels/gemm_compact.hpp"
 
 namespace {
@@ -234,9 +234,9 @@ void check_simd_equals_scalar(const CompactMatrix<Format>& w, Index n, const std
   std::vector<float> y1(std::size_t(n * ldy), -7.0f), y2(y1);
   // Every column range: whole, and a split at an unaligned boundary.
   const Index split = out / 3;
-  moe::kernels::gemm_compact_nt(x.data(), n, ldx, w, 0, split, y1.data(), ldy);
-  moe::kernels::gemm_compact_nt(x.data(), n, ldx, w, split, out, y1.data(), ldy);
-  moe::kernels::gemm_compact_nt_scalar(x.data(), n, ldx, w, 0, out, y2.data(), ldy);
+  moe::kernels::gemm_compact_nt(x.data(), n, ldx, w.kernel_view(), 0, split, y1.data(), ldy);
+  moe::kernels::gemm_compact_nt(x.data(), n, ldx, w.kernel_view(), split, out, y1.data(), ldy);
+  moe::kernels::gemm_compact_nt_scalar(x.data(), n, ldx, w.kernel_view(), 0, out, y2.data(), ldy);
   for (Index r = 0; r < n; ++r) {
     for (Index o = 0; o < ldy; ++o) {
       const float a = y1[std::size_t(r * ldy + o)], b = y2[std::size_t(r * ldy + o)];
@@ -290,7 +290,7 @@ TEST(CompactKernel, Fp8GeneralPathNanCodesAndLargeScales) {
   for (Index n : {1, 5}) check_simd_equals_scalar(v, n, "fp8 NaN codes");
   std::vector<float> y(33);
   std::vector<float> x(129, 1.0f);
-  moe::kernels::gemm_compact_nt(x.data(), 1, 129, v, 0, 33, y.data(), 33);
+  moe::kernels::gemm_compact_nt(x.data(), 1, 129, v.kernel_view(), 0, 33, y.data(), 33);
   for (Index o = 0; o < 33; ++o) {
     bool has_nan = false;
     for (Index i = 0; i < 129; ++i) has_nan |= (codes[std::size_t(o * 129 + i)] & 0x7f) == 0x7f;
@@ -319,10 +319,10 @@ double measured_nmse(Index n, bool prefill) {
   RowMatrix<float> y(n, out);
   if (prefill) {
     std::vector<float> scratch(std::size_t(moe::kernels::gemm_compact_scratch_floats(in)));
-    moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, c, 0, out, y.data(), out, scratch.data(),
-                                          Index(scratch.size()));
+    moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, c.kernel_view(), 0, out, y.data(), out,
+                                          scratch.data(), Index(scratch.size()));
   } else {
-    moe::kernels::gemm_compact_nt(x.data(), n, in, c, 0, out, y.data(), out);
+    moe::kernels::gemm_compact_nt(x.data(), n, in, c.kernel_view(), 0, out, y.data(), out);
   }
   return nmse(ref, y);
 }
@@ -354,12 +354,13 @@ TYPED_TEST(CompactKernel, PrefillMatchesDequantisedProduct) {
   // A scratch of 100 rows: tiles of 100, 100, 100 (the last partial for out_begin 7).
   std::vector<float> scratch(std::size_t(100 * in));
   RowMatrix<float> y = RowMatrix<float>::Constant(n, out, -5.0f);
-  moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, c, 7, out, y.data(), out, scratch.data(),
-                                        Index(scratch.size()));
+  moe::kernels::gemm_compact_nt_prefill(x.data(), n, in, c.kernel_view(), 7, out, y.data(), out,
+                                        scratch.data(), Index(scratch.size()));
   EXPECT_EQ(y(0, 6), -5.0f);
   EXPECT_LE(nmse(ref.rightCols(out - 7), y.rightCols(out - 7)), 1e-12);
   RowMatrix<float> ys(n, out);
-  moe::kernels::gemm_compact_nt_auto(x.data(), 3, in, c, 0, out, ys.data(), out, nullptr, 0);
+  moe::kernels::gemm_compact_nt_auto(x.data(), 3, in, c.kernel_view(), 0, out, ys.data(), out,
+                                     nullptr, 0);
   EXPECT_LE(nmse(ref.topRows(3), ys.topRows(3)), 1e-12);
 }
 

@@ -139,7 +139,9 @@ TEST(Determinism, ExpertOutputsAreSummedInSlotOrder) {
     for (Index j = 0; j < plan.slots; ++j) {
       const Index r = plan.slot_row[static_cast<std::size_t>(t * plan.slots + j)];
       ASSERT_GE(r, 0);
-      sum += weights(t, j) * ConstMap<float>(ws.y_rows_.data() + r * c.d_model, 1, c.d_model);
+      sum += weights(t, j) *
+             ConstMap<float>(moe::detail::WorkspaceAccess::y_rows(ws).data() + r * c.d_model, 1,
+                             c.d_model);
     }
     EXPECT_TRUE(bitwise_equal(sum, y.row(t))) << "token " << t;
   }

@@ -1,4 +1,4 @@
-// The block's fast path (small-batch kernel below detail::small_batch_rows rows per expert,
+// The block's fast path (small-batch kernel below kernels::small_batch_rows rows per expert,
 // Eigen's GEMM above, (expert, column-block) tasks) against a plain per-token computation in
 // double, over awkward sizes and row counts on both sides of the threshold; bitwise equality of
 // every executor with the serial one; the workspace contract read by the backward pass.
@@ -189,10 +189,10 @@ TYPED_TEST(FastPath, TrainingWorkspaceContract) {
     const DispatchPlan& plan = train.plan();
     const auto& w = block.weights().experts;
     const Index N = plan.num_rows, d = c.d_model, f = c.d_ff, in = 2 * f;
-    const ConstMap<T> x_rows(train.x_rows_.data(), N, d);
-    const ConstMap<T> hidden(train.hidden_.data(), N, in);
-    const ConstMap<T> act(train.act_.data(), N, f);
-    const ConstMap<T> y_rows(train.y_rows_.data(), N, d);
+    const ConstMap<T> x_rows(moe::detail::WorkspaceAccess::x_rows(train).data(), N, d);
+    const ConstMap<T> hidden(moe::detail::WorkspaceAccess::hidden(train).data(), N, in);
+    const ConstMap<T> act(moe::detail::WorkspaceAccess::act(train).data(), N, f);
+    const ConstMap<T> y_rows(moe::detail::WorkspaceAccess::y_rows(train).data(), N, d);
     for (Index e = 0; e < c.num_experts; ++e) {
       for (Index r = plan.offsets[std::size_t(e)]; r < plan.offsets[std::size_t(e) + 1]; ++r) {
         EXPECT_EQ(x_rows.row(r), x.row(plan.row_token[std::size_t(r)]));
@@ -210,16 +210,19 @@ TYPED_TEST(FastPath, TrainingWorkspaceContract) {
       }
     }
     const auto& sw = block.weights().shared;
-    const ConstMap<T> s_hidden(train.shared_hidden_.data(), n, 2 * s.shared_d_ff);
-    const ConstMap<T> s_act(train.shared_act_.data(), n, s.shared_d_ff);
-    const ConstMap<T> s_y(train.shared_y_.data(), n, d);
+    const ConstMap<T> s_hidden(moe::detail::WorkspaceAccess::shared_hidden(train).data(), n,
+                               2 * s.shared_d_ff);
+    const ConstMap<T> s_act(moe::detail::WorkspaceAccess::shared_act(train).data(), n,
+                            s.shared_d_ff);
+    const ConstMap<T> s_y(moe::detail::WorkspaceAccess::shared_y(train).data(), n, d);
     const RowMatrix<T> sh = x * sw.w_in(0).transpose();
     EXPECT_LT((s_hidden - sh).cwiseAbs().maxCoeff(), 100 * tolerance<T>());
     const RowMatrix<T> sy = s_act * sw.w_out(0).transpose();
     EXPECT_LT((s_y - sy).cwiseAbs().maxCoeff(), 100 * tolerance<T>());
     for (Index t = 0; t < n; ++t) {
       const T z = x.row(t).dot(block.weights().shared_gate.row(0));
-      EXPECT_NEAR(train.shared_gate_.data()[t], T(1) / (T(1) + std::exp(-z)), 1e-6);
+      EXPECT_NEAR(moe::detail::WorkspaceAccess::shared_gate(train).data()[t],
+                  T(1) / (T(1) + std::exp(-z)), 1e-6);
     }
   }
 }
@@ -239,8 +242,8 @@ TEST(FastPath, BatchInvarianceAcrossTheThreshold) {
   block.forward(x, y, ws);
   for (Index e = 0; e < c.num_experts; ++e) {
     const Index rows = ws.plan().counts[std::size_t(e)];
-    ASSERT_FALSE(detail::use_stream<float>(rows, c.d_model));
-    ASSERT_FALSE(detail::use_stream<float>(rows, c.d_ff));
+    ASSERT_FALSE(use_stream<float>(rows, c.d_model));
+    ASSERT_FALSE(use_stream<float>(rows, c.d_ff));
   }
   double max_rel = 0, sum_sq = 0, ref_sq = 0;
   for (Index t = 0; t < 128; ++t) {

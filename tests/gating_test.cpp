@@ -227,7 +227,7 @@ void expect_matches_reference(const Problem& p, const typename Gating::Options& 
   const Index T_ = p.tokens, E = p.config.num_experts;
   std::vector<double> draws;
   if (noise && training) {
-    const auto* d = ws.noise_.data() + T_ * E;
+    const auto* d = moe::detail::WorkspaceAccess::noise(ws).data() + T_ * E;
     draws.assign(d, d + T_ * E);
   }
   const ref::Result r = ref::forward(rc, p.ref_weights(bias, noise), Problem::flat(p.x),

@@ -10,6 +10,12 @@
 
 namespace moe::test {
 
+/// Every test binary that includes this header makes MOE_ASSERT throw moe::error instead of
+/// aborting (the library default), so a broken invariant fails one test rather than the run.
+/// An inline variable: initialised once per program, before main.
+inline const detail::assert_handler previous_assert_handler =
+    set_assert_handler(&detail::throwing_assert_handler);
+
 /// N(0, scale^2) matrix from a seeded generator (never Matrix::Random: not seedable).
 template <class T>
 RowMatrix<T> random_matrix(Index rows, Index cols, std::mt19937_64& rng, double scale = 1.0) {

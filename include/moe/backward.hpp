@@ -460,7 +460,7 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   S* dweights = bws.dweights_.ensure(num_tokens * slots);
   T* d_rows = bws.d_rows_.ensure(N * d);
   T* dh = bws.dh_.ensure(N * in);
-  const T* y_rows = ws.y_rows_.data();
+  const T* y_rows = detail::WorkspaceAccess::y_rows(ws).data();
   for (Index t = 0; t < num_tokens; ++t) {
     for (Index j = 0; j < slots; ++j) {
       const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
@@ -484,24 +484,25 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
     if (task < E) {
       const Index b = plan.offsets[static_cast<std::size_t>(task)];
       const Index n = plan.counts[static_cast<std::size_t>(task)];
-      detail::ffn_backward_rows<Ffn, T>(ex.w_in(task), ex.w_out(task), grads.experts.w_in(task),
-                                        grads.experts.w_out(task), ws.x_rows_.data() + b * d, d,
-                                        ws.hidden_.data() + b * in, ws.act_.data() + b * f, f, n,
-                                        dh + b * in, d_rows + b * d);
+      detail::ffn_backward_rows<Ffn, T>(
+          ex.w_in(task), ex.w_out(task), grads.experts.w_in(task), grads.experts.w_out(task),
+          detail::WorkspaceAccess::x_rows(ws).data() + b * d, d,
+          detail::WorkspaceAccess::hidden(ws).data() + b * in,
+          detail::WorkspaceAccess::act(ws).data() + b * f, f, n, dh + b * in, d_rows + b * d);
       return;
     }
-    const T* s_y = ws.shared_y_.data();
-    const T* s_gate = ws.shared_gate_.data();
+    const T* s_y = detail::WorkspaceAccess::shared_y(ws).data();
+    const T* s_gate = detail::WorkspaceAccess::shared_gate(ws).data();
     for (Index t = 0; t < num_tokens; ++t) {
       const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
       const T g = s_gate[t];
       dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
       MutMap<T>(ds_y + t * d, 1, d) = g * dy.row(t);
     }
-    detail::ffn_backward_rows<Ffn, T>(W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0),
-                                      grads.shared.w_out(0), x.data(), x.outerStride(),
-                                      ws.shared_hidden_.data(), ws.shared_act_.data(), fs,
-                                      num_tokens, ds_h, ds_y);
+    detail::ffn_backward_rows<Ffn, T>(
+        W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0), grads.shared.w_out(0), x.data(),
+        x.outerStride(), detail::WorkspaceAccess::shared_hidden(ws).data(),
+        detail::WorkspaceAccess::shared_act(ws).data(), fs, num_tokens, ds_h, ds_y);
   });
 
   // ---- routing: weights -> logits, plus the auxiliary losses -----------------------------
@@ -513,7 +514,8 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
     std::fill(dnoise, dnoise + num_tokens * E, S(0));
   }
   const detail::GatingBackward<S> gb{
-      config, routing, dweights, dlogits, dnoise, Gating::uses_noise ? ws.noise_.data() : nullptr};
+      config,  routing, dweights,
+      dlogits, dnoise,  Gating::uses_noise ? detail::WorkspaceAccess::noise(ws).data() : nullptr};
   if constexpr (Gating::uses_noise) {
     detail::noisy_losses(block.gating(), gb, dweights, coeffs, values,
                          bws.aux_.ensure(6 * num_tokens * E));

@@ -2,15 +2,16 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "moe/activations.hpp"
-#include "moe/compact.hpp"
 #include "moe/config.hpp"
+#include "moe/dispatch.hpp"
 #include "moe/error.hpp"
-#include "moe/expert.hpp"
+#include "moe/experts/grouped.hpp"
+#include "moe/experts/storage.hpp"
 #include "moe/gating.hpp"
-#include "moe/kernels/gemm_compact.hpp"
 #include "moe/kernels/topk.hpp"
 #include "moe/router.hpp"
 #include "moe/routing.hpp"
@@ -20,44 +21,6 @@
 #include "moe/workspace.hpp"
 
 namespace moe {
-
-/// Storage policy of a block's routed experts: the block's own scalar T (ExpertStack<T>, the
-/// default; the only policy that supports training / block_backward).
-struct NativeExperts {};
-
-/// Storage policy of a block's routed experts: compact weights (CompactExpertStack<Format>,
-/// Format = Bf16, Int8 or Fp8E4M3; moe/compact.hpp), for float blocks. The router, the routing
-/// weights, the shared expert, activations and accumulation stay fp32. Inference only:
-/// block_backward does not accept such a block (it does not compile).
-template <class Format>
-struct CompactExperts {
-  using format = Format;
-};
-
-namespace detail {
-
-struct NoCompactStack {};
-
-template <class Storage>
-struct expert_storage {
-  static_assert(std::is_same_v<Storage, NativeExperts>,
-                "moe: expert storage must be NativeExperts or CompactExperts<Format>");
-  static constexpr bool compact = false;
-  using format = void;
-  using stack = NoCompactStack;
-};
-
-template <class Format>
-struct expert_storage<CompactExperts<Format>> {
-  static_assert(std::is_same_v<Format, Bf16> || std::is_same_v<Format, Int8> ||
-                    std::is_same_v<Format, Fp8E4M3>,
-                "moe: CompactExperts<Format> needs Format = Bf16, Int8 or Fp8E4M3");
-  static constexpr bool compact = true;
-  using format = Format;
-  using stack = CompactExpertStack<Format>;
-};
-
-}  // namespace detail
 
 /// A sparse MoE layer (HF MixtralSparseMoeBlock and its relatives).
 ///
@@ -71,7 +34,7 @@ struct expert_storage<CompactExperts<Format>> {
 ///
 /// forward() groups the tokens of each expert into one contiguous matrix (counting sort), runs
 /// every expert as (expert, column-block) tasks through the executor (experts with at most
-/// detail::small_batch_rows rows on the streaming small-batch kernel, larger ones on Eigen's
+/// kernels::small_batch_rows rows on the streaming small-batch kernel, larger ones on Eigen's
 /// GEMM), and scatters back weighted. The sum over a token's k
 /// experts is taken in slot order (descending weight), then the shared expert is added: the same
 /// order for every batch size and thread count, so results are deterministic.
@@ -83,8 +46,16 @@ template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU,
 class SparseMoeBlock {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "moe: SparseMoeBlock supports float and double");
-  using StorageTraits = detail::expert_storage<Storage>;
-  static_assert(!StorageTraits::compact || std::is_same_v<T, float>,
+  static_assert(!is_storage_policy_v<Ffn>,
+                "moe: SparseMoeBlock<T, Gating, Ffn, Storage>: the third argument (Ffn) is a "
+                "storage policy; write SparseMoeBlock<T, Gating, SwiGLU, CompactExperts<...>>");
+  static_assert(is_ffn_kind_v<Ffn>,
+                "moe: SparseMoeBlock<T, Gating, Ffn, Storage>: the third argument (Ffn) must be an "
+                "FFN kind (SwiGLU, GeGLU, ReluMlp, Gated<A>, Plain<A>)");
+  static_assert(is_storage_policy_v<Storage>,
+                "moe: SparseMoeBlock<T, Gating, Ffn, Storage>: the fourth argument (Storage) must "
+                "be NativeExperts or CompactExperts<Format>");
+  static_assert(!Storage::compact || std::is_same_v<T, float>,
                 "moe: compact expert storage needs a float block");
 
  public:
@@ -94,9 +65,11 @@ class SparseMoeBlock {
   using FfnKind = Ffn;
   using ExpertStorage = Storage;
   /// True when the routed experts are stored compact (CompactExperts<Format>).
-  static constexpr bool compact = StorageTraits::compact;
+  static constexpr bool compact = Storage::compact;
+  /// The routed experts' stack: ExpertStack<T> (NativeExperts) or CompactExpertStack<Format>.
+  using ExpertStackType = typename Storage::template stack<T>;
   /// CompactExpertStack<Format> for compact storage (else an empty placeholder type).
-  using CompactStack = typename StorageTraits::stack;
+  using CompactStack = std::conditional_t<compact, ExpertStackType, detail::NoCompactStack>;
   using Options = typename Gating::Options;
 
   /// Validates config, gating options and every weight shape (config_error / shape_error /
@@ -170,22 +143,59 @@ class SparseMoeBlock {
   const Gating& gating() const { return router_.gating(); }
 
   /// y = MoE(x). x: [num_tokens x d_model] row-major (a column-major argument does not compile:
-  /// it would be copied silently); y: caller-owned [num_tokens x d_model]. The routing of the call
-  /// is left in ws (ws.routing(), ws.plan(), ws.stats()).
+  /// it would be copied silently); y: caller-owned [num_tokens x d_model], row-major (a Matrix,
+  /// a Map or a block of rows of one; column-major does not compile). The routing of the call is
+  /// left in ws (ws.routing(), ws.plan(), ws.stats()). No allocation of ours once ws is warm or
+  /// reserved (reserve()).
   ///
   /// Non-finite values in a token's input make that token's output non-finite; the routing of the
   /// other tokens and their outputs are unaffected, and every expert index stays in range.
   /// Throws shape_error on a shape mismatch, before any work.
-  template <class XDerived>
-  void forward(const Eigen::DenseBase<XDerived>& x, MatrixMut<T> y, Workspace<T>& ws,
+  template <class XDerived, class Y>
+  void forward(const Eigen::DenseBase<XDerived>& x, Y&& y, Workspace<T>& ws,
                const Executor& executor = serial_executor()) const {
     static_assert(is_row_major_v<XDerived>,
                   "moe: x must be row-major [num_tokens x d_model] (moe::RowMatrix<T>)");
     static_assert(std::is_same_v<typename XDerived::Scalar, T>, "moe: x has the wrong scalar");
-    forward_impl(MatrixRef<T>(x.derived()), y, ws, executor);
+    using YType = std::remove_cv_t<std::remove_reference_t<Y>>;
+    static_assert(std::is_base_of_v<Eigen::DenseBase<YType>, YType>,
+                  "moe: y must be an Eigen matrix [num_tokens x d_model] (moe::RowMatrix<T>)");
+    if constexpr (std::is_base_of_v<Eigen::DenseBase<YType>, YType>) {
+      static_assert(is_row_major_v<YType>,
+                    "moe: y must be row-major [num_tokens x d_model] (moe::RowMatrix<T>)");
+      static_assert(std::is_same_v<typename YType::Scalar, T>, "moe: y has the wrong scalar");
+      if constexpr (is_row_major_v<YType> && std::is_same_v<typename YType::Scalar, T>) {
+        forward_impl(MatrixRef<T>(x.derived()), MatrixMut<T>(y), ws, executor);
+      }
+    }
+  }
+
+  /// y = MoE(x), allocating: returns a new [num_tokens x d_model] matrix, computed serially with
+  /// a workspace of its own (the first-use convenience; servers call the overload above with a
+  /// reused workspace). x as above. Throws shape_error.
+  template <class XDerived>
+  RowMatrix<T> forward(const Eigen::DenseBase<XDerived>& x) const {
+    RowMatrix<T> y(x.rows(), config_.d_model);
+    Workspace<T> ws;
+    forward(x, y, ws);
+    return y;
+  }
+
+  /// Sizes ws for forward calls of up to max_tokens tokens on up to num_workers executor
+  /// workers, for this block's gating (its slots per token) and expert storage (the compact
+  /// decode scratch): such calls then allocate nothing of ours (Eigen's GEMM aside). In training
+  /// mode (ws.set_training(true) first) the training buffers too. Throws config_error on
+  /// max_tokens < 0 or num_workers < 1.
+  void reserve(Workspace<T>& ws, Index max_tokens, Index num_workers = 1) const {
+    detail::WorkspaceAccess::reserve(ws, config_, max_tokens, num_workers,
+                                     router_.gating().slots(config_),
+                                     decode_scratch_floats(experts(), max_tokens));
   }
 
  private:
+  using Access = detail::WorkspaceAccess;
+
+  // route -> plan -> gather -> experts (+ shared expert) -> combine.
   void forward_impl(const MatrixRef<T>& x, MatrixMut<T> y, Workspace<T>& ws,
                     const Executor& executor) const {
     const Index num_tokens = x.rows(), d = config_.d_model;
@@ -193,118 +203,80 @@ class SparseMoeBlock {
     detail::check_shape("y", y.rows(), y.cols(), num_tokens, d);
 
     router_.route(config_, x, weights_, ws);
-    ws.plan_.build(ws.routing_);
-    ws.stats_.compute(ws.routing_, ws.plan_);
+    DispatchPlan& plan = Access::plan(ws);
+    plan.build(Access::routing(ws));
+    Access::stats(ws).compute(Access::routing(ws), plan);
     if (num_tokens == 0) return;
 
-    const DispatchPlan& plan = ws.plan_;
-    const Index N = plan.num_rows, in = experts().in_rows(), f = config_.d_ff;
-    T* x_rows = ws.x_rows_.ensure(N * d);
-    T* hidden = ws.hidden_.ensure(N * in);
-    T* y_rows = ws.y_rows_.ensure(N * d);
-    // Inference applies the activation in place over the gate columns; training keeps the
-    // pre-activation for the backward pass and writes the activations separately.
-    const bool keep = ws.training();
-    T* act = keep ? ws.act_.ensure(N * f) : hidden;
-    const Index ld_act = keep ? f : in;
-
-    const bool has_shared = config_.shared_d_ff > 0;
-    const Index fs = config_.shared_d_ff, in_s = weights_.shared.in_rows();
-    T* s_hidden = has_shared ? ws.shared_hidden_.ensure(num_tokens * in_s) : nullptr;
-    T* s_act = has_shared ? (keep ? ws.shared_act_.ensure(num_tokens * fs) : s_hidden) : nullptr;
-    const Index ld_s_act = keep ? fs : in_s;
-    T* s_y = has_shared ? ws.shared_y_.ensure(num_tokens * d) : nullptr;
-    T* s_gate = has_shared ? ws.shared_gate_.ensure(num_tokens) : nullptr;
-
-    // Gather each expert's rows contiguously (plan row order). A copy of N * d_model values:
-    // cheap next to the products, so it runs on the caller.
-    for (Index r = 0; r < N; ++r) {
-      const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
-      std::copy(src, src + d, x_rows + r * d);
-    }
+    const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
+    gather_rows(x, plan, Access::x_rows(ws).data());
+    const SharedJob shared = shared_job(x, ws);
 
     // Jobs 0..E-1: the routed experts on their gathered rows; job E: the shared expert on the
     // tokens (read in place, strided). Each job runs as (job, column-block) tasks in two phases
     // (input projection + activation, then output projection); see detail::run_ffn_jobs.
-    const Index E = config_.num_experts;
-    const T* shared_in = has_shared ? weights_.shared.w_in(0).data() : nullptr;
-    const T* shared_out = has_shared ? weights_.shared.w_out(0).data() : nullptr;
-    // Compact prefill: per-worker scratch for one decoded 256-row tile of weights.
-    T* scratch = nullptr;
-    Index scratch_stride = 0;
-    if constexpr (compact) {
-      bool prefill = false;
-      for (Index e = 0; e < config_.num_experts; ++e)
-        prefill = prefill || plan.counts[static_cast<std::size_t>(e)] > detail::compact_small_rows;
-      if (prefill) {
-        scratch_stride = kernels::gemm_compact_scratch_floats(std::max(d, f));
-        scratch = ws.compact_scratch_.ensure(executor.num_workers() * scratch_stride);
-      }
-    }
-    auto job_at = [&](Index j) {
-      detail::FfnJob<T, typename StorageTraits::format> job;
-      job.d = d;
-      if (j < E) {
-        const Index begin = plan.offsets[static_cast<std::size_t>(j)];
-        job.x = x_rows + begin * d;
-        job.ldx = d;
-        job.n = plan.counts[static_cast<std::size_t>(j)];
-        if constexpr (compact) {
-          job.c_gate = &experts_.gate(j);
-          if constexpr (Ffn::gated) job.c_up = &experts_.up(j);
-          job.c_out = &experts_.w_out(j);
-          job.scratch = scratch;
-          job.scratch_stride = scratch_stride;
-        } else {
-          job.w_in = weights_.experts.w_in(j).data();
-          job.w_out = weights_.experts.w_out(j).data();
-        }
-        job.f = f;
-        job.in = in;
-        job.hidden = hidden + begin * in;
-        job.act = act + begin * ld_act;
-        job.ld_act = ld_act;
-        job.y = y_rows + begin * d;
-      } else {
-        job.x = x.data();
-        job.ldx = x.outerStride();
-        job.n = num_tokens;
-        job.w_in = shared_in;
-        job.w_out = shared_out;
-        job.f = fs;
-        job.in = in_s;
-        job.hidden = s_hidden;
-        job.act = s_act;
-        job.ld_act = ld_s_act;
-        job.y = s_y;
-      }
-      return job;
-    };
-    const Index num_jobs = E + (has_shared ? 1 : 0);
-    detail::run_ffn_jobs<Ffn, T>(num_jobs, job_at, ws.task_begin_.ensure(num_jobs + 1), executor);
+    const auto& stack = experts();
+    detail::run_ffn_jobs<Ffn>(
+        config_.num_experts, [&](Index e) { return detail::grouped_expert_job(stack, rows, e); },
+        shared.present ? 1 : 0, [&](Index) { return shared.job; },
+        Access::task_begin(ws).ensure(config_.num_experts + 2), executor);
 
-    // Weighted combine, per token in slot order, then the shared expert.
-    const auto weights = ws.routing_.weights();
-    const Index slots = plan.slots;
-    const Index combine_chunk = 32;
-    executor.run((num_tokens + combine_chunk - 1) / combine_chunk, [&](Index task, Index) {
-      const Index t0 = task * combine_chunk, t1 = std::min(num_tokens, t0 + combine_chunk);
-      for (Index t = t0; t < t1; ++t) {
-        auto yr = y.row(t);
-        yr.setZero();
-        for (Index j = 0; j < slots; ++j) {
-          const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-          if (r < 0) continue;
-          yr += static_cast<T>(weights(t, j)) * ConstMap<T>(y_rows + r * d, 1, d);
-        }
-        if (has_shared) {
-          s_gate[t] = config_.shared_expert_gate
-                          ? kernels::sigmoid<T>(x.row(t).dot(weights_.shared_gate.row(0)))
-                          : T(1);
-          yr += s_gate[t] * ConstMap<T>(s_y + t * d, 1, d);
-        }
-      }
-    });
+    const T* s_gate = shared.present ? shared_gates(x, ws) : nullptr;
+    combine_expert_outputs(plan, std::as_const(Access::routing(ws)).weights(), rows.y,
+                           shared.present ? shared.job.y : nullptr, s_gate, y, executor);
+  }
+
+  // The grouped rows of this call in ws: inference applies the activation in place over the
+  // gate columns; training keeps the pre-activation for the backward pass and writes the
+  // activations separately. Compact prefill: per-worker scratch for one decoded weight tile.
+  GroupedRows<T> grouped_rows(const DispatchPlan& plan, Workspace<T>& ws, Index workers) const {
+    const Index N = plan.num_rows, d = config_.d_model, in = experts().in_rows(), f = config_.d_ff;
+    GroupedRows<T> rows;
+    rows.x = Access::x_rows(ws).ensure(N * d);
+    rows.offsets = plan.offsets.data();
+    rows.counts = plan.counts.data();
+    rows.hidden = Access::hidden(ws).ensure(N * in);
+    rows.act = ws.training() ? Access::act(ws).ensure(N * f) : rows.hidden;
+    rows.ld_act = ws.training() ? f : in;
+    rows.y = Access::y_rows(ws).ensure(N * d);
+    const Index max_rows =
+        *std::max_element(plan.counts.begin(), plan.counts.begin() + config_.num_experts);
+    rows.scratch_stride = decode_scratch_floats(experts(), max_rows);
+    if (rows.scratch_stride > 0) {
+      rows.scratch = Access::compact_scratch(ws).ensure(workers * rows.scratch_stride);
+    }
+    return rows;
+  }
+
+  struct SharedJob {
+    bool present = false;
+    detail::FfnJob<T, DenseOperand<T>> job;
+  };
+  // The shared expert (job E) on all tokens of x, in place (strided), buffers in ws.
+  SharedJob shared_job(const MatrixRef<T>& x, Workspace<T>& ws) const {
+    SharedJob s;
+    if (config_.shared_d_ff <= 0) return s;
+    const Index n = x.rows(), fs = config_.shared_d_ff, in_s = weights_.shared.in_rows();
+    T* hidden = Access::shared_hidden(ws).ensure(n * in_s);
+    T* act = ws.training() ? Access::shared_act(ws).ensure(n * fs) : hidden;
+    const Index ld_act = ws.training() ? fs : in_s;
+    T* out = Access::shared_y(ws).ensure(n * config_.d_model);
+    s.present = true;
+    s.job = detail::expert_job(weights_.shared, 0, x.data(), x.outerStride(), n, hidden, act,
+                               ld_act, out);
+    return s;
+  }
+
+  // [T] the shared expert's scale per token (Qwen2-MoE sigmoid gate, else 1), kept in ws for
+  // the backward pass.
+  const T* shared_gates(const MatrixRef<T>& x, Workspace<T>& ws) const {
+    T* s_gate = Access::shared_gate(ws).ensure(x.rows());
+    for (Index t = 0; t < x.rows(); ++t) {
+      s_gate[t] = config_.shared_expert_gate
+                      ? kernels::sigmoid<T>(x.row(t).dot(weights_.shared_gate.row(0)))
+                      : T(1);
+    }
+    return s_gate;
   }
 
   MoeConfig config_;

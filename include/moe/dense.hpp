@@ -3,7 +3,8 @@
 
 #include "moe/activations.hpp"
 #include "moe/error.hpp"
-#include "moe/expert.hpp"
+#include "moe/experts/expert_stack.hpp"
+#include "moe/experts/grouped.hpp"
 #include "moe/tensor.hpp"
 #include "moe/threading.hpp"
 #include "moe/workspace.hpp"
@@ -37,14 +38,14 @@ class DenseFfn {
     detail::check_shape("x", x.rows(), x.cols(), n, d);
     detail::check_shape("y", y.rows(), y.cols(), n, d);
     if (n == 0) return;
-    T* hidden = ws.hidden_.ensure(n * in);
+    T* hidden = detail::WorkspaceAccess::hidden(ws).ensure(n * in);
     // The block's own FFN path (streaming kernel for few rows, GEMM for many), so a one-expert
     // block and the dense FFN compute the same sums. y rows must be contiguous for it.
     if (y.outerStride() == d) {
       detail::ffn_forward<Ffn, T>(weights_, 0, x.data(), x.outerStride(), n, hidden, hidden, in,
                                   y.data(), executor);
     } else {
-      T* out = ws.y_rows_.ensure(n * d);
+      T* out = detail::WorkspaceAccess::y_rows(ws).ensure(n * d);
       detail::ffn_forward<Ffn, T>(weights_, 0, x.data(), x.outerStride(), n, hidden, hidden, in,
                                   out, executor);
       y = ConstMap<T>(out, n, d);

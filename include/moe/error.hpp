@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -65,7 +67,19 @@ inline void check_shape(const char* what, std::ptrdiff_t rows, std::ptrdiff_t co
 /// Handler called by MOE_ASSERT; tests may replace it with one that throws.
 using assert_handler = void (*)(const char* expr, const char* file, int line);
 
+/// The default: prints "moe: internal assertion failed: EXPR at FILE:LINE" on stderr and aborts,
+/// as Eigen's and fmt's asserts do. A broken invariant is a bug, not an input error, and aborting
+/// behaves the same on the caller and on a pool thread (where a throw would call std::terminate).
 [[noreturn]] inline void default_assert_handler(const char* expr, const char* file, int line) {
+  std::fprintf(stderr, "moe: internal assertion failed: %s at %s:%d\n", expr, file, line);
+  std::fflush(stderr);
+  std::abort();
+}
+
+/// A handler that throws moe::error with the same message (for tests: install it with
+/// set_assert_handler(&detail::throwing_assert_handler) to check an assertion with EXPECT_THROW;
+/// only where the assertion fires on the calling thread).
+[[noreturn]] inline void throwing_assert_handler(const char* expr, const char* file, int line) {
   throw error(concat("moe: internal assertion failed: ", expr, " at ", file, ':', line));
 }
 
@@ -76,7 +90,8 @@ inline assert_handler& current_assert_handler() {
 
 }  // namespace detail
 
-/// Replace the handler of MOE_ASSERT (for instance with one that aborts). Returns the previous one.
+/// Replace the handler of MOE_ASSERT (the default aborts; tests install
+/// detail::throwing_assert_handler). Returns the previous one.
 inline detail::assert_handler set_assert_handler(detail::assert_handler handler) {
   detail::assert_handler old = detail::current_assert_handler();
   detail::current_assert_handler() = handler;

@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "moe/error.hpp"
-#include "moe/expert.hpp"
+#include "moe/experts/expert_stack.hpp"
 #include "moe/tensor.hpp"
 #include "moe/weights.hpp"
 

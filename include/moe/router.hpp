@@ -23,23 +23,24 @@ class Router {
 
   const Gating& gating() const { return gating_; }
 
-  /// Routes x [T x d_model] into ws.routing_. Shapes are validated by the caller (the block).
+  /// Routes x [T x d_model] into the workspace's routing. Shapes are validated by the caller (the
+  /// block).
   void route(const MoeConfig& config, const MatrixRef<T>& x, const MoeWeights<T>& weights,
              Workspace<T>& ws) const {
     const Index num_tokens = x.rows(), E = config.num_experts;
-    Routing<RouteS>& routing = ws.routing_;
+    Routing<RouteS>& routing = detail::WorkspaceAccess::routing(ws);
     routing.resize(num_tokens, E, gating_.slots(config));
     if (num_tokens == 0) return;
     logits_nt(x, weights.router, routing.logits().data());
     RouteContext<RouteS> ctx;
     ctx.training = ws.training();
-    ctx.scratch = ws.gating_scratch_.ensure(E);
+    ctx.scratch = detail::WorkspaceAccess::gating_scratch(ws).ensure(E);
     ctx.scratch_size = E;
     if constexpr (Gating::uses_bias) ctx.selection_bias = weights.router_bias.data();
     if constexpr (Gating::uses_noise) {
       if (ws.training()) {
         // noise_ holds [T x E] noise logits, then [T x E] standard normal draws (for backward).
-        RouteS* buffer = ws.noise_.ensure(2 * num_tokens * E);
+        RouteS* buffer = detail::WorkspaceAccess::noise(ws).ensure(2 * num_tokens * E);
         MutMap<RouteS> noise(buffer, num_tokens, E);
         logits_nt(x, weights.router_noise, noise.data());
         ctx.noise_logits = noise.data();

@@ -126,6 +126,17 @@ struct DispatchPlan {
     }
   }
 
+  /// Sizes the buffers for plans of up to max_tokens x max_slots assignments and max_experts
+  /// experts, so build() then allocates nothing (Workspace::reserve).
+  void reserve(Index max_tokens, Index max_experts, Index max_slots) {
+    grow(counts, max_experts);
+    grow(offsets, max_experts + 1);
+    grow(slot_row, max_tokens * max_slots);
+    grow(row_token, max_tokens * max_slots);
+    grow(row_slot, max_tokens * max_slots);
+    grow(fill_, max_experts);
+  }
+
   std::size_t bytes() const {
     return (counts.capacity() + offsets.capacity() + row_token.capacity() + row_slot.capacity() +
             slot_row.capacity() + fill_.capacity()) *

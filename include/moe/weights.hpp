@@ -2,7 +2,7 @@
 #pragma once
 
 #include "moe/config.hpp"
-#include "moe/expert.hpp"
+#include "moe/experts/expert_stack.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {

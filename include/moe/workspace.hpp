@@ -1,13 +1,22 @@
 // moe: the per-thread scratch of a forward (and backward) call.
 #pragma once
 
+#include <algorithm>
 #include <random>
 
+#include "moe/config.hpp"
 #include "moe/detail/buffer.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
+
+template <class T>
+class Workspace;
+
+namespace detail {
+struct WorkspaceAccess;
+}  // namespace detail
 
 /// Every buffer a forward call needs, grow-only: after the first call with the largest batch, a
 /// forward performs no heap allocation of ours. One workspace per calling thread; the block itself
@@ -23,9 +32,13 @@ namespace moe {
 ///   + T * (Is + d_model + 1) with a shared expert
 ///   + (E + 2) indices (the task table of the expert phases)
 ///   + training only: N * d_ff [activations kept for backward] + T * shared d_ff
-///   + compact expert storage, only when an expert gets more than detail::compact_small_rows
+///   + compact expert storage, only when an expert gets more than kernels::small_batch_rows
 ///     (16) rows (prefill): workers * 256 * max(d_model, d_ff) floats (one decoded weight tile
 ///     per executor worker; 3.5 MiB per worker for d_ff 3584, 14 MiB for Mixtral-8x7B).
+///
+/// A server sizes it once with reserve() (or SparseMoeBlock::reserve, which knows the gating and
+/// the storage); forwards of at most that many tokens then allocate nothing of ours. The
+/// buffers are private; library layers reach them through detail::WorkspaceAccess.
 template <class T>
 class Workspace {
  public:
@@ -53,7 +66,60 @@ class Workspace {
            task_begin_.bytes() + compact_scratch_.bytes();
   }
 
-  // Buffers of the forward pass, read by backward(); not part of the stable API.
+  /// Sizes every buffer for forward calls of up to max_tokens tokens through blocks with this
+  /// config, top-k routing (slots = top_k), fp32 experts (gated or plain) and up to num_workers
+  /// executor workers; in training mode (set_training(true) first) the training buffers too.
+  /// After it, such forwards allocate nothing of ours (Eigen's GEMM may still allocate its
+  /// packing buffers above 16 rows per expert). Grow-only: never shrinks. The last call's
+  /// routing is kept. Throws config_error (config.validate()) and on max_tokens < 0 or
+  /// num_workers < 1. For other gatings (expert choice) or compact experts use
+  /// SparseMoeBlock::reserve.
+  void reserve(const MoeConfig& config, Index max_tokens, Index num_workers = 1) {
+    reserve_for(config, max_tokens, num_workers, config.top_k, 0);
+  }
+
+ private:
+  friend struct detail::WorkspaceAccess;
+
+  // slots: routing slots per token (N <= max_tokens * slots); decode_floats: per-worker compact
+  // decode scratch.
+  void reserve_for(const MoeConfig& config, Index max_tokens, Index num_workers, Index slots,
+                   Index decode_floats) {
+    config.validate();
+    if (max_tokens < 0) {
+      throw config_error(
+          detail::concat("moe: reserve: max_tokens = ", max_tokens, " must be >= 0"));
+    }
+    if (num_workers < 1) {
+      throw config_error(
+          detail::concat("moe: reserve: num_workers = ", num_workers, " must be >= 1"));
+    }
+    const Index Tn = max_tokens, E = config.num_experts, d = config.d_model;
+    const Index N = Tn * slots, in = 2 * config.d_ff, in_s = 2 * config.shared_d_ff;
+    const Index kept_tokens = routing_.num_tokens(), kept_experts = routing_.num_experts(),
+                kept_slots = routing_.slots();
+    routing_.resize(Tn, E, slots);
+    routing_.resize(kept_tokens, kept_experts, kept_slots);
+    plan_.reserve(Tn, E, slots);
+    stats_.tokens_per_expert.reserve(static_cast<std::size_t>(E));
+    x_rows_.ensure(N * d);
+    hidden_.ensure(N * in);
+    y_rows_.ensure(N * d);
+    gating_scratch_.ensure(E);
+    task_begin_.ensure(E + 2);
+    if (config.shared_d_ff > 0) {
+      shared_hidden_.ensure(Tn * in_s);
+      shared_y_.ensure(Tn * d);
+      shared_gate_.ensure(Tn);
+    }
+    if (training_) {
+      act_.ensure(N * config.d_ff);
+      noise_.ensure(2 * Tn * E);
+      if (config.shared_d_ff > 0) shared_act_.ensure(Tn * config.shared_d_ff);
+    }
+    if (decode_floats > 0) compact_scratch_.ensure(num_workers * decode_floats);
+  }
+
   Routing<RouteS> routing_;
   DispatchPlan plan_;
   RoutingStats stats_;
@@ -73,9 +139,143 @@ class Workspace {
   /// [workers x 256 max(d_model, d_ff)] decoded weight tiles (compact storage, prefill only)
   detail::GrowBuffer<T> compact_scratch_;
 
- private:
   bool training_ = false;
   std::mt19937_64 rng_{0x5eed};
 };
 
+namespace detail {
+
+/// The one door of library code (block, router, dense FFN, backward, distributed layers) to a
+/// workspace's buffers; tests use it too. Not part of the stable API: names and layouts follow
+/// the implementation. Each accessor returns the buffer of the same name (Workspace's members).
+struct WorkspaceAccess {
+  template <class T>
+  static auto& routing(Workspace<T>& ws) {
+    return ws.routing_;
+  }
+  template <class T>
+  static const auto& routing(const Workspace<T>& ws) {
+    return ws.routing_;
+  }
+  template <class T>
+  static auto& plan(Workspace<T>& ws) {
+    return ws.plan_;
+  }
+  template <class T>
+  static const auto& plan(const Workspace<T>& ws) {
+    return ws.plan_;
+  }
+  template <class T>
+  static auto& stats(Workspace<T>& ws) {
+    return ws.stats_;
+  }
+  template <class T>
+  static const auto& stats(const Workspace<T>& ws) {
+    return ws.stats_;
+  }
+  template <class T>
+  static auto& x_rows(Workspace<T>& ws) {
+    return ws.x_rows_;
+  }
+  template <class T>
+  static const auto& x_rows(const Workspace<T>& ws) {
+    return ws.x_rows_;
+  }
+  template <class T>
+  static auto& hidden(Workspace<T>& ws) {
+    return ws.hidden_;
+  }
+  template <class T>
+  static const auto& hidden(const Workspace<T>& ws) {
+    return ws.hidden_;
+  }
+  template <class T>
+  static auto& act(Workspace<T>& ws) {
+    return ws.act_;
+  }
+  template <class T>
+  static const auto& act(const Workspace<T>& ws) {
+    return ws.act_;
+  }
+  template <class T>
+  static auto& y_rows(Workspace<T>& ws) {
+    return ws.y_rows_;
+  }
+  template <class T>
+  static const auto& y_rows(const Workspace<T>& ws) {
+    return ws.y_rows_;
+  }
+  template <class T>
+  static auto& noise(Workspace<T>& ws) {
+    return ws.noise_;
+  }
+  template <class T>
+  static const auto& noise(const Workspace<T>& ws) {
+    return ws.noise_;
+  }
+  template <class T>
+  static auto& gating_scratch(Workspace<T>& ws) {
+    return ws.gating_scratch_;
+  }
+  template <class T>
+  static const auto& gating_scratch(const Workspace<T>& ws) {
+    return ws.gating_scratch_;
+  }
+  template <class T>
+  static auto& shared_hidden(Workspace<T>& ws) {
+    return ws.shared_hidden_;
+  }
+  template <class T>
+  static const auto& shared_hidden(const Workspace<T>& ws) {
+    return ws.shared_hidden_;
+  }
+  template <class T>
+  static auto& shared_act(Workspace<T>& ws) {
+    return ws.shared_act_;
+  }
+  template <class T>
+  static const auto& shared_act(const Workspace<T>& ws) {
+    return ws.shared_act_;
+  }
+  template <class T>
+  static auto& shared_y(Workspace<T>& ws) {
+    return ws.shared_y_;
+  }
+  template <class T>
+  static const auto& shared_y(const Workspace<T>& ws) {
+    return ws.shared_y_;
+  }
+  template <class T>
+  static auto& shared_gate(Workspace<T>& ws) {
+    return ws.shared_gate_;
+  }
+  template <class T>
+  static const auto& shared_gate(const Workspace<T>& ws) {
+    return ws.shared_gate_;
+  }
+  template <class T>
+  static auto& task_begin(Workspace<T>& ws) {
+    return ws.task_begin_;
+  }
+  template <class T>
+  static const auto& task_begin(const Workspace<T>& ws) {
+    return ws.task_begin_;
+  }
+  template <class T>
+  static auto& compact_scratch(Workspace<T>& ws) {
+    return ws.compact_scratch_;
+  }
+  template <class T>
+  static const auto& compact_scratch(const Workspace<T>& ws) {
+    return ws.compact_scratch_;
+  }
+  /// Workspace::reserve with the routing slots per token and the per-worker decode scratch given.
+  template <class T>
+  static void reserve(Workspace<T>& ws, const MoeConfig& config, Index max_tokens,
+                      Index num_workers, Index slots, Index decode_floats) {
+    ws.reserve_for(config, max_tokens, num_workers, slots, decode_floats);
+  }
+};
+
+}  // namespace detail
 }  // namespace moe

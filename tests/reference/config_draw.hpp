@@ -616,7 +616,7 @@ std::string run_typed(const Case& c, const Executor& pool, Tally& tally) {
   const bool noisy = Gating::uses_noise && c.training;
   std::vector<double> noise_sd;
   if (noisy) {
-    const RouteS* eps = ws.noise_.data() + Tn * E;
+    const RouteS* eps = moe::detail::WorkspaceAccess::noise(ws).data() + Tn * E;
     draws.assign(eps, eps + Tn * E);
     noise_sd = ref::noise_stddev(rc, rw, data.x, static_cast<int>(Tn));
     for (std::size_t i = 0; i < draws.size(); ++i) {

@@ -1,4 +1,4 @@
-// Test support: one golden reference case (../shared/reference/FORMAT.md), loaded with moe::io,
+// Test support: one golden reference case (tests/data/reference/FORMAT.md), loaded with moe::io,
 // and the comparison bookkeeping of the reference runner.
 #pragma once
 

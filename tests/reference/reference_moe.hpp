@@ -5,9 +5,9 @@
 // the code it checks.
 //
 // Sources of the formulas (cited in the comments below as):
-//   [FMT x.y]  /work/shared/reference/FORMAT.md, section x.y (what Hugging Face transformers
-//   computes); [CHK]      /work/shared/reference/check_golden.py (numpy statement of the same
-//   formulas); [ROUT]     /work/shared/design/ROUTING.md; [Shazeer]  Shazeer et al. 2017,
+//   [FMT x.y]  tests/data/reference/FORMAT.md, section x.y (what Hugging Face transformers
+//   computes); [CHK]      check_golden.py, the generator of the golden files (numpy statement of the same
+//   formulas); [ROUT]     docs/families.md; [Shazeer]  Shazeer et al. 2017,
 //   "Outrageously Large Neural Networks" (noisy top-k, eqs. 3-5, 6-10); [Zhou]     Zhou et al.
 //   2022, "Mixture-of-Experts with Expert Choice Routing"; [DSV3]     DeepSeek-V3 technical report
 //   (sequence-wise balance loss, auxiliary-loss-free bias).

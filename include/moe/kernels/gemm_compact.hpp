@@ -1,4 +1,5 @@
-// moe: Y = X * W^T with W stored compact (bf16, int8, fp8 e4m3; moe/compact.hpp), X and Y fp32.
+// moe: Y = X * W^T with W stored compact (bf16, int8, fp8 e4m3; kernels/compact_format.hpp),
+// X and Y fp32.
 //
 // Small batches (decode): gemm_compact_nt streams W once, decoding 16 weights at a time into fp32
 // registers and multiplying them with all rows of X (the multi-row GEMV of gemm_small.hpp, with
@@ -8,7 +9,7 @@
 // Bit-exact SIMD == scalar: the result is defined on 16 "lanes" whatever the ISA. For each output
 // (r, o), lane l accumulates, for chunks c = 0, 16, 32, ... (zero-padded past `in`),
 //   acc[l] = fma(w(o, c + l), x(r, c + l), acc[l])
-// in chunk order, where w is CompactMatrix::decode (exact decode times the block scale, one
+// in chunk order, where w is Format::decode (exact decode times the block scale, one
 // rounding; the int8 row scale is not applied here). The 16 lanes are then summed as a tree:
 // s8[l] = acc[l] + acc[l + 8], s4[l] = s8[l] + s8[l + 4], s2[l] = s4[l] + s4[l + 2],
 // sum = s2[0] + s2[1]; int8 finally multiplies by its row scale: y = sum * scale[o].
@@ -24,8 +25,9 @@
 
 #include <Eigen/Core>
 
-#include "moe/compact.hpp"
 #include "moe/error.hpp"
+#include "moe/kernels/compact_format.hpp"
+#include "moe/kernels/gemm_small.hpp"
 #include "moe/tensor.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -45,9 +47,6 @@ inline constexpr Index gemm_compact_out_tile = 4;
 /// Rows of X one register tile covers; more rows are processed in groups of this many, decoding
 /// the tile's W rows again (from cache) for each group.
 inline constexpr Index gemm_compact_row_tile = 4;
-/// Rows of X at or below which gemm_compact_nt_auto uses the streaming kernel rather than
-/// dequantise-and-GEMM.
-inline constexpr Index gemm_compact_small_rows = 16;
 /// Rows of W decoded per tile by gemm_compact_nt_prefill when the scratch allows.
 inline constexpr Index gemm_compact_prefill_tile = 256;
 
@@ -68,17 +67,10 @@ inline float compact_tree_sum(const float* acc) {
   return s2a + s2b;
 }
 
-template <class Format>
-inline float compact_row_scale(const CompactMatrix<Format>& w, Index o) {
-  if constexpr (std::is_same_v<Format, Int8>) return w.scales()[o];
-  (void)w, (void)o;
-  return 1.0f;
-}
-
 /// Scale used by decode for the weights of chunk starting at column i (Int8: 1, applied at the
 /// end; Bf16: 1; Fp8: the block scale).
 template <class Format>
-inline float compact_chunk_scale(const CompactMatrix<Format>& w, Index o, Index i) {
+inline float compact_chunk_scale(CompactView<Format> w, Index o, Index i) {
   if constexpr (std::is_same_v<Format, Fp8E4M3>) return w.scale(o, i);
   (void)w, (void)o, (void)i;
   return 1.0f;
@@ -182,23 +174,23 @@ inline float compact_reduce(__m512 v) {
 // scale block i >> block_cols_shift). Not inlined (see gemm_small_nt_tile).
 template <class Format, bool kSimple, int RowsW, int RowsX>
 EIGEN_DONT_INLINE void gemm_compact_tile(const float* __restrict x, Index ldx,
-                                         const CompactMatrix<Format>& w, Index o0,
-                                         float* __restrict y, Index ldy) {
+                                         CompactView<Format> w, Index o0, float* __restrict y,
+                                         Index ldy) {
   using Simd = CompactSimd<Format, kSimple>;
   using Code = typename Format::code_type;
   constexpr bool kBlocked = std::is_same_v<Format, Fp8E4M3>;
-  const Index in = w.cols();
+  const Index in = w.cols;
   const Code* code[RowsW];
-  for (int j = 0; j < RowsW; ++j) code[j] = w.codes() + (o0 + j) * in;
+  for (int j = 0; j < RowsW; ++j) code[j] = w.codes + (o0 + j) * in;
   const float* srow[RowsW] = {};
   int shift = 0;
   if constexpr (kBlocked) {
-    // kSimple: the scales pre-multiplied by 2^8 (CompactMatrix::kernel_scales).
-    const float* grid = kSimple ? w.kernel_scales() : w.scales();
+    // kSimple: the scales pre-multiplied by 2^8 (CompactView::kernel_scales).
+    const float* grid = kSimple ? w.kernel_scales : w.scales;
     for (int j = 0; j < RowsW; ++j) {
-      srow[j] = grid + ((o0 + j) / w.block_rows()) * w.scale_grid_cols();
+      srow[j] = grid + ((o0 + j) / w.block_rows) * w.grid_cols();
     }
-    shift = w.block_cols_shift();
+    shift = w.block_cols_shift;
   }
   __m512 acc[RowsW][RowsX];
   for (int j = 0; j < RowsW; ++j) {
@@ -233,15 +225,15 @@ EIGEN_DONT_INLINE void gemm_compact_tile(const float* __restrict x, Index ldx,
   for (int j = 0; j < RowsW; ++j) {
     for (int r = 0; r < RowsX; ++r) {
       float sum = compact_reduce(acc[j][r]);
-      if constexpr (std::is_same_v<Format, Int8>) sum *= w.scales()[o0 + j];
+      if constexpr (std::is_same_v<Format, Int8>) sum *= w.scales[o0 + j];
       y[r * ldy + j] = sum;
     }
   }
 }
 
 template <class Format, bool kSimple, int RowsW>
-inline void gemm_compact_rows(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
-                              Index o0, float* y, Index ldy) {
+inline void gemm_compact_rows(const float* x, Index n, Index ldx, CompactView<Format> w, Index o0,
+                              float* y, Index ldy) {
   constexpr Index kRowTile = gemm_compact_row_tile;
   Index r = 0;
   for (; r + kRowTile <= n; r += kRowTile) {
@@ -263,7 +255,7 @@ inline void gemm_compact_rows(const float* x, Index n, Index ldx, const CompactM
 }
 
 template <class Format, bool kSimple>
-inline void gemm_compact_simd(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
+inline void gemm_compact_simd(const float* x, Index n, Index ldx, CompactView<Format> w,
                               Index out_begin, Index out_end, float* y, Index ldy) {
   constexpr Index kOutTile = gemm_compact_out_tile;
   // Two loops with precomputed bounds: GCC 12 misreads "for (; o < out_end; ++o)" after the tiled
@@ -289,14 +281,14 @@ inline void gemm_compact_simd(const float* x, Index n, Index ldx, const CompactM
 /// of the file comment with scalar std::fma: bit-identical to the SIMD path. Used when the
 /// compiled ISA lacks AVX-512 (F, BW, VL); slow (a software fma without hardware FMA).
 template <class Format>
-void gemm_compact_nt_scalar(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
+void gemm_compact_nt_scalar(const float* x, Index n, Index ldx, CompactView<Format> w,
                             Index out_begin, Index out_end, float* y, Index ldy) {
-  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows());
+  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
   using Code = typename Format::code_type;
   constexpr Index kLanes = gemm_compact_lanes;
-  const Index in = w.cols();
+  const Index in = w.cols;
   for (Index o = out_begin; o < out_end; ++o) {
-    const Code* code = w.codes() + o * in;
+    const Code* code = w.codes + o * in;
     for (Index r = 0; r < n; ++r) {
       const float* xr = x + r * ldx;
       float acc[kLanes] = {};
@@ -304,20 +296,20 @@ void gemm_compact_nt_scalar(const float* x, Index n, Index ldx, const CompactMat
         const float s = detail::compact_chunk_scale(w, o, c);
         for (Index l = 0; l < kLanes; ++l) {
           const bool inside = c + l < in;
-          const float wv = CompactMatrix<Format>::decode(inside ? code[c + l] : Code(0), s);
+          const float wv = Format::decode(inside ? code[c + l] : Code(0), s);
           const float xv = inside ? xr[c + l] : 0.0f;
           acc[l] = std::fma(wv, xv, acc[l]);
         }
       }
       float sum = detail::compact_tree_sum(acc);
-      if constexpr (std::is_same_v<Format, Int8>) sum *= w.scales()[o];
+      if constexpr (std::is_same_v<Format, Int8>) sum *= w.scales[o];
       y[r * ldy + o] = sum;
     }
   }
 }
 
 /// Y[r, o] = sum_i X[r, i] * W[o, i] for r in [0, n), o in [out_begin, out_end): columns
-/// [out_begin, out_end) of Y = X * W^T, W compact [out x in] (CompactMatrix, row stride in).
+/// [out_begin, out_end) of Y = X * W^T, W compact [out x in] (CompactView, row stride in).
 /// X row-major [n x in] (row stride ldx >= in), Y row-major (row stride ldy >= out_end); no
 /// overlap, no alignment needed. Other columns of Y are untouched.
 ///
@@ -330,13 +322,13 @@ void gemm_compact_nt_scalar(const float* x, Index n, Index ldx, const CompactMat
 /// Tasks may call it concurrently on disjoint column ranges of one Y (start ranges on
 /// multiples of gemm_compact_out_tile).
 template <class Format>
-void gemm_compact_nt(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
-                     Index out_begin, Index out_end, float* y, Index ldy) {
-  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows());
-  MOE_ASSERT(n == 0 || (ldx >= w.cols() && ldy >= out_end));
+void gemm_compact_nt(const float* x, Index n, Index ldx, CompactView<Format> w, Index out_begin,
+                     Index out_end, float* y, Index ldy) {
+  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
+  MOE_ASSERT(n == 0 || (ldx >= w.cols && ldy >= out_end));
   if (n == 0 || out_begin == out_end) return;
 #if MOE_COMPACT_AVX512
-  if (w.simple()) {
+  if (w.simple) {
     detail::gemm_compact_simd<Format, true>(x, n, ldx, w, out_begin, out_end, y, ldy);
   } else {
     detail::gemm_compact_simd<Format, false>(x, n, ldx, w, out_begin, out_end, y, ldy);
@@ -347,7 +339,7 @@ void gemm_compact_nt(const float* x, Index n, Index ldx, const CompactMatrix<For
 }
 
 /// The same product for large n (prefill): decodes tiles of up to scratch_floats / in rows of W
-/// (at most gemm_compact_prefill_tile; CompactMatrix::dequantize_rows) into `scratch` and
+/// (at most gemm_compact_prefill_tile; dequantize_rows) into `scratch` and
 /// multiplies with Eigen's fp32 GEMM. scratch: caller-owned, scratch_floats >= in (one row);
 /// gemm_compact_scratch_floats(in) gives a full tile. Same layout rules as gemm_compact_nt.
 ///
@@ -355,11 +347,11 @@ void gemm_compact_nt(const float* x, Index n, Index ldx, const CompactMatrix<For
 /// Eigen may allocate its packing buffers. Results differ from gemm_compact_nt by fp32 rounding
 /// (Eigen's summation order; int8's row scale folded into the decoded weights).
 template <class Format>
-void gemm_compact_nt_prefill(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
+void gemm_compact_nt_prefill(const float* x, Index n, Index ldx, CompactView<Format> w,
                              Index out_begin, Index out_end, float* y, Index ldy, float* scratch,
                              Index scratch_floats) {
-  const Index in = w.cols();
-  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows());
+  const Index in = w.cols;
+  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
   MOE_ASSERT(scratch_floats >= std::max<Index>(in, 1));
   if (n == 0 || out_begin == out_end) return;
   const Index tile = std::min(gemm_compact_prefill_tile, scratch_floats / std::max<Index>(in, 1));
@@ -368,20 +360,20 @@ void gemm_compact_nt_prefill(const float* x, Index n, Index ldx, const CompactMa
   const Strided xm(x, n, in, Eigen::OuterStride<>(ldx));
   for (Index o = out_begin; o < out_end; o += tile) {
     const Index rows = std::min(tile, out_end - o);
-    w.dequantize_rows(o, o + rows, scratch);
+    dequantize_rows(w, o, o + rows, scratch);
     const ConstMap<float> wm(scratch, rows, in);
     MutStrided ym(y + o, n, rows, Eigen::OuterStride<>(ldy));
     ym.noalias() = xm * wm.transpose();
   }
 }
 
-/// gemm_compact_nt for n <= gemm_compact_small_rows, else gemm_compact_nt_prefill (which needs
+/// gemm_compact_nt for n <= small_batch_rows, else gemm_compact_nt_prefill (which needs
 /// the scratch; the small path ignores it). What an expert loop calls per (expert, column block).
 template <class Format>
-void gemm_compact_nt_auto(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w,
+void gemm_compact_nt_auto(const float* x, Index n, Index ldx, CompactView<Format> w,
                           Index out_begin, Index out_end, float* y, Index ldy, float* scratch,
                           Index scratch_floats) {
-  if (n <= gemm_compact_small_rows) {
+  if (n <= small_batch_rows) {
     gemm_compact_nt(x, n, ldx, w, out_begin, out_end, y, ldy);
   } else {
     gemm_compact_nt_prefill(x, n, ldx, w, out_begin, out_end, y, ldy, scratch, scratch_floats);
@@ -389,26 +381,3 @@ void gemm_compact_nt_auto(const float* x, Index n, Index ldx, const CompactMatri
 }
 
 }  // namespace moe::kernels
-
-namespace moe::detail {
-
-/// The product of the expert FFN tasks (moe/expert.hpp, FfnJob with compact weights):
-/// out[:, c0:c1] = x * W[c0:c1, :]^T on the streaming kernel when `small`, else through
-/// dequantise-and-GEMM in `scratch` (scratch_floats >= W's columns; 256 rows of them decode a
-/// whole 256-column block at once). Column blocks start on multiples of ffn_granule (16), hence of
-/// gemm_compact_out_tile.
-template <class Format>
-struct CompactProduct {
-  static void run(const float* x, Index n, Index ldx, const CompactMatrix<Format>& w, Index c0,
-                  Index c1, float* out, Index ldo, bool small, float* scratch,
-                  Index scratch_floats) {
-    if (c1 <= c0 || n == 0) return;
-    if (small) {
-      kernels::gemm_compact_nt(x, n, ldx, w, c0, c1, out, ldo);
-    } else {
-      kernels::gemm_compact_nt_prefill(x, n, ldx, w, c0, c1, out, ldo, scratch, scratch_floats);
-    }
-  }
-};
-
-}  // namespace moe::detail

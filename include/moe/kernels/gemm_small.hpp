@@ -15,6 +15,16 @@
 
 namespace moe::kernels {
 
+/// Rows at or below which a product runs on a streaming kernel (gemm_small_nt, gemm_compact_nt:
+/// each weight is read once for all rows) rather than through a GEMM that packs (fp32) or first
+/// decodes (compact) the weights: the one "few rows" threshold of the library. Measured on Zen 5
+/// with the Mixtral-quarter and OLMoE shapes (benchmarks/moe_bench.cpp, kind `sparse`; and
+/// benchmarks/compact_bench.cpp): see docs/benchmarks.md. Override with -DMOE_SMALL_BATCH_ROWS=n.
+#ifndef MOE_SMALL_BATCH_ROWS
+#define MOE_SMALL_BATCH_ROWS 16
+#endif
+inline constexpr Index small_batch_rows = MOE_SMALL_BATCH_ROWS;
+
 /// Rows of W (columns of Y) one register tile covers. Give parallel tasks [out_begin, out_end)
 /// blocks that start on a multiple of this (see moe::block_range) so that only the last block has
 /// a partial tile.

@@ -1,69 +1,20 @@
-// moe: compact storage of expert weights (bf16, int8 with per-row scales, fp8 e4m3 with block
-// scales), quantisation from fp32, dequantisation, and a compact expert stack.
-//
-// Decode is bandwidth bound (PERFORMANCE.md): bytes per weight set the speed. The router, the
-// routing weights, activations and accumulation stay fp32; only the expert weights are compact.
-// The products on compact weights are in moe/kernels/gemm_compact.hpp.
+// moe: a compact weight matrix (bf16, int8 with per-row scales, fp8 e4m3 with block scales):
+// quantisation from fp32, dequantisation, zero-copy views of checkpoint tensors. The formats and
+// their decode are in moe/kernels/compact_format.hpp, the products in moe/kernels/gemm_compact.hpp.
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
-#include <string>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "moe/error.hpp"
-#include "moe/expert.hpp"
-#include "moe/io/dtype.hpp"
+#include "moe/kernels/compact_format.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
-
-/// bfloat16 weights: the top half of an fp32 (1 sign, 8 exponent, 7 mantissa bits), quantised
-/// with round to nearest even (NaN stays NaN). 2 bytes per weight, no scales. Checkpoint dtype
-/// "BF16" (Mixtral, Qwen, OLMoE) is this layout.
-struct Bf16 {
-  using code_type = std::uint16_t;
-  static constexpr const char* name = "bf16";
-};
-
-/// Symmetric int8 weights with one fp32 scale per output row: w[o, i] = scale[o] * q[o, i],
-/// q in [-127, 127], scale[o] = max_i |w[o, i]| / 127 (0 for an all-zero row). 1 byte per weight
-/// plus 4 bytes per row.
-struct Int8 {
-  using code_type = std::int8_t;
-  static constexpr const char* name = "int8";
-};
-
-/// OCP FP8 E4M3 ("e4m3fn", torch.float8_e4m3fn, DeepSeek-V3): 1 sign, 4 exponent (bias 7),
-/// 3 mantissa bits; largest finite 448, smallest subnormal 2^-9, no infinity, NaN 0x7f / 0xff.
-/// One fp32 scale per block of [block_rows x block_cols] weights (DeepSeek-V3 weight_scale_inv:
-/// 128 x 128, grid [ceil(rows / 128) x ceil(cols / 128)], row-major): w = fp8 * scale. A single
-/// block covering the matrix is the per-tensor case. 1 byte per weight plus 4 per block.
-struct Fp8E4M3 {
-  using code_type = std::uint8_t;
-  static constexpr const char* name = "fp8";
-};
-
-/// Side of DeepSeek-V3's square fp8 scale blocks.
-inline constexpr Index fp8_block = 128;
-
 namespace detail {
-
-/// e4m3 code -> float for all 256 codes (exact; 0x7f / 0xff are NaN). Built once.
-inline const std::array<float, 256>& e4m3_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int c = 0; c < 256; ++c) t[std::size_t(c)] = io::e4m3_to_float(std::uint8_t(c));
-    return t;
-  }();
-  return table;
-}
 
 /// Storage of a CompactMatrix, shared (immutable) between its copies: the codes and scales when
 /// owning (empty for a view), and fp8's kernel scales (scale * 2^8) in both cases.
@@ -85,7 +36,7 @@ struct CompactStorage {
 ///
 /// Ownership: quantize() returns an owning matrix (storage shared by its copies, immutable);
 /// view() is non-owning: the codes and scales (e.g. a memory-mapped checkpoint, see
-/// io::SafetensorsFile::data) must outlive every copy of it. Immutable, so one matrix serves
+/// kernels::SafetensorsFile::data) must outlive every copy of it. Immutable, so one matrix serves
 /// many threads.
 template <class Format>
 class CompactMatrix {
@@ -123,7 +74,8 @@ class CompactMatrix {
   /// or the whole width: then a shift that gives 0).
   int block_cols_shift() const { return block_cols_shift_; }
   /// Fp8E4M3 only: no NaN code and every |scale| below 2^100, so the SIMD kernel may fold its
-  /// exponent rebias (2^8) into the scale (see gemm_compact.hpp). Always true for other formats.
+  /// exponent rebias (2^8) into the scale (see kernels/gemm_compact.hpp). Always true for other
+  /// formats.
   bool simple() const { return simple_; }
   /// Bytes of codes and scales.
   std::size_t bytes() const {
@@ -148,45 +100,30 @@ class CompactMatrix {
   float operator()(Index o, Index i) const { return decode(codes_[o * cols_ + i], scale(o, i)); }
 
   /// The fp32 value of `code` with scale `s`, exactly as every kernel computes it: bf16 exact;
-  /// int8 float(q) * s; fp8 e4m3_to_float(code) * s.
-  static float decode(code_type code, float s) {
-    if constexpr (std::is_same_v<Format, Bf16>) {
-      (void)s;
-      return io::bf16_to_float(code);
-    } else if constexpr (std::is_same_v<Format, Int8>) {
-      return float(code) * s;
-    } else {
-      return detail::e4m3_table()[code] * s;
-    }
+  /// int8 float(q) * s; fp8 e4m3_to_float(code) * s (Format::decode).
+  static float decode(code_type code, float s) { return Format::decode(code, s); }
+
+  /// The plain view the kernels read (moe/kernels/compact_format.hpp), valid while this matrix
+  /// (or, for a view, the viewed arrays) lives.
+  kernels::CompactView<Format> kernel_view() const {
+    kernels::CompactView<Format> v;
+    v.codes = codes_;
+    v.scales = scales_;
+    v.kernel_scales = kernel_scales_;
+    v.rows = rows_;
+    v.cols = cols_;
+    v.block_rows = block_rows_;
+    v.block_cols = block_cols_;
+    v.block_cols_shift = block_cols_shift_;
+    v.simple = simple_;
+    return v;
   }
 
   /// out [row_end - row_begin x cols] row-major (row stride cols) = the fp32 weights of rows
   /// [row_begin, row_end). Cost: one pass over the rows' codes (auto-vectorised for bf16 and
   /// int8, a 1 KiB table lookup for fp8). No allocation.
   void dequantize_rows(Index row_begin, Index row_end, float* out) const {
-    MOE_ASSERT(0 <= row_begin && row_begin <= row_end && row_end <= rows_);
-    const Index c = cols_;
-    for (Index o = row_begin; o < row_end; ++o) {
-      const code_type* q = codes_ + o * c;
-      float* dst = out + (o - row_begin) * c;
-      if constexpr (std::is_same_v<Format, Bf16>) {
-        for (Index i = 0; i < c; ++i) {
-          const std::uint32_t u = std::uint32_t(q[i]) << 16;
-          std::memcpy(dst + i, &u, sizeof u);
-        }
-      } else if constexpr (std::is_same_v<Format, Int8>) {
-        const float s = scales_[o];
-        for (Index i = 0; i < c; ++i) dst[i] = float(q[i]) * s;
-      } else {
-        const float* table = detail::e4m3_table().data();
-        const float* srow = scales_ + (o / block_rows_) * scale_grid_cols();
-        for (Index b = 0; b * block_cols_ < c; ++b) {
-          const float s = srow[b];
-          const Index end = std::min(c, (b + 1) * block_cols_);
-          for (Index i = b * block_cols_; i < end; ++i) dst[i] = table[q[i]] * s;
-        }
-      }
-    }
+    kernels::dequantize_rows(kernel_view(), row_begin, row_end, out);
   }
 
   /// The whole matrix in fp32 (allocates; for tests and tools).
@@ -205,7 +142,8 @@ class CompactMatrix {
   ///        >= 16 or >= cols), scale = max|finite block| /
   ///        448, code = e4m3(w / scale) round to nearest even, saturating at +-448 (inf too); NaN
   ///        gives the NaN code. An all-zero block has scale 0.
-  /// Cost: one pass, a few ns per weight (exact double-based rounding of io/dtype.hpp).
+  /// Cost: one pass, a few ns per weight (exact double-based rounding of
+  /// kernels/float_formats.hpp).
   static CompactMatrix quantize(const MatrixRef<float>& w, Index block_rows = fp8_block,
                                 Index block_cols = fp8_block) {
     CompactMatrix m;
@@ -216,7 +154,7 @@ class CompactMatrix {
       (void)block_rows, (void)block_cols;
       for (Index o = 0; o < rows; ++o) {
         for (Index i = 0; i < cols; ++i)
-          st->codes[std::size_t(o * cols + i)] = io::float_to_bf16(w(o, i));
+          st->codes[std::size_t(o * cols + i)] = kernels::float_to_bf16(w(o, i));
       }
     } else if constexpr (std::is_same_v<Format, Int8>) {
       (void)block_rows, (void)block_cols;
@@ -342,9 +280,9 @@ class CompactMatrix {
   }
 
   static std::uint8_t fp8_code(float v, float s) {
-    if (std::isnan(v)) return io::float_to_e4m3(v);
-    if (s == 0.0f) return std::isinf(v) ? io::double_to_e4m3(double(v), true) : 0;
-    return io::double_to_e4m3(double(v) / double(s), /*saturate=*/true);
+    if (std::isnan(v)) return kernels::float_to_e4m3(v);
+    if (s == 0.0f) return std::isinf(v) ? kernels::double_to_e4m3(double(v), true) : 0;
+    return kernels::double_to_e4m3(double(v) / double(s), /*saturate=*/true);
   }
 
   bool compute_simple() const {
@@ -397,106 +335,6 @@ class CompactMatrix {
   const float* kernel_scales_ = nullptr;
   bool simple_ = true, owning_ = false;
   std::shared_ptr<const detail::CompactStorage<code_type>> storage_;
-};
-
-/// Compact weights of `num_experts` FFN experts, mirroring ExpertStack: per expert e the input
-/// projection w_in(e) [in_rows x d_model] is gate(e) [d_ff x d_model] (rows [0, d_ff)) followed,
-/// when gated, by up(e) [d_ff x d_model] (rows [d_ff, 2 d_ff)); w_out(e) is [d_model x d_ff].
-/// Gate, up and down are separate CompactMatrix objects (each with its own scale grid, as
-/// DeepSeek-V3 stores gate_proj / up_proj / down_proj), so checkpoint tensors can be viewed
-/// without a copy. Immutable once built; one stack serves many threads.
-template <class Format>
-class CompactExpertStack {
- public:
-  CompactExpertStack() = default;
-  /// Empty matrices for num_experts experts, to be filled with set_gated / set_plain.
-  CompactExpertStack(Index num_experts, Index d_model, Index d_ff, bool gated)
-      : num_experts_(num_experts), d_model_(d_model), d_ff_(d_ff), gated_(gated) {
-    if (num_experts < 0 || d_model < 0 || d_ff < 0) {
-      throw config_error(detail::concat(
-          "moe: CompactExpertStack sizes must be >= 0, got num_experts = ", num_experts,
-          ", d_model = ", d_model, ", d_ff = ", d_ff));
-    }
-    gate_.resize(std::size_t(num_experts));
-    up_.resize(gated ? std::size_t(num_experts) : 0);
-    down_.resize(std::size_t(num_experts));
-  }
-
-  /// Quantises every expert of an fp32 stack (fp8: 128 x 128 blocks per projection).
-  static CompactExpertStack from(const ExpertStack<float>& w) {
-    CompactExpertStack s(w.num_experts(), w.d_model(), w.d_ff(), w.gated());
-    using M = CompactMatrix<Format>;
-    for (Index e = 0; e < w.num_experts(); ++e) {
-      s.gate_[std::size_t(e)] = M::quantize(w.gate(e));
-      if (w.gated()) s.up_[std::size_t(e)] = M::quantize(w.up(e));
-      s.down_[std::size_t(e)] = M::quantize(w.w_out(e));
-    }
-    return s;
-  }
-
-  Index num_experts() const { return num_experts_; }
-  Index d_model() const { return d_model_; }
-  Index d_ff() const { return d_ff_; }
-  bool gated() const { return gated_; }
-  Index in_rows() const { return gated_ ? 2 * d_ff_ : d_ff_; }
-
-  /// [d_ff x d_model] gate (or, for a plain FFN, the only) input projection of expert e.
-  const CompactMatrix<Format>& gate(Index e) const { return gate_[std::size_t(e)]; }
-  /// [d_ff x d_model] up projection of expert e (gated only).
-  const CompactMatrix<Format>& up(Index e) const {
-    MOE_ASSERT(gated_);
-    return up_[std::size_t(e)];
-  }
-  /// [d_model x d_ff] output projection of expert e.
-  const CompactMatrix<Format>& w_out(Index e) const { return down_[std::size_t(e)]; }
-
-  /// Sets a gated expert's matrices (quantised or checkpoint views). Throws shape_error.
-  void set_gated(Index e, CompactMatrix<Format> gate_w, CompactMatrix<Format> up_w,
-                 CompactMatrix<Format> down_w) {
-    check_expert(e);
-    if (!gated_) throw config_error("moe: set_gated called on a plain (non-gated) expert stack");
-    check("gate", e, gate_w, d_ff_, d_model_);
-    check("up", e, up_w, d_ff_, d_model_);
-    check("down", e, down_w, d_model_, d_ff_);
-    gate_[std::size_t(e)] = std::move(gate_w);
-    up_[std::size_t(e)] = std::move(up_w);
-    down_[std::size_t(e)] = std::move(down_w);
-  }
-  /// Sets a plain expert's matrices (wi [d_ff x d_model], wo [d_model x d_ff]).
-  void set_plain(Index e, CompactMatrix<Format> wi, CompactMatrix<Format> wo) {
-    check_expert(e);
-    if (gated_) throw config_error("moe: set_plain called on a gated expert stack");
-    check("wi", e, wi, d_ff_, d_model_);
-    check("wo", e, wo, d_model_, d_ff_);
-    gate_[std::size_t(e)] = std::move(wi);
-    down_[std::size_t(e)] = std::move(wo);
-  }
-
-  /// Bytes of codes and scales of all experts (owned or viewed).
-  std::size_t bytes() const {
-    std::size_t b = 0;
-    for (const auto& m : gate_) b += m.bytes();
-    for (const auto& m : up_) b += m.bytes();
-    for (const auto& m : down_) b += m.bytes();
-    return b;
-  }
-
- private:
-  void check_expert(Index e) const {
-    if (e < 0 || e >= num_experts_) {
-      throw config_error(
-          detail::concat("moe: expert index ", e, " out of range [0, ", num_experts_, ")"));
-    }
-  }
-  static void check(const char* what, Index e, const CompactMatrix<Format>& m, Index rows,
-                    Index cols) {
-    const std::string name = detail::concat("expert ", e, ' ', what, " weight");
-    detail::check_shape(name.c_str(), m.rows(), m.cols(), rows, cols);
-  }
-
-  Index num_experts_ = 0, d_model_ = 0, d_ff_ = 0;
-  bool gated_ = true;
-  std::vector<CompactMatrix<Format>> gate_, up_, down_;
 };
 
 }  // namespace moe

@@ -1,0 +1,159 @@
+// moe: the FFN task scheduler: one FFN on n rows (a routed expert on its gathered rows, the shared
+// expert on the tokens, a dense FFN) as (job, column-block) tasks in two phases, input projection
+// + activation then output projection, generic over the weight operand (experts/operand.hpp).
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "moe/activations.hpp"
+#include "moe/experts/operand.hpp"
+#include "moe/kernels/activation.hpp"
+#include "moe/tensor.hpp"
+#include "moe/threading.hpp"
+
+namespace moe::detail {
+
+/// One FFN applied to n rows, all row-major:
+///   x [n x d] (row stride ldx), hidden [n x in] (row stride in, in = 2 f gated, f plain),
+///   act [n x f] (row stride ld_act; may be hidden's gate columns), y [n x d] (row stride d);
+///   gate, up (gated only) and down: the weight operands. scratch: scratch_stride floats per
+///   executor worker (worker w at scratch + w * scratch_stride), at least the operands'
+///   scratch_floats(n); nullptr when they need none.
+template <class T, class Operand>
+struct FfnJob {
+  const T* x = nullptr;
+  Index ldx = 0, n = 0;
+  Operand gate{}, up{}, down{};
+  Index d = 0, f = 0, in = 0;
+  T* hidden = nullptr;
+  T* act = nullptr;
+  Index ld_act = 0;
+  T* y = nullptr;
+  T* scratch = nullptr;
+  Index scratch_stride = 0;
+};
+
+/// Column granule of every task: a multiple of the small kernels' register tiles and of a cache
+/// line of floats, so tasks write whole lines and only the last block has a partial tile.
+inline constexpr Index ffn_granule = 16;
+
+/// Columns per task for a product whose weight rows are `row_bytes` long: about 1 MiB of weights
+/// per task on the streaming path (fine tasks balance two cores), 256 columns on the GEMM path
+/// (compute bound; wide enough that Eigen's per-call packing of x is negligible). A function of the
+/// shapes only, never of the thread count: the same tasks run serially or in parallel, so results
+/// are bitwise identical for every executor.
+inline Index ffn_parts(Index cols, Index row_bytes, bool small) {
+  if (cols <= 0) return 0;
+  Index width = 256;
+  if (small) {
+    width = std::max<Index>(ffn_granule, (Index(1) << 20) / std::max<Index>(row_bytes, 1));
+  }
+  width = (width + ffn_granule - 1) / ffn_granule * ffn_granule;
+  return (cols + width - 1) / width;
+}
+
+/// Tasks of the input phase of a job (blocks of the d_ff activation columns).
+template <class Ffn, class T, class Operand>
+Index ffn_up_parts(const FfnJob<T, Operand>& job) {
+  if (job.n == 0) return 0;
+  return ffn_parts(job.f, (Ffn::gated ? 2 : 1) * job.d * job.gate.weight_bytes(),
+                   job.gate.streams(job.n));
+}
+/// Tasks of the output phase of a job (blocks of the d_model output columns).
+template <class T, class Operand>
+Index ffn_down_parts(const FfnJob<T, Operand>& job) {
+  if (job.n == 0) return 0;
+  return ffn_parts(job.d, job.f * job.down.weight_bytes(), job.down.streams(job.n));
+}
+
+/// act[:, a:b] = the Ffn's activation of hidden's columns [a, b) (and [f + a, f + b) for the up
+/// half of a gated FFN); SwiGLU on its vectorised kernel. act may alias hidden's gate columns.
+template <class Ffn, class T>
+inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, Index a, Index b,
+                                  T* act, Index ld_act) {
+  using A = typename Ffn::activation;
+  if constexpr (Ffn::gated && std::is_same_v<A, Silu>) {
+    kernels::swiglu_cols(h, ld_h, n, d_ff, a, b, act, ld_act);
+  } else {
+    kernels::activation_cols<A, Ffn::gated>(h, ld_h, n, d_ff, a, b, act, ld_act);
+  }
+}
+
+/// Input-phase task `part` of a job: hidden's gate (and up) columns of one block of d_ff, then
+/// the activation of that block, in place when act aliases hidden.
+template <class Ffn, class T, class Operand>
+void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
+  const Index parts = ffn_up_parts<Ffn>(job);
+  const auto [a, b] = block_range(job.f, parts, part, ffn_granule);
+  T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
+  job.gate.product(job.x, job.n, job.ldx, a, b, job.hidden, job.in, scratch, job.scratch_stride);
+  if constexpr (Ffn::gated) {
+    job.up.product(job.x, job.n, job.ldx, a, b, job.hidden + job.f, job.in, scratch,
+                   job.scratch_stride);
+  }
+  apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+}
+
+/// Output-phase task `part` of a job: one block of y's d_model columns.
+template <class T, class Operand>
+void ffn_down_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
+  const Index parts = ffn_down_parts(job);
+  const auto [c0, c1] = block_range(job.d, parts, part, ffn_granule);
+  T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
+  job.down.product(job.act, job.n, job.ld_act, c0, c1, job.y, job.d, scratch, job.scratch_stride);
+}
+
+/// Runs two groups of FFN jobs (first_at(j) for j < num_first, then second_at(j - num_first)
+/// for the next num_second; each returns an FfnJob, the groups may differ in operand type)
+/// through the executor as (job, column-block) tasks in two phases: input projection +
+/// activation, then (after the barrier between the two run() calls) the output projection.
+/// task_begin: caller-owned scratch of num_first + num_second + 1 indices (no allocation here).
+/// The task list depends on the shapes only: bitwise identical results for every executor.
+/// Eigen's GEMM (non-streaming products) may allocate its packing buffers; streaming allocates
+/// nothing.
+template <class Ffn, class FirstAt, class SecondAt>
+void run_ffn_jobs(Index num_first, const FirstAt& first_at, Index num_second,
+                  const SecondAt& second_at, Index* task_begin, const Executor& executor) {
+  const Index num_jobs = num_first + num_second;
+  auto job_of_task = [&](Index task) {
+    return static_cast<Index>(std::upper_bound(task_begin, task_begin + num_jobs + 1, task) -
+                              task_begin) -
+           1;
+  };
+  auto up_parts = [&](Index j) {
+    return j < num_first ? ffn_up_parts<Ffn>(first_at(j))
+                         : ffn_up_parts<Ffn>(second_at(j - num_first));
+  };
+  auto down_parts = [&](Index j) {
+    return j < num_first ? ffn_down_parts(first_at(j)) : ffn_down_parts(second_at(j - num_first));
+  };
+  task_begin[0] = 0;
+  for (Index j = 0; j < num_jobs; ++j) task_begin[j + 1] = task_begin[j] + up_parts(j);
+  executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
+    const Index j = job_of_task(task);
+    if (j < num_first) {
+      ffn_up_task<Ffn>(first_at(j), task - task_begin[j], worker);
+    } else {
+      ffn_up_task<Ffn>(second_at(j - num_first), task - task_begin[j], worker);
+    }
+  });
+  for (Index j = 0; j < num_jobs; ++j) task_begin[j + 1] = task_begin[j] + down_parts(j);
+  executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
+    const Index j = job_of_task(task);
+    if (j < num_first) {
+      ffn_down_task(first_at(j), task - task_begin[j], worker);
+    } else {
+      ffn_down_task(second_at(j - num_first), task - task_begin[j], worker);
+    }
+  });
+}
+
+/// run_ffn_jobs on one group of num_jobs jobs (task_begin: num_jobs + 1 indices).
+template <class Ffn, class JobAt>
+void run_ffn_jobs(Index num_jobs, const JobAt& job_at, Index* task_begin,
+                  const Executor& executor) {
+  run_ffn_jobs<Ffn>(num_jobs, job_at, 0, job_at, task_begin, executor);
+}
+
+}  // namespace moe::detail
