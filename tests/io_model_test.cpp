@@ -355,7 +355,7 @@ TEST(IoModelLoad, Qwen2MoeSharedExpertBothLayouts) {
     const auto w = write_model(dir, qwen2_config(), layout, 11);
     const auto any = moe::io::load_any_moe_layer<float>(dir.str(), 1);
     ASSERT_EQ(any.index(), 0u);
-    const auto& block = std::get<0>(any);
+    const auto& block = any.get<0>();
     expect_same_weights(block.weights(), w[1]);
     EXPECT_FALSE(block.gating().options.normalize);
     EXPECT_EQ(moe::io::config_of(any).shared_d_ff, 10);
@@ -386,7 +386,7 @@ TEST(IoModelLoad, DeepSeekV3BiasSharedExpertsAndDenseLayer) {
   const auto m = ModelCheckpoint::open(dir.str());
   const auto any1 = moe::io::load_any_moe_layer<float>(m, 1);
   ASSERT_EQ(any1.index(), 2u);
-  const auto& b1 = std::get<2>(any1);
+  const auto& b1 = any1.get<2>();
   expect_same_weights(b1.weights(), w1);
   EXPECT_EQ(b1.gating().options.n_group, 4);
   EXPECT_EQ(b1.gating().options.topk_group, 2);
@@ -424,7 +424,7 @@ TEST(IoModelLoad, DeepSeekV2GroupLimitedWithoutBias) {
   write_model(dir, config, Layout::per_expert, 9);
   const auto any = moe::io::load_any_moe_layer<double>(dir.str(), 0);
   ASSERT_EQ(any.index(), 1u);
-  const auto& o = std::get<1>(any).gating().options;
+  const auto& o = any.get<1>().gating().options;
   EXPECT_EQ(o.scoring, moe::gating::Scoring::softmax);
   EXPECT_EQ(o.group_score, moe::gating::GroupScore::max);
   EXPECT_FALSE(o.normalize);
@@ -445,14 +445,14 @@ TEST(IoModelLoad, SwitchPlainExpertsAndCapacity) {
   const auto m = ModelCheckpoint::open(dir.str());
   const auto any = moe::io::load_any_moe_layer<float>(m, 1);
   ASSERT_EQ(any.index(), 3u);
-  const auto& block = std::get<3>(any);
+  const auto& block = any.get<3>();
   expect_same_weights(block.weights(), w[1]);
   EXPECT_EQ(block.gating().options.expert_capacity, 3);
   EXPECT_EQ(block.gating().options.capacity, moe::gating::CapacityTopK::Capacity::absolute);
   moe::io::LoadOptions dropless;
   dropless.switch_dropless = true;
   const auto b2 = moe::io::load_any_moe_layer<float>(m, 1, dropless);
-  EXPECT_EQ(std::get<3>(b2).gating().options.capacity,
+  EXPECT_EQ(b2.get<3>().gating().options.capacity,
             moe::gating::CapacityTopK::Capacity::unlimited);
   // A gated Ffn does not fit ReLU MLP experts.
   using Wrong = moe::SparseMoeBlock<float, moe::gating::CapacityTopK, moe::SwiGLU>;
@@ -552,7 +552,7 @@ TEST(IoModelLoad, Fp8BlockScalesAreApplied) {
   }
   moe::io::write_safetensors(dir.file("model.safetensors"), tensors);
   const auto block = moe::io::load_any_moe_layer<float>(dir.str(), 0);
-  expect_same_weights(std::get<2>(block).weights(), expected);
+  expect_same_weights(block.get<2>().weights(), expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +667,7 @@ TEST(IoModelTiny, Qwen2MoeLoadsWithSharedExpert) {
   const std::string dir = std::string(MOE_TEST_DATA_DIR) + "/qwen2_moe_tiny";
   const auto any = moe::io::load_any_moe_layer<float>(dir, 1);
   ASSERT_EQ(any.index(), 0u);
-  const auto& b = std::get<0>(any);
+  const auto& b = any.get<0>();
   EXPECT_EQ(b.config().d_ff, 16);
   EXPECT_EQ(b.config().shared_d_ff, 32);
   EXPECT_FALSE(b.gating().options.normalize);
