@@ -39,8 +39,8 @@ using Json = nlohmann::json;
 
 /// Writes `case_file`'s config.json (its hf_config_json metadata) and its hf.* tensors under the
 /// checkpoint names of layer 0 into `dir`; returns the parsed spec.
-moe::io::ModelSpec write_checkpoint_of_case(const moe::io::SafetensorsFile& c, const ScratchDir& dir,
-                                            Json* config_out = nullptr) {
+moe::io::ModelSpec write_checkpoint_of_case(const moe::io::SafetensorsFile& c,
+                                            const ScratchDir& dir, Json* config_out = nullptr) {
   Json config = Json::parse(c.metadata().at("hf_config_json"));
   // The Switch case builds the sparse MLP directly; its config's encoder_sparse_step (0, from
   // num_layers // num_sparse_encoder_layers = 1 // 3) makes no layer of the HF model sparse.
@@ -51,8 +51,8 @@ moe::io::ModelSpec write_checkpoint_of_case(const moe::io::SafetensorsFile& c, c
   std::vector<TensorToWrite> tensors;
   for (const std::string& name : c.names()) {
     if (name.rfind("hf.", 0) != 0) continue;
-    TensorToWrite t = moe::io::make_tensor(prefix + name.substr(3), c.read_matrix<double>(name),
-                                           Dtype::F64);
+    TensorToWrite t =
+        moe::io::make_tensor(prefix + name.substr(3), c.read_matrix<double>(name), Dtype::F64);
     t.shape = c.info(name).shape;
     tensors.push_back(std::move(t));
   }
@@ -130,7 +130,8 @@ TEST(IoHfConfigKeys, UnknownModelTypeListsTheTable) {
   Json j = moe::test::mixtral_config(1);
   j["model_type"] = "mixtral2";
   std::string known;
-  for (const auto& row : moe::io::kFamilies) known += (known.empty() ? "" : ", ") + std::string(row.model_type);
+  for (const auto& row : moe::io::kFamilies)
+    known += (known.empty() ? "" : ", ") + std::string(row.model_type);
   EXPECT_EQ(known,
             "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers");
   expect_error<moe::io_error>([&] { moe::io::parse_model_spec(j.dump(), "c.json"); },
@@ -190,10 +191,10 @@ TEST(IoShard, OnlyTheChosenExpertsAreRead) {
   const auto shard = moe::io::load_moe_shard<float>(dir.str(), 0, o);
   EXPECT_EQ(RowMatrix<float>(shard.weights.experts.w_in(0)), RowMatrix<float>(w.experts.w_in(2)));
   o.experts = {2, 1};
-  expect_error<moe::io_error>(
-      [&] { moe::io::load_moe_shard<float>(dir.str(), 0, o); },
-      "moe: " + dir.str() +
-          ": layer 0 (mixtral): missing tensor 'model.layers.0.block_sparse_moe.experts.1.w1.weight'");
+  expect_error<moe::io_error>([&] { moe::io::load_moe_shard<float>(dir.str(), 0, o); },
+                              "moe: " + dir.str() +
+                                  ": layer 0 (mixtral): missing tensor "
+                                  "'model.layers.0.block_sparse_moe.experts.1.w1.weight'");
 }
 
 TEST(IoShard, BadIdsAreConfigErrorsNamingTheId) {
@@ -239,12 +240,11 @@ TEST(IoNonFinite, NanRouterAndInfExpertNameFileLayerAndTensor) {
     write_text(dir.file("config.json"), moe::test::mixtral_config(2).dump());
     const auto m = ModelCheckpoint::open(dir.str());
     EXPECT_NO_THROW(moe::io::load_moe_layer<moe::SparseMoeBlock<float>>(m, 0));
-    const std::string p = layout == Layout::fused ? "model.layers.1.mlp."
-                                                  : "model.layers.1.block_sparse_moe.";
-    expect_error<moe::io_error>(
-        [&] { moe::io::load_moe_layer<moe::SparseMoeBlock<float>>(m, 1); },
-        "moe: " + dir.file("model.safetensors") + ": layer 1: tensor '" + p +
-            "gate.weight' has a non-finite value (nan at [2, 5])");
+    const std::string p =
+        layout == Layout::fused ? "model.layers.1.mlp." : "model.layers.1.block_sparse_moe.";
+    expect_error<moe::io_error>([&] { moe::io::load_moe_layer<moe::SparseMoeBlock<float>>(m, 1); },
+                                "moe: " + dir.file("model.safetensors") + ": layer 1: tensor '" +
+                                    p + "gate.weight' has a non-finite value (nan at [2, 5])");
     // Without the router's NaN, the expert's -inf: fused rows count from the tensor's first.
     w1.router(2, 5) = 0.5f;
     tensors.clear();

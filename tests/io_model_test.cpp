@@ -30,17 +30,17 @@ using moe::io::ModelCheckpoint;
 using moe::io::TensorToWrite;
 using moe::test::expect_error;
 using Json = nlohmann::json;
-using moe::test::ScratchDir;
-using moe::test::tensor;
-using moe::test::write_text;
-using moe::test::Layout;
 using moe::test::add_moe_layer;
+using moe::test::deepseek_v3_config;
 using moe::test::expect_same_weights;
+using moe::test::Layout;
 using moe::test::mixtral_config;
 using moe::test::qwen2_config;
-using moe::test::deepseek_v3_config;
 using moe::test::random_layer;
+using moe::test::ScratchDir;
+using moe::test::tensor;
 using moe::test::write_model;
+using moe::test::write_text;
 
 // ---------------------------------------------------------------------------------------------
 // config.json
@@ -303,8 +303,7 @@ TEST(IoModelLoad, SwitchPlainExpertsAndCapacity) {
   moe::io::LoadOptions dropless;
   dropless.switch_dropless = true;
   const auto b2 = moe::io::load_any_moe_layer<float>(m, 1, dropless);
-  EXPECT_EQ(b2.get<3>().gating().options.capacity,
-            moe::gating::CapacityTopK::Capacity::unlimited);
+  EXPECT_EQ(b2.get<3>().gating().options.capacity, moe::gating::CapacityTopK::Capacity::unlimited);
   // A gated Ffn does not fit ReLU MLP experts.
   using Wrong = moe::SparseMoeBlock<float, moe::gating::CapacityTopK, moe::SwiGLU>;
   expect_error<moe::config_error>(

@@ -4,20 +4,19 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <random>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "moe/io/model.hpp"
 #include "moe/io/safetensors.hpp"
-#include "test_util.hpp"
 #include "moe/tensor.hpp"
 
+#include "test_util.hpp"
 #include <unistd.h>
 
 namespace moe::test {
@@ -54,7 +53,8 @@ inline void write_text(const std::string& path, const std::string& text) {
 
 /// A tensor of `m` stored as `dtype` under `shape` (same element count as m).
 inline moe::io::TensorToWrite tensor(const std::string& name, const moe::RowMatrix<float>& m,
-                     std::vector<std::int64_t> shape = {}, moe::io::Dtype dtype = moe::io::Dtype::F32) {
+                                     std::vector<std::int64_t> shape = {},
+                                     moe::io::Dtype dtype = moe::io::Dtype::F32) {
   moe::io::TensorToWrite t = moe::io::make_tensor(name, m, dtype);
   if (!shape.empty()) t.shape = std::move(shape);
   return t;
@@ -70,8 +70,8 @@ enum class Layout { per_expert, fused };
 /// The tensors of one sparse layer of `family` under the hub's per-expert names or the
 /// transformers v5 fused names (the inverse of the mapping under test, written out by hand).
 inline void add_moe_layer(std::vector<TensorToWrite>& out, Family family, Index layer,
-                   const MoeWeights<float>& w, const MoeConfig& c, Layout layout,
-                   Dtype dtype = Dtype::F32) {
+                          const MoeWeights<float>& w, const MoeConfig& c, Layout layout,
+                          Dtype dtype = Dtype::F32) {
   using moe::detail::concat;
   const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff;
   const bool mixtral = family == Family::mixtral;
@@ -172,8 +172,9 @@ inline MoeWeights<float> random_layer(const moe::io::ModelSpec& spec, std::mt199
 }
 
 /// Writes config.json and model.safetensors (every layer sparse) into dir; returns the weights.
-inline std::vector<MoeWeights<float>> write_model(const ScratchDir& dir, const Json& config, Layout layout,
-                                           std::uint64_t seed, Dtype dtype = Dtype::F32) {
+inline std::vector<MoeWeights<float>> write_model(const ScratchDir& dir, const Json& config,
+                                                  Layout layout, std::uint64_t seed,
+                                                  Dtype dtype = Dtype::F32) {
   write_text(dir.file("config.json"), config.dump(2));
   const moe::io::ModelSpec spec = moe::io::parse_model_spec(config.dump(), "config.json");
   std::mt19937_64 rng(seed);

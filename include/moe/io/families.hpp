@@ -36,10 +36,10 @@ enum class Family {
 /// How a family routes: which gating policy (and AnyMoeBlock alternative) it loads into, and
 /// which routing keys of config.json are read.
 enum class RoutingKind {
-  softmax_top_k,    ///< gating::SoftmaxTopK (norm_topk_prob); AnyMoeBlock alternative 0
-  deepseek_v2,      ///< gating::DeepSeekV2 (scoring_func softmax, topk_method, groups); 1
-  deepseek_v3,      ///< gating::GroupLimitedTopK (sigmoid + selection bias, noaux_tc); 2
-  capacity_top_1,   ///< gating::CapacityTopK (expert_capacity); 3
+  softmax_top_k,   ///< gating::SoftmaxTopK (norm_topk_prob); AnyMoeBlock alternative 0
+  deepseek_v2,     ///< gating::DeepSeekV2 (scoring_func softmax, topk_method, groups); 1
+  deepseek_v3,     ///< gating::GroupLimitedTopK (sigmoid + selection bias, noaux_tc); 2
+  capacity_top_1,  ///< gating::CapacityTopK (expert_capacity); 3
 };
 
 /// Which layers hold a sparse MoE block (the others are dense FFNs), as the HF model decides.
@@ -52,9 +52,9 @@ enum class SparseLayers {
 
 /// How config.json gives the shared expert's width.
 enum class SharedWidth {
-  none,           ///< no shared expert
-  width,          ///< the key is the width (Qwen2-MoE shared_expert_intermediate_size)
-  expert_count,   ///< the key counts routed-width experts (DeepSeek n_shared_experts x d_ff)
+  none,          ///< no shared expert
+  width,         ///< the key is the width (Qwen2-MoE shared_expert_intermediate_size)
+  expert_count,  ///< the key counts routed-width experts (DeepSeek n_shared_experts x d_ff)
 };
 
 /// A config.json key and its aliases, in order of preference; unused slots are nullptr. The
@@ -66,46 +66,46 @@ struct FamilyRow {
   Family family;
   const char* model_type;  ///< config.json "model_type"
   RoutingKind routing;
-  const char* gating;      ///< the gating policy's name, for messages
-  bool gated_experts;      ///< SwiGLU-style gate/up/down (else a plain two-matrix MLP)
+  const char* gating;  ///< the gating policy's name, for messages
+  bool gated_experts;  ///< SwiGLU-style gate/up/down (else a plain two-matrix MLP)
 
   // config.json keys (our name <- HF names)
-  ConfigKey num_layers;    ///< layers (Switch: encoder blocks)
-  ConfigKey d_model;       ///< hidden_size
-  ConfigKey d_ff;          ///< routed expert width
-  ConfigKey dense_d_ff;    ///< dense layers' width (absent: 0, or d_ff when dense_is_d_ff)
-  bool dense_is_d_ff;      ///< dense layers have the routed width (Switch)
-  ConfigKey num_experts;   ///< routed experts (num_local_experts)
-  ConfigKey top_k;         ///< experts per token; empty: fixed_top_k
+  ConfigKey num_layers;   ///< layers (Switch: encoder blocks)
+  ConfigKey d_model;      ///< hidden_size
+  ConfigKey d_ff;         ///< routed expert width
+  ConfigKey dense_d_ff;   ///< dense layers' width (absent: 0, or d_ff when dense_is_d_ff)
+  bool dense_is_d_ff;     ///< dense layers have the routed width (Switch)
+  ConfigKey num_experts;  ///< routed experts (num_local_experts)
+  ConfigKey top_k;        ///< experts per token; empty: fixed_top_k
   Index fixed_top_k;
   SharedWidth shared_width;
   ConfigKey shared_key;
-  bool shared_expert_gate;        ///< a sigmoid gate [1 x d_model] scales the shared expert
-  const char* norm_topk_prob;     ///< key, or nullptr when the family fixes it
+  bool shared_expert_gate;     ///< a sigmoid gate [1 x d_model] scales the shared expert
+  const char* norm_topk_prob;  ///< key, or nullptr when the family fixes it
   bool norm_topk_prob_default;
-  const char* hidden_act;         ///< activation key
+  const char* hidden_act;  ///< activation key
   const char* hidden_act_default;
   SparseLayers sparse_layers;
 
   // HF state_dict names
-  const char* sparse_prefix;      ///< sparse layer's module prefix, e.g. "model.layers.{L}.mlp."
-  const char* sparse_prefix_v5;   ///< alternative (transformers v5 in-memory name), or nullptr
-  const char* decoder_prefix;     ///< Switch decoder stack's prefix, or nullptr
-  const char* dense_prefix;       ///< dense layer's module prefix
-  const char* router;             ///< [E x d_model]
-  const char* router_bias;        ///< [E] selection bias, or nullptr
+  const char* sparse_prefix;        ///< sparse layer's module prefix, e.g. "model.layers.{L}.mlp."
+  const char* sparse_prefix_v5;     ///< alternative (transformers v5 in-memory name), or nullptr
+  const char* decoder_prefix;       ///< Switch decoder stack's prefix, or nullptr
+  const char* dense_prefix;         ///< dense layer's module prefix
+  const char* router;               ///< [E x d_model]
+  const char* router_bias;          ///< [E] selection bias, or nullptr
   const char* refused_router_bias;  ///< a classifier bias we do not support, or nullptr
-  const char* expert_gate;        ///< per expert [d_ff x d_model] (plain MLP: the input matrix)
-  const char* expert_up;          ///< per expert [d_ff x d_model], nullptr for a plain MLP
-  const char* expert_down;        ///< per expert [d_model x d_ff]
-  const char* fused_gate_up;      ///< [E x 2 d_ff x d_model] gate rows first, or nullptr
-  const char* fused_down;         ///< [E x d_model x d_ff], or nullptr
-  const char* shared_gate;        ///< shared expert [S x d_model] (nullptr: no shared expert)
+  const char* expert_gate;          ///< per expert [d_ff x d_model] (plain MLP: the input matrix)
+  const char* expert_up;            ///< per expert [d_ff x d_model], nullptr for a plain MLP
+  const char* expert_down;          ///< per expert [d_model x d_ff]
+  const char* fused_gate_up;        ///< [E x 2 d_ff x d_model] gate rows first, or nullptr
+  const char* fused_down;           ///< [E x d_model x d_ff], or nullptr
+  const char* shared_gate;          ///< shared expert [S x d_model] (nullptr: no shared expert)
   const char* shared_up;
   const char* shared_down;
   const char* shared_expert_gate_name;  ///< [1 x d_model], or nullptr
-  const char* dense_gate;         ///< dense FFN names, relative to dense_prefix
-  const char* dense_up;           ///< nullptr for a plain MLP
+  const char* dense_gate;               ///< dense FFN names, relative to dense_prefix
+  const char* dense_up;                 ///< nullptr for a plain MLP
   const char* dense_down;
 };
 
@@ -114,6 +114,13 @@ inline constexpr ConfigKey kNoKey{nullptr, nullptr, nullptr};
 }  // namespace detail
 
 // clang-format off
+/// The table, one row per family, one line per group of FamilyRow's fields in declaration order:
+///   identity (family, model_type, routing, gating name, gated experts);
+///   size keys (layers, d_model, d_ff, dense d_ff, dense_is_d_ff, experts, top_k, fixed top_k);
+///   shared width rule and key, shared gate, norm_topk_prob key and default, activation key and
+///   default; the sparse-layer rule;
+///   prefixes (sparse, v5 alternative, decoder, dense); router, selection bias, refused bias;
+///   per-expert names; fused names; shared expert names and gate; dense FFN names.
 /// The table. Keys and names as transformers 5.17 writes them (the v2 reference cases'
 /// hf_config_json; Qwen3MoeConfig saves num_local_experts, Qwen2-MoE and OLMoE num_experts).
 inline const std::array<FamilyRow, 7> kFamilies{{

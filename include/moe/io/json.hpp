@@ -15,16 +15,6 @@
 
 namespace moe::io::detail {
 
-/// "[2 x 3 x 4]"; "[]" for a scalar.
-inline std::string shape_str(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += " x ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 /// "a JSON number", "a JSON array", ... for messages about a value of the wrong type.
 inline std::string json_kind(const nlohmann::json& j) {
   switch (j.type()) {

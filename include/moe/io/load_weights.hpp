@@ -63,18 +63,40 @@ void check_ffn(const ModelSpec& s) {
   const bool gated = s.row().gated_experts;
   if (Ffn::gated != gated || !detail::ffn_matches<Ffn>(s.hidden_act)) {
     throw config_error(moe::detail::concat(
-        "moe: ", s.source, ": ", family_name(s.family), " experts are ",
-        gated ? "gated" : "plain", " with activation '", s.hidden_act,
-        "'; the block type's Ffn is ", Ffn::gated ? "gated" : "plain", " and does not match"));
+        "moe: ", s.source, ": ", family_name(s.family), " experts are ", gated ? "gated" : "plain",
+        " with activation '", s.hidden_act, "'; the block type's Ffn is ",
+        Ffn::gated ? "gated" : "plain", " and does not match"));
   }
 }
 
+namespace detail {
+
+/// `base` as the Options of a policy type: the same type, or a family's Options deriving from
+/// it (a family name whose defaults differ; the loader overrides every field it reads).
+template <class Want, class Have>
+Want as_options(const Have& base) {
+  if constexpr (std::is_same_v<Want, Have>) {
+    return base;
+  } else {
+    static_assert(std::is_base_of_v<Have, Want>,
+                  "moe::io: the policy's Options must be its generic policy's Options or derive "
+                  "from them");
+    Want w{};
+    static_cast<Have&>(w) = base;
+    return w;
+  }
+}
+
+}  // namespace detail
+
 /// The gating options config.json implies for policy G (norm_topk_prob, n_group, topk_group,
-/// routed_scaling_factor, expert_capacity). Throws config_error when G is not the policy the
-/// family routes with: "moe: DIR/config.json: deepseek_v3 routes with gating::GroupLimitedTopK;
-/// the block type uses gating::SoftmaxTopK".
+/// routed_scaling_factor, expert_capacity): G is a generic policy or a family type deriving from
+/// one. Throws config_error when G is not the policy the family routes with: "moe:
+/// DIR/config.json: deepseek_v3 routes with gating::GroupLimitedTopK; the block type uses
+/// gating::SoftmaxTopK".
 template <class G>
 typename G::Options gating_options(const ModelSpec& s, const LoadOptions& lo = {}) {
+  using Want = typename G::Options;
   const RoutingKind kind = s.row().routing;
   auto require = [&](RoutingKind want, const char* have) {
     if (kind != want) {
@@ -83,24 +105,27 @@ typename G::Options gating_options(const ModelSpec& s, const LoadOptions& lo = {
                                              "; the block type uses ", have));
     }
   };
-  if constexpr (std::is_same_v<G, gating::SoftmaxTopK>) {
+  if constexpr (std::is_base_of_v<gating::SoftmaxTopK, G>) {
     require(RoutingKind::softmax_top_k, "gating::SoftmaxTopK");
-    return typename G::Options{s.norm_topk_prob};
-  } else if constexpr (std::is_same_v<G, gating::GroupLimitedTopK>) {
+    typename gating::SoftmaxTopK::Options o{};
+    o.normalize = s.norm_topk_prob;
+    return detail::as_options<Want>(o);
+  } else if constexpr (std::is_base_of_v<gating::GroupLimitedTopK, G>) {
     require(RoutingKind::deepseek_v3, "gating::GroupLimitedTopK");
-    return G::Options::deepseek_v3(s.n_group, s.topk_group, s.routed_scaling_factor,
-                                   s.norm_topk_prob);
-  } else if constexpr (std::is_same_v<G, gating::DeepSeekV2>) {
+    return detail::as_options<Want>(gating::GroupLimitedTopK::Options::deepseek_v3(
+        s.n_group, s.topk_group, s.routed_scaling_factor, s.norm_topk_prob));
+  } else if constexpr (std::is_base_of_v<gating::DeepSeekV2, G>) {
     require(RoutingKind::deepseek_v2, "gating::DeepSeekV2");
     // HF DeepseekV2: with norm_topk_prob the weights are renormalised and NOT scaled.
-    auto o = G::Options::deepseek_v2(s.n_group, s.topk_group,
-                                     s.norm_topk_prob ? 1.0 : s.routed_scaling_factor);
+    auto o = gating::DeepSeekV2::Options::deepseek_v2(
+        s.n_group, s.topk_group, s.norm_topk_prob ? 1.0 : s.routed_scaling_factor);
     o.normalize = s.norm_topk_prob;
-    return o;
-  } else if constexpr (std::is_same_v<G, gating::CapacityTopK>) {
+    return detail::as_options<Want>(o);
+  } else if constexpr (std::is_base_of_v<gating::CapacityTopK, G>) {
     require(RoutingKind::capacity_top_1, "gating::CapacityTopK");
-    return lo.switch_dropless ? G::Options::dropless()
-                              : G::Options::switch_transformers(s.expert_capacity);
+    return detail::as_options<Want>(
+        lo.switch_dropless ? gating::CapacityTopK::Options::dropless()
+                           : gating::CapacityTopK::Options::switch_transformers(s.expert_capacity));
   } else {
     static_assert(detail::no_family_routes_with_v<G>,
                   "moe::io: no checkpoint family routes with this policy");
@@ -141,8 +166,7 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   }
   const std::string router = p + row.router;
   r.check(router, {E, H});
-  if (row.refused_router_bias != nullptr &&
-      (s.router_bias || r.has(p + row.refused_router_bias))) {
+  if (row.refused_router_bias != nullptr && (s.router_bias || r.has(p + row.refused_router_bias))) {
     throw io_error("moe: " + m.directory() + ": '" + p + row.refused_router_bias +
                    "': a router bias is not supported");
   }
@@ -150,8 +174,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   if (bias) r.check(p + row.router_bias, {E});
 
   // Routed experts: fused (v5) or per expert; only the chosen ones are checked and read.
-  const bool fused = row.fused_gate_up != nullptr &&
-                     (r.has(p + row.fused_gate_up) || r.has(p + row.fused_down));
+  const bool fused =
+      row.fused_gate_up != nullptr && (r.has(p + row.fused_gate_up) || r.has(p + row.fused_down));
   const std::string fused_in = fused ? p + row.fused_gate_up : "";
   const std::string fused_out = fused ? p + row.fused_down : "";
   auto expert_name = [&](const char* pattern, Index e) {
@@ -208,11 +232,11 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
 /// total (the router's rows).
 template <class T>
 struct MoeShard {
-  ModelSpec spec;               ///< the checkpoint's config.json (spec.moe: the layer's sizes)
-  Index layer = 0;              ///< the layer loaded
-  LoadOptions options;          ///< the options it was loaded with
-  std::vector<Index> experts;   ///< global ids of the experts held, in the order held
-  MoeWeights<T> weights;        ///< router [E x d_model] etc.; experts: experts.size() of them
+  ModelSpec spec;              ///< the checkpoint's config.json (spec.moe: the layer's sizes)
+  Index layer = 0;             ///< the layer loaded
+  LoadOptions options;         ///< the options it was loaded with
+  std::vector<Index> experts;  ///< global ids of the experts held, in the order held
+  MoeWeights<T> weights;       ///< router [E x d_model] etc.; experts: experts.size() of them
 
   /// The layer's sizes (num_experts: all E experts of the layer).
   const MoeConfig& config() const { return spec.moe; }

@@ -145,8 +145,7 @@ class LayerReader {
   void read_into(const std::string& name, MutMap<T> dst) const {
     const TensorInfo& info = m_.tensors().info(name);
     const auto address = reinterpret_cast<std::uintptr_t>(m_.tensors().file_of(name).data(name));
-    if (info.dtype == native_dtype<T>() && address % alignof(T) == 0 &&
-        !has(name + "_scale_inv")) {
+    if (info.dtype == native_dtype<T>() && address % alignof(T) == 0 && !has(name + "_scale_inv")) {
       dst = m_.tensors().map_matrix<T>(name);
       check_finite(name, dst.data(), dst.rows(), dst.cols(), 0);
     } else {
@@ -171,10 +170,10 @@ class LayerReader {
     const Index n = rows * cols;
     for (Index i = 0; i < n; ++i) {
       if (!std::isfinite(values[i])) {
-        throw io_error(moe::detail::concat(
-            "moe: ", m_.tensors().file_of(name).path(), ": layer ", layer_, ": tensor '", name,
-            "' has a non-finite value (", values[i], " at [", row_offset + i / cols, ", ",
-            i % cols, "])"));
+        throw io_error(moe::detail::concat("moe: ", m_.tensors().file_of(name).path(), ": layer ",
+                                           layer_, ": tensor '", name, "' has a non-finite value (",
+                                           values[i], " at [", row_offset + i / cols, ", ",
+                                           i % cols, "])"));
       }
     }
   }

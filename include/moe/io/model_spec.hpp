@@ -182,6 +182,10 @@ struct ModelSpec {
   }
 };
 
+/// Largest layer count or shared width a config.json may give: sums and products of two such
+/// values stay inside 64 bits.
+inline constexpr Index kMaxConfigCount = Index(1) << 40;
+
 namespace detail {
 
 /// The routing keys of config.json for the row's RoutingKind (DeepSeek groups and scaling, FP8
@@ -306,14 +310,26 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
     case SharedWidth::width:
       m.shared_d_ff = s.get_int(row.shared_key, 0);
       break;
-    case SharedWidth::expert_count:
-      m.shared_d_ff = s.get_int(row.shared_key, 0) * m.d_ff;
+    case SharedWidth::expert_count: {
+      const Index count = s.get_int(row.shared_key, 0);
+      if (count < 0 || (m.d_ff > 0 && count > kMaxConfigCount / m.d_ff)) {
+        throw config_error(moe::detail::concat("moe: ", where, ": ", row.shared_key[0], " = ",
+                                               count, " is out of range"));
+      }
+      m.shared_d_ff = count * m.d_ff;
       break;
+    }
   }
   m.shared_expert_gate = row.shared_expert_gate && m.shared_d_ff > 0;
   detail::parse_layer_keys(s, where);
   detail::parse_routing_keys(s, where, model_type);
 
+  for (const Index layers : {s.num_layers, s.num_decoder_layers}) {
+    if (layers > kMaxConfigCount) {
+      throw config_error(moe::detail::concat("moe: ", where, ": the number of layers = ", layers,
+                                             " is out of range"));
+    }
+  }
   if (s.num_layers <= 0) {
     throw config_error(moe::detail::concat(
         "moe: ", where, ": the number of layers = ", s.num_layers, " must be positive"));

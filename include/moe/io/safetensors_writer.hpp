@@ -220,5 +220,4 @@ TensorToWrite make_tensor(std::string name, const RowMatrix<T>& m,
   return t;
 }
 
-
 }  // namespace moe::io

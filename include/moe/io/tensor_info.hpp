@@ -34,7 +34,18 @@ struct TensorInfo {
   }
 };
 
+/// A tensor shape for messages: "[2 x 3 x 4]"; "[]" for a scalar.
+inline std::string shape_str(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += " x ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
 namespace detail {
+using io::shape_str;  // the name callers used before it was public
 
 template <class T>
 inline constexpr bool always_false_v = false;
