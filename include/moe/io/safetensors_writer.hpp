@@ -23,7 +23,6 @@
 
 #include "moe/error.hpp"
 #include "moe/io/dtype.hpp"
-#include "moe/io/json.hpp"
 #include "moe/io/tensor_info.hpp"
 #include "moe/tensor.hpp"
 
