@@ -33,8 +33,8 @@ int main(int argc, char** argv) try {
   const auto ref_file = moe::io::SafetensorsFile::open(argv[2]);
   if (got_file.info(name).shape != ref_file.info(name).shape) {
     std::fprintf(stderr, "compare_logits: '%s' has shape %s in %s but %s in %s\n", name.c_str(),
-                 moe::io::detail::shape_str(got_file.info(name).shape).c_str(), argv[1],
-                 moe::io::detail::shape_str(ref_file.info(name).shape).c_str(), argv[2]);
+                 moe::io::shape_str(got_file.info(name).shape).c_str(), argv[1],
+                 moe::io::shape_str(ref_file.info(name).shape).c_str(), argv[2]);
     return 1;
   }
   const auto got = got_file.read_matrix<double>(name);
@@ -44,7 +44,7 @@ int main(int argc, char** argv) try {
   const bool ok = err <= tol * (1.0 + scale);  // false for NaN
   std::printf("%s: '%s' %s max |err| = %.3g, max |ref| = %.3g, tolerance %.3g\n",
               ok ? "match" : "MISMATCH", name.c_str(),
-              moe::io::detail::shape_str(ref_file.info(name).shape).c_str(), err, scale,
+              moe::io::shape_str(ref_file.info(name).shape).c_str(), err, scale,
               tol * (1.0 + scale));
   return ok ? 0 : 1;
 } catch (const std::exception& e) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,14 @@ namespace example {
 using moe::Index;
 using Matrix = moe::RowMatrix<float>;
 using Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU>;
+
+/// The arguments' stream output, concatenated (error messages).
+template <class... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  return out.str();
+}
 
 /// Model hyper-parameters (Hugging Face MixtralConfig names in comments).
 struct ModelConfig {
@@ -181,8 +190,7 @@ inline Matrix forward(const ModelWeights& w, const std::vector<Index>& ids,
   for (Index t = 0; t < S; ++t) {
     const Index id = ids[static_cast<std::size_t>(t)];
     if (id < 0 || id >= c.vocab_size) {
-      throw moe::error(
-          moe::detail::concat("example: token id ", id, " outside [0, ", c.vocab_size, ")"));
+      throw moe::error(cat("example: token id ", id, " outside [0, ", c.vocab_size, ")"));
     }
     h.row(t) = w.embed_tokens.row(id);
   }
@@ -248,14 +256,13 @@ inline ModelWeights load_model(const std::string& dir) {
   c.num_heads = spec.get_int("num_attention_heads");
   c.num_kv_heads = spec.get_int("num_key_value_heads", c.num_heads);
   if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
-    throw moe::config_error(moe::detail::concat("example: ", spec.source, ": num_attention_heads ",
-                                                c.num_heads, " is not a multiple of ",
-                                                "num_key_value_heads ", c.num_kv_heads));
+    throw moe::config_error(cat("example: ", spec.source, ": num_attention_heads ", c.num_heads,
+                                " is not a multiple of ", "num_key_value_heads ", c.num_kv_heads));
   }
   c.head_dim = spec.get_int("head_dim", c.hidden_size / c.num_heads);
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) {
-    throw moe::config_error(moe::detail::concat("example: ", spec.source, ": head_dim ", c.head_dim,
-                                                " must be positive and even"));
+    throw moe::config_error(
+        cat("example: ", spec.source, ": head_dim ", c.head_dim, " must be positive and even"));
   }
   c.num_experts = spec.moe.num_experts;
   c.top_k = spec.moe.top_k;
@@ -277,8 +284,8 @@ inline ModelWeights load_model(const std::string& dir) {
     const auto& shape = t.info(name).shape;
     if (shape.size() != 2 || m.rows() != rows || m.cols() != cols) {
       throw moe::shape_error("example: " + dir + ": tensor '" + name + "' has shape " +
-                             moe::io::detail::shape_str(shape) + ", config.json implies " +
-                             moe::detail::shape_str(rows, cols));
+                             moe::io::shape_str(shape) + ", config.json implies " +
+                             cat('[', rows, " x ", cols, ']'));
     }
     return m;
   };
@@ -287,9 +294,8 @@ inline ModelWeights load_model(const std::string& dir) {
       throw moe::io_error("example: " + dir + ": missing tensor '" + name + "'");
     const auto& shape = t.info(name).shape;
     if (shape.size() != 1 || shape[0] != n) {
-      throw moe::shape_error(moe::detail::concat("example: ", dir, ": tensor '", name,
-                                                 "' has shape ", moe::io::detail::shape_str(shape),
-                                                 ", config.json implies [", n, "]"));
+      throw moe::shape_error(cat("example: ", dir, ": tensor '", name, "' has shape ",
+                                 moe::io::shape_str(shape), ", config.json implies [", n, "]"));
     }
     return t.read_matrix<float>(name).transpose();
   };
@@ -301,10 +307,10 @@ inline ModelWeights load_model(const std::string& dir) {
   const Index q_rows = c.num_heads * c.head_dim, kv_rows = c.num_kv_heads * c.head_dim;
   for (Index l = 0; l < c.num_layers; ++l) {
     if (!spec.is_moe_layer(l)) {
-      throw moe::config_error(moe::detail::concat("example: ", spec.source, ": layer ", l,
-                                                  " is dense; this example runs MoE layers only"));
+      throw moe::config_error(cat("example: ", spec.source, ": layer ", l,
+                                  " is dense; this example runs MoE layers only"));
     }
-    const std::string p = moe::detail::concat("model.layers.", l, ".");
+    const std::string p = cat("model.layers.", l, ".");
     LayerWeights layer{vector(p + "input_layernorm.weight", H),
                        vector(p + "post_attention_layernorm.weight", H),
                        matrix(p + "self_attn.q_proj.weight", q_rows, H),

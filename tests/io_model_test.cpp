@@ -15,12 +15,11 @@
 
 #include "moe/io/model.hpp"
 
+#include "io_test_util.hpp"
 #include "test_util.hpp"
-#include <unistd.h>
 
 namespace {
 
-namespace fs = std::filesystem;
 using moe::Index;
 using moe::MoeConfig;
 using moe::MoeWeights;
@@ -31,165 +30,17 @@ using moe::io::ModelCheckpoint;
 using moe::io::TensorToWrite;
 using moe::test::expect_error;
 using Json = nlohmann::json;
-
-/// A fresh directory under the system temp dir, removed with its contents at scope exit.
-class ScratchDir {
- public:
-  ScratchDir() {
-    static int counter = 0;
-    path_ = fs::temp_directory_path() /
-            ("moe_io_model_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  ScratchDir(const ScratchDir&) = delete;
-  ScratchDir& operator=(const ScratchDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
-
-/// A tensor of `m` stored as `dtype` under `shape` (same element count as m).
-TensorToWrite tensor(const std::string& name, const RowMatrix<float>& m,
-                     std::vector<std::int64_t> shape = {}, Dtype dtype = Dtype::F32) {
-  TensorToWrite t = moe::io::make_tensor(name, m, dtype);
-  if (!shape.empty()) t.shape = std::move(shape);
-  return t;
-}
-
-enum class Layout { per_expert, fused };
-
-/// The tensors of one sparse layer of `family` under the hub's per-expert names or the
-/// transformers v5 fused names (the inverse of the mapping under test, written out by hand).
-void add_moe_layer(std::vector<TensorToWrite>& out, Family family, Index layer,
-                   const MoeWeights<float>& w, const MoeConfig& c, Layout layout,
-                   Dtype dtype = Dtype::F32) {
-  using moe::detail::concat;
-  const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff;
-  const bool mixtral = family == Family::mixtral;
-  std::string p = concat("model.layers.", layer, ".mlp.");
-  if (mixtral && layout == Layout::per_expert) {
-    p = concat("model.layers.", layer, ".block_sparse_moe.");
-  }
-  if (family == Family::switch_transformers) {
-    p = concat("encoder.block.", layer, ".layer.1.mlp.");
-    out.push_back(tensor(p + "router.classifier.weight", w.router, {}, dtype));
-    for (Index e = 0; e < E; ++e) {
-      out.push_back(
-          tensor(concat(p, "experts.expert_", e, ".wi.weight"), w.experts.gate(e), {}, dtype));
-      out.push_back(
-          tensor(concat(p, "experts.expert_", e, ".wo.weight"), w.experts.w_out(e), {}, dtype));
-    }
-    return;
-  }
-  out.push_back(tensor(p + "gate.weight", w.router, {}, dtype));
-  if (w.router_bias.size() != 0) {
-    out.push_back(tensor(p + "gate.e_score_correction_bias", w.router_bias, {E}, Dtype::F32));
-  }
-  if (layout == Layout::fused) {
-    out.push_back(tensor(p + "experts.gate_up_proj", w.experts.stacked_in(), {E, 2 * I, H}, dtype));
-    out.push_back(tensor(p + "experts.down_proj", w.experts.stacked_out(), {E, H, I}, dtype));
-  } else {
-    for (Index e = 0; e < E; ++e) {
-      const std::string q = concat(p, "experts.", e, '.');
-      out.push_back(
-          tensor(q + (mixtral ? "w1" : "gate_proj") + ".weight", w.experts.gate(e), {}, dtype));
-      out.push_back(
-          tensor(q + (mixtral ? "w3" : "up_proj") + ".weight", w.experts.up(e), {}, dtype));
-      out.push_back(
-          tensor(q + (mixtral ? "w2" : "down_proj") + ".weight", w.experts.w_out(e), {}, dtype));
-    }
-  }
-  if (c.shared_d_ff > 0) {
-    const std::string s = p + (family == Family::qwen2_moe ? "shared_expert." : "shared_experts.");
-    out.push_back(tensor(s + "gate_proj.weight", w.shared.gate(0), {}, dtype));
-    out.push_back(tensor(s + "up_proj.weight", w.shared.up(0), {}, dtype));
-    out.push_back(tensor(s + "down_proj.weight", w.shared.w_out(0), {}, dtype));
-    if (c.shared_expert_gate) {
-      out.push_back(tensor(p + "shared_expert_gate.weight", w.shared_gate, {}, dtype));
-    }
-  }
-}
-
-void expect_same_weights(const MoeWeights<float>& a, const MoeWeights<float>& b) {
-  EXPECT_EQ(a.router, b.router);
-  EXPECT_EQ(a.router_bias, b.router_bias);
-  EXPECT_EQ(a.experts.stacked_in(), b.experts.stacked_in());
-  EXPECT_EQ(a.experts.stacked_out(), b.experts.stacked_out());
-  EXPECT_EQ(a.shared.stacked_in(), b.shared.stacked_in());
-  EXPECT_EQ(a.shared.stacked_out(), b.shared.stacked_out());
-  EXPECT_EQ(a.shared_gate, b.shared_gate);
-}
-
-Json mixtral_config(Index layers = 2) {
-  return Json{{"model_type", "mixtral"}, {"hidden_size", 8},         {"intermediate_size", 6},
-              {"num_local_experts", 4},  {"num_experts_per_tok", 2}, {"num_hidden_layers", layers},
-              {"hidden_act", "silu"}};
-}
-
-Json qwen2_config() {
-  return Json{{"model_type", "qwen2_moe"},
-              {"hidden_size", 8},
-              {"intermediate_size", 20},
-              {"moe_intermediate_size", 6},
-              {"shared_expert_intermediate_size", 10},
-              {"num_experts", 4},
-              {"num_experts_per_tok", 2},
-              {"num_hidden_layers", 2},
-              {"norm_topk_prob", false}};
-}
-
-Json deepseek_v3_config() {
-  return Json{{"model_type", "deepseek_v3"},
-              {"hidden_size", 8},
-              {"intermediate_size", 20},
-              {"moe_intermediate_size", 6},
-              {"n_routed_experts", 8},
-              {"n_shared_experts", 2},
-              {"num_experts_per_tok", 2},
-              {"num_hidden_layers", 3},
-              {"n_group", 4},
-              {"topk_group", 2},
-              {"routed_scaling_factor", 2.5},
-              {"norm_topk_prob", true},
-              {"scoring_func", "sigmoid"},
-              {"topk_method", "noaux_tc"},
-              {"first_k_dense_replace", 1}};
-}
-
-/// Random weights of a layer of `spec` (with a bias for DeepSeek-V3, plain for Switch).
-MoeWeights<float> random_layer(const moe::io::ModelSpec& spec, std::mt19937_64& rng) {
-  return moe::test::random_weights<float>(spec.moe, rng, spec.family != Family::switch_transformers,
-                                          spec.family == Family::deepseek_v3);
-}
-
-/// Writes config.json and model.safetensors (every layer sparse) into dir; returns the weights.
-std::vector<MoeWeights<float>> write_model(const ScratchDir& dir, const Json& config, Layout layout,
-                                           std::uint64_t seed, Dtype dtype = Dtype::F32) {
-  write_text(dir.file("config.json"), config.dump(2));
-  const moe::io::ModelSpec spec = moe::io::parse_model_spec(config.dump(), "config.json");
-  std::mt19937_64 rng(seed);
-  std::vector<MoeWeights<float>> layers;
-  std::vector<TensorToWrite> tensors;
-  for (Index l = 0; l < spec.total_layers(); ++l) {
-    layers.push_back(random_layer(spec, rng));
-    if (spec.is_moe_layer(l))
-      add_moe_layer(tensors, spec.family, l, layers.back(), spec.moe, layout, dtype);
-  }
-  moe::io::write_safetensors(dir.file("model.safetensors"), tensors, {{"format", "pt"}});
-  return layers;
-}
+using moe::test::add_moe_layer;
+using moe::test::deepseek_v3_config;
+using moe::test::expect_same_weights;
+using moe::test::Layout;
+using moe::test::mixtral_config;
+using moe::test::qwen2_config;
+using moe::test::random_layer;
+using moe::test::ScratchDir;
+using moe::test::tensor;
+using moe::test::write_model;
+using moe::test::write_text;
 
 // ---------------------------------------------------------------------------------------------
 // config.json
@@ -355,7 +206,7 @@ TEST(IoModelLoad, Qwen2MoeSharedExpertBothLayouts) {
     const auto w = write_model(dir, qwen2_config(), layout, 11);
     const auto any = moe::io::load_any_moe_layer<float>(dir.str(), 1);
     ASSERT_EQ(any.index(), 0u);
-    const auto& block = std::get<0>(any);
+    const auto& block = any.get<0>();
     expect_same_weights(block.weights(), w[1]);
     EXPECT_FALSE(block.gating().options.normalize);
     EXPECT_EQ(moe::io::config_of(any).shared_d_ff, 10);
@@ -386,7 +237,7 @@ TEST(IoModelLoad, DeepSeekV3BiasSharedExpertsAndDenseLayer) {
   const auto m = ModelCheckpoint::open(dir.str());
   const auto any1 = moe::io::load_any_moe_layer<float>(m, 1);
   ASSERT_EQ(any1.index(), 2u);
-  const auto& b1 = std::get<2>(any1);
+  const auto& b1 = any1.get<2>();
   expect_same_weights(b1.weights(), w1);
   EXPECT_EQ(b1.gating().options.n_group, 4);
   EXPECT_EQ(b1.gating().options.topk_group, 2);
@@ -424,7 +275,7 @@ TEST(IoModelLoad, DeepSeekV2GroupLimitedWithoutBias) {
   write_model(dir, config, Layout::per_expert, 9);
   const auto any = moe::io::load_any_moe_layer<double>(dir.str(), 0);
   ASSERT_EQ(any.index(), 1u);
-  const auto& o = std::get<1>(any).gating().options;
+  const auto& o = any.get<1>().gating().options;
   EXPECT_EQ(o.scoring, moe::gating::Scoring::softmax);
   EXPECT_EQ(o.group_score, moe::gating::GroupScore::max);
   EXPECT_FALSE(o.normalize);
@@ -445,15 +296,14 @@ TEST(IoModelLoad, SwitchPlainExpertsAndCapacity) {
   const auto m = ModelCheckpoint::open(dir.str());
   const auto any = moe::io::load_any_moe_layer<float>(m, 1);
   ASSERT_EQ(any.index(), 3u);
-  const auto& block = std::get<3>(any);
+  const auto& block = any.get<3>();
   expect_same_weights(block.weights(), w[1]);
   EXPECT_EQ(block.gating().options.expert_capacity, 3);
   EXPECT_EQ(block.gating().options.capacity, moe::gating::CapacityTopK::Capacity::absolute);
   moe::io::LoadOptions dropless;
   dropless.switch_dropless = true;
   const auto b2 = moe::io::load_any_moe_layer<float>(m, 1, dropless);
-  EXPECT_EQ(std::get<3>(b2).gating().options.capacity,
-            moe::gating::CapacityTopK::Capacity::unlimited);
+  EXPECT_EQ(b2.get<3>().gating().options.capacity, moe::gating::CapacityTopK::Capacity::unlimited);
   // A gated Ffn does not fit ReLU MLP experts.
   using Wrong = moe::SparseMoeBlock<float, moe::gating::CapacityTopK, moe::SwiGLU>;
   expect_error<moe::config_error>(
@@ -552,7 +402,7 @@ TEST(IoModelLoad, Fp8BlockScalesAreApplied) {
   }
   moe::io::write_safetensors(dir.file("model.safetensors"), tensors);
   const auto block = moe::io::load_any_moe_layer<float>(dir.str(), 0);
-  expect_same_weights(std::get<2>(block).weights(), expected);
+  expect_same_weights(block.get<2>().weights(), expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +517,7 @@ TEST(IoModelTiny, Qwen2MoeLoadsWithSharedExpert) {
   const std::string dir = std::string(MOE_TEST_DATA_DIR) + "/qwen2_moe_tiny";
   const auto any = moe::io::load_any_moe_layer<float>(dir, 1);
   ASSERT_EQ(any.index(), 0u);
-  const auto& b = std::get<0>(any);
+  const auto& b = any.get<0>();
   EXPECT_EQ(b.config().d_ff, 16);
   EXPECT_EQ(b.config().shared_d_ff, 32);
   EXPECT_FALSE(b.gating().options.normalize);

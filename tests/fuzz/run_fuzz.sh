@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds the libFuzzer targets in build-fuzz/ (clang, ASan + UBSan) and runs them on one core:
 #   tests/fuzz/run_fuzz.sh [seconds]   safetensors target for `seconds` (default 60),
-#                                      then the index target for a quarter of that (at least 5).
+#                                      then the index and config.json targets for a quarter of
+#                                      that each (at least 5).
 # New corpus entries go to build-fuzz/tests/fuzz/corpus/, crashes to build-fuzz/tests/fuzz/artifacts/.
 set -eu
 seconds=${1:-60}
@@ -11,7 +12,7 @@ fuzz=$build/tests/fuzz
 
 cmake -S "$root" -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
   -DMOE_BUILD_FUZZERS=ON -DMOE_BUILD_EXAMPLES=OFF -DMOE_BUILD_BENCHMARKS=OFF >/dev/null
-cmake --build "$build" -j1 --target safetensors_fuzz index_fuzz
+cmake --build "$build" -j1 --target safetensors_fuzz index_fuzz config_fuzz
 
 run() {  # kind seconds
   mkdir -p "$fuzz/corpus/$1" "$fuzz/artifacts"
@@ -23,3 +24,4 @@ run safetensors "$seconds"
 index_seconds=$((seconds / 4))
 [ "$index_seconds" -ge 5 ] || index_seconds=5
 run index "$index_seconds"
+run config "$index_seconds"

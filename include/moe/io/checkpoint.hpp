@@ -19,7 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/error.hpp"
-#include "moe/io/safetensors.hpp"
+#include "moe/io/json.hpp"
+#include "moe/io/safetensors_reader.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::io {
