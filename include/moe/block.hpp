@@ -216,10 +216,11 @@ class SparseMoeBlock {
     // tokens (read in place, strided). Each job runs as (job, column-block) tasks in two phases
     // (input projection + activation, then output projection); see detail::run_ffn_jobs.
     const auto& stack = experts();
+    const Index num_shared = shared.present ? 1 : 0;
     detail::run_ffn_jobs<Ffn>(
         config_.num_experts, [&](Index e) { return detail::grouped_expert_job(stack, rows, e); },
-        shared.present ? 1 : 0, [&](Index) { return shared.job; },
-        Access::task_begin(ws).ensure(config_.num_experts + 2), executor);
+        num_shared, [&](Index) { return shared.job; },
+        Access::task_begin(ws).ensure(config_.num_experts + num_shared + 1), executor);
 
     const T* s_gate = shared.present ? shared_gates(x, ws) : nullptr;
     combine_expert_outputs(plan, std::as_const(Access::routing(ws)).weights(), rows.y,

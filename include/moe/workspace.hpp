@@ -106,7 +106,7 @@ class Workspace {
     hidden_.ensure(N * in);
     y_rows_.ensure(N * d);
     gating_scratch_.ensure(E);
-    task_begin_.ensure(E + 2);
+    task_begin_.ensure(E + (config.shared_d_ff > 0 ? 1 : 0) + 1);
     if (config.shared_d_ff > 0) {
       shared_hidden_.ensure(Tn * in_s);
       shared_y_.ensure(Tn * d);
