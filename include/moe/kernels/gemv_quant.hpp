@@ -1,0 +1,401 @@
+// moe: Y = X * W^T for few rows of X and W in a block-quantised format (Q8, Q4, Mxfp4;
+// quant_formats.hpp): the decode products, bound by the bytes of W.
+//
+// Two modes, each with an AVX-512 path and a portable path that gives the same bits:
+//
+// Fast (gemv_quant_nt): X quantised once per call to int8 per block of 32 (ActivationsI8,
+// quant_activations.hpp). W is read in 64-column chunks (two blocks) as 64 unsigned codes u
+// (u = w / scale + offset) and one vpdpbusd per (W row, X row) gives 16 exact int32 lane sums
+//   p[l] = corr[16k + l] + sum_{t < 4} u[64k + 4l + t] * q[64k + 4l + t]   (= w.q / scale),
+// lanes 0-7 in block 2k and lanes 8-15 in block 2k + 1 (so the integer work is exact whatever
+// the ISA). The float part is fixed lane by lane, chunk after chunk:
+//   acc[l] = fma(dw[b(l)] * scale16[16k + l], float(p[l]), acc[l]),
+// dw the weight block's scale (fp16 for Q8/Q4, 2^(s - 128) for Mxfp4), then the 16 lanes summed
+// as a tree: s8[l] = acc[l] + acc[l + 8], s4[l] = s8[l] + s8[l + 4], (s4[0] + s4[2]) + (s4[1] +
+// s4[3]). An odd block count ends in a chunk whose second block has u.q = 0 and scales 0.
+// No vpdpbssd (signed x signed) is needed: the offset makes the weight operand unsigned and corr
+// takes it out again.
+//
+// Exact (gemv_quant_nt_exact): X in fp32, each weight decoded in registers to (u - offset) * dw
+// (exact in fp32), lane l accumulating fma(w[i], x[i], acc[l]) over i = l, l + 16, l + 32, ... and
+// the same tree sum: the order of gemm_small_nt, which the fp32 block runs, so for in a multiple
+// of 16 (always, in blocks of 32) the result is bitwise the fp32 product on the dequantised
+// weights.
+//
+// Tiles of 4 W rows in flight (several independent weight streams per thread) times up to 4 X
+// rows; more X rows are taken in groups of 4, re-reading the tile's W rows from cache.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "moe/error.hpp"
+#include "moe/kernels/quant_activations.hpp"
+#include "moe/kernels/quant_formats.hpp"
+#include "moe/tensor.hpp"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define MOE_QUANT_AVX512 1
+#include <immintrin.h>
+#else
+#define MOE_QUANT_AVX512 0
+#endif
+
+namespace moe::kernels {
+
+/// True when gemv_quant_nt and gemv_quant_nt_exact run their AVX-512 (VNNI) paths.
+inline constexpr bool gemv_quant_simd = MOE_QUANT_AVX512 != 0;
+
+/// Rows of W one register tile covers: start parallel [out_begin, out_end) ranges on multiples.
+inline constexpr Index gemv_quant_out_tile = 4;
+
+namespace detail {
+
+inline float quant_tree_sum(const float* acc) {
+  float s8[8], s4[4];
+  for (int l = 0; l < 8; ++l) s8[l] = acc[l] + acc[l + 8];
+  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+#if MOE_QUANT_AVX512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// Keeps a value in a register: GCC 12 otherwise folds loads into every use (see gemm_small.hpp).
+template <class V>
+inline void quant_keep(V& v) {
+#if defined(__GNUC__)
+  __asm__("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+inline float quant_reduce(__m512 v) {
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x55)));
+}
+
+// [a x 8, b x 8] from two fp16 scales (b = 0 when only one block).
+inline __m512 quant_fp16_pair(std::uint16_t a, std::uint16_t b) {
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(int(std::uint32_t(a) | (std::uint32_t(b) << 16))));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_zextps128_ps512(f));
+}
+
+/// Loads chunk k (blocks 2k and, when kTwo, 2k + 1) of W row o: 64 unsigned codes in column order
+/// and the lane scales [dw(2k) x 8, dw(2k + 1) x 8] (0 for a missing block).
+template <class Format>
+struct QuantSimd;
+
+template <>
+struct QuantSimd<Q8> {
+  template <bool kTwo>
+  static void load(const Q8View& w, Index o, Index k, __m512i& u, __m512& dw) {
+    const BlockQ8* b = w.blocks + o * w.blocks_per_row() + 2 * k;
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[0].q));
+    const __m256i hi =
+        kTwo ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[1].q)) : _mm256_setzero_si256();
+    u = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                         _mm512_set1_epi8(char(0x80)));
+    dw = quant_fp16_pair(b[0].d, kTwo ? b[1].d : std::uint16_t(0));
+  }
+};
+
+template <>
+struct QuantSimd<Q4> {
+  template <bool kTwo>
+  static void load(const Q4View& w, Index o, Index k, __m512i& u, __m512& dw) {
+    const BlockQ4* b = w.blocks + o * w.blocks_per_row() + 2 * k;
+    const __m256i lo =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].q)));
+    const __m256i hi = kTwo ? _mm256_broadcastsi128_si256(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].q)))
+                            : _mm256_setzero_si256();
+    // [q0, q0, q1, q1]: the second copy of each block shifted down to its high nibbles.
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    z = _mm512_mask_srli_epi16(z, __mmask32(0xFF00FF00u), z, 4);
+    u = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+    dw = quant_fp16_pair(b[0].d, kTwo ? b[1].d : std::uint16_t(0));
+  }
+};
+
+template <>
+struct QuantSimd<Mxfp4> {
+  template <bool kTwo>
+  static void load(const Mxfp4View& w, Index o, Index k, __m512i& u, __m512& dw) {
+    const Index blk = o * w.blocks_per_row() + 2 * k;
+    const std::uint8_t* c = w.codes + blk * 16;
+    const __m256i raw = kTwo ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))
+                             : _mm256_zextsi128_si256(
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    // Byte b -> the two bytes (b & 15, b >> 4): column order (even element in the low nibble).
+    const __m512i v = _mm512_cvtepu8_epi16(raw);
+    const __m512i nib =
+        _mm512_and_si512(_mm512_or_si512(v, _mm512_slli_epi16(v, 4)), _mm512_set1_epi16(0x0F0F));
+    // e2m1 code -> 2 * value + 12.
+    const __m512i lut = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    u = _mm512_shuffle_epi8(lut, nib);
+    const std::uint32_t s =
+        std::uint32_t(w.scales[blk]) | (kTwo ? std::uint32_t(w.scales[blk + 1]) << 8 : 0u);
+    const __m512i e = _mm512_permutexvar_epi32(
+        _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        _mm512_cvtepu8_epi32(_mm_cvtsi32_si128(int(s))));
+    // 2^(s - 128), exact (subnormal for s < 2); 0 for the missing block.
+    dw = _mm512_maskz_scalef_ps(kTwo ? __mmask16(0xFFFF) : __mmask16(0x00FF), _mm512_set1_ps(1.0f),
+                                _mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(128))));
+  }
+};
+
+// Fast mode: Y[r, j] for RowsX rows of `a` from row r0 and RowsW rows of W from o0.
+template <class Format, int RowsW, int RowsX>
+EIGEN_DONT_INLINE void gemv_quant_tile(const ActivationsI8& a, Index r0,
+                                       const QuantView<Format>& w, Index o0, float* __restrict y,
+                                       Index ldy) {
+  using Simd = QuantSimd<Format>;
+  const Index nb = w.blocks_per_row();
+  const Index full = nb / 2;
+  const Index pl = a.padded / 4;
+  const std::int8_t* xq = a.q + r0 * a.padded;
+  const std::int32_t* corr = a.corr + r0 * pl;
+  const float* sx = a.scale16 + r0 * pl;
+  __m512 acc[RowsW][RowsX];
+  for (int j = 0; j < RowsW; ++j) {
+    for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_setzero_ps();
+  }
+  auto step = [&](Index k, const __m512i* u, const __m512* dw) {
+    for (int r = 0; r < RowsX; ++r) {
+      const __m512i xv = _mm512_loadu_si512(xq + r * a.padded + 64 * k);
+      const __m512i cv = _mm512_loadu_si512(corr + r * pl + 16 * k);
+      const __m512 sv = _mm512_loadu_ps(sx + r * pl + 16 * k);
+      for (int j = 0; j < RowsW; ++j) {
+        const __m512i p = _mm512_dpbusd_epi32(cv, u[j], xv);
+        acc[j][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw[j], sv), _mm512_cvtepi32_ps(p), acc[j][r]);
+      }
+    }
+  };
+  for (Index k = 0; k < full; ++k) {
+    __m512i u[RowsW];
+    __m512 dw[RowsW];
+    for (int j = 0; j < RowsW; ++j) {
+      Simd::template load<true>(w, o0 + j, k, u[j], dw[j]);
+      quant_keep(u[j]);
+    }
+    step(k, u, dw);
+  }
+  if (nb % 2) {
+    __m512i u[RowsW];
+    __m512 dw[RowsW];
+    for (int j = 0; j < RowsW; ++j) Simd::template load<false>(w, o0 + j, full, u[j], dw[j]);
+    step(full, u, dw);
+  }
+  for (int j = 0; j < RowsW; ++j) {
+    for (int r = 0; r < RowsX; ++r) y[r * ldy + j] = quant_reduce(acc[j][r]);
+  }
+}
+
+// Exact mode: Y[r, j] for RowsX rows of fp32 X (stride ldx) and RowsW rows of W from o0.
+template <class Format, int RowsW, int RowsX>
+EIGEN_DONT_INLINE void gemv_quant_exact_tile(const float* __restrict x, Index ldx,
+                                             const QuantView<Format>& w, Index o0,
+                                             float* __restrict y, Index ldy) {
+  using Simd = QuantSimd<Format>;
+  const Index nb = w.blocks_per_row();
+  const Index full = nb / 2;
+  const __m512i offset = _mm512_set1_epi32(quant_offset<Format>);
+  __m512 acc[RowsW][RowsX];
+  for (int j = 0; j < RowsW; ++j) {
+    for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_setzero_ps();
+  }
+  // Quarter q (16 columns) of chunk k: decode, then one fma per X row.
+  auto quarter = [&](Index k, int q, const __m512i* u, const __m512* dw) {
+    __m512 xv[RowsX];
+    for (int r = 0; r < RowsX; ++r) {
+      xv[r] = _mm512_loadu_ps(x + r * ldx + 64 * k + 16 * q);
+      quant_keep(xv[r]);
+    }
+    for (int j = 0; j < RowsW; ++j) {
+      __m128i cq;
+      switch (q) {
+        case 0: cq = _mm512_extracti32x4_epi32(u[j], 0); break;
+        case 1: cq = _mm512_extracti32x4_epi32(u[j], 1); break;
+        case 2: cq = _mm512_extracti32x4_epi32(u[j], 2); break;
+        default: cq = _mm512_extracti32x4_epi32(u[j], 3); break;
+      }
+      const __m512 d = q < 2 ? _mm512_shuffle_f32x4(dw[j], dw[j], 0x00)
+                             : _mm512_shuffle_f32x4(dw[j], dw[j], 0xFF);
+      __m512 wv = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(cq), offset)), d);
+      quant_keep(wv);
+      for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
+    }
+  };
+  for (Index k = 0; k < full; ++k) {
+    __m512i u[RowsW];
+    __m512 dw[RowsW];
+    for (int j = 0; j < RowsW; ++j) Simd::template load<true>(w, o0 + j, k, u[j], dw[j]);
+    quarter(k, 0, u, dw);
+    quarter(k, 1, u, dw);
+    quarter(k, 2, u, dw);
+    quarter(k, 3, u, dw);
+  }
+  if (nb % 2) {
+    __m512i u[RowsW];
+    __m512 dw[RowsW];
+    for (int j = 0; j < RowsW; ++j) Simd::template load<false>(w, o0 + j, full, u[j], dw[j]);
+    quarter(full, 0, u, dw);
+    quarter(full, 1, u, dw);
+  }
+  for (int j = 0; j < RowsW; ++j) {
+    for (int r = 0; r < RowsX; ++r) y[r * ldy + j] = quant_reduce(acc[j][r]);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// Calls Tile<RowsW, RowsX> over all rows: groups of 4 X rows, then the remainder.
+template <int RowsW, class Tile>
+inline void quant_rows(Index n, Tile&& tile) {
+  Index r = 0;
+  for (; r + 4 <= n; r += 4) tile(r, std::integral_constant<int, 4>{});
+  switch (n - r) {
+    case 3: tile(r, std::integral_constant<int, 3>{}); break;
+    case 2: tile(r, std::integral_constant<int, 2>{}); break;
+    case 1: tile(r, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+#endif  // MOE_QUANT_AVX512
+
+}  // namespace detail
+
+/// Portable version of gemv_quant_nt (same arguments): the lane order of the file comment in
+/// scalar code, bit-identical to the AVX-512 path.
+template <class Format>
+void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantView<Format>& w, Index out_begin,
+                          Index out_end, float* y, Index ldy) {
+  MOE_ASSERT(a.cols == w.cols && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
+  const Index nb = w.blocks_per_row();
+  const Index pl = a.padded / 4;
+  for (Index o = out_begin; o < out_end; ++o) {
+    for (Index r = 0; r < a.rows; ++r) {
+      const std::int8_t* xq = a.q + r * a.padded;
+      float acc[16] = {};
+      for (Index k = 0; k < (nb + 1) / 2; ++k) {
+        for (int l = 0; l < 16; ++l) {
+          const Index b = 2 * k + l / 8;
+          std::int32_t p = a.corr[r * pl + 16 * k + l];
+          float dw = 0.0f;
+          if (b < nb) {
+            for (int t = 0; t < 4; ++t) {
+              const Index i = 64 * k + 4 * l + t;
+              p += quant_code(w, o, i) * std::int32_t(xq[i]);
+            }
+            dw = quant_scale(w, o, b);
+          }
+          const float s = dw * a.scale16[r * pl + 16 * k + l];
+          acc[l] = std::fma(s, float(p), acc[l]);
+        }
+      }
+      y[r * ldy + o] = detail::quant_tree_sum(acc);
+    }
+  }
+}
+
+/// Y[r, o] = sum_i X[r, i] * W[o, i] for the a.rows rows of X, quantised to int8 by
+/// quantize_activations_i8 (with offset quant_offset<Format>), and o in [out_begin, out_end).
+/// W: a QuantView [out x in], in = a.cols; Y row-major, row stride ldy >= out_end; other columns
+/// of Y untouched.
+///
+/// Cost: streams W's rows [out_begin, out_end) once (34, 18 or 17 bytes per 32 weights) and does
+/// one vpdpbusd per 64 weights and X row. No allocation. Results are bit-identical to
+/// gemv_quant_nt_scalar and independent of the [out_begin, out_end) split (start ranges on
+/// multiples of gemv_quant_out_tile for speed); tasks may write disjoint column ranges of one Y.
+template <class Format>
+void gemv_quant_nt(const ActivationsI8& a, const QuantView<Format>& w, Index out_begin,
+                   Index out_end, float* y, Index ldy) {
+  MOE_ASSERT(a.cols == w.cols && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
+  MOE_ASSERT(a.rows == 0 || ldy >= out_end);
+  if (a.rows == 0 || out_begin == out_end) return;
+#if MOE_QUANT_AVX512
+  const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
+  for (Index o = out_begin; o < tiled_end; o += 4) {
+    detail::quant_rows<4>(a.rows, [&](Index r, auto rows) {
+      detail::gemv_quant_tile<Format, 4, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
+    });
+  }
+  for (Index o = tiled_end; o < out_end; ++o) {
+    detail::quant_rows<1>(a.rows, [&](Index r, auto rows) {
+      detail::gemv_quant_tile<Format, 1, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
+    });
+  }
+#else
+  gemv_quant_nt_scalar<Format>(a, w, out_begin, out_end, y, ldy);
+#endif
+}
+
+/// Portable version of gemv_quant_nt_exact (same arguments), bit-identical to it.
+template <class Format>
+void gemv_quant_nt_exact_scalar(const float* x, Index n, Index ldx, const QuantView<Format>& w,
+                                Index out_begin, Index out_end, float* y, Index ldy) {
+  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
+  constexpr int kOffset = quant_offset<Format>;
+  for (Index o = out_begin; o < out_end; ++o) {
+    for (Index r = 0; r < n; ++r) {
+      float acc[16] = {};
+      for (Index c = 0; c < w.cols; c += 16) {
+        const float dw = quant_scale(w, o, c / 32);
+        for (int l = 0; l < 16; ++l) {
+          const float wv = float(quant_code(w, o, c + l) - kOffset) * dw;
+          acc[l] = std::fma(wv, x[r * ldx + c + l], acc[l]);
+        }
+      }
+      y[r * ldy + o] = detail::quant_tree_sum(acc);
+    }
+  }
+}
+
+/// The exact mode (file comment): Y[r, o] = sum_i X[r, i] * W[o, i] with X fp32 row-major
+/// [n x in] (row stride ldx >= in), W dequantised in registers; bitwise equal to
+/// gemm_small_nt(X, dequantised W) and to gemv_quant_nt_exact_scalar. Cost: streams W once;
+/// about 5 vector operations per 16 weights of decode, then one fma per X row. No allocation.
+template <class Format>
+void gemv_quant_nt_exact(const float* x, Index n, Index ldx, const QuantView<Format>& w,
+                         Index out_begin, Index out_end, float* y, Index ldy) {
+  MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
+  MOE_ASSERT(n == 0 || (ldx >= w.cols && ldy >= out_end));
+  if (n == 0 || out_begin == out_end) return;
+#if MOE_QUANT_AVX512
+  const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
+  for (Index o = out_begin; o < tiled_end; o += 4) {
+    detail::quant_rows<4>(n, [&](Index r, auto rows) {
+      detail::gemv_quant_exact_tile<Format, 4, decltype(rows)::value>(x + r * ldx, ldx, w, o,
+                                                                      y + r * ldy + o, ldy);
+    });
+  }
+  for (Index o = tiled_end; o < out_end; ++o) {
+    detail::quant_rows<1>(n, [&](Index r, auto rows) {
+      detail::gemv_quant_exact_tile<Format, 1, decltype(rows)::value>(x + r * ldx, ldx, w, o,
+                                                                      y + r * ldy + o, ldy);
+    });
+  }
+#else
+  gemv_quant_nt_exact_scalar<Format>(x, n, ldx, w, out_begin, out_end, y, ldy);
+#endif
+}
+
+}  // namespace moe::kernels
