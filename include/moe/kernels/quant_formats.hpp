@@ -195,7 +195,7 @@ inline float quant_scale(const Mxfp4View& w, Index o, Index b) {
 /// Throws shape_error unless `cols` is a positive multiple of 32 (the block of every format).
 inline void check_quant_cols(const char* format, const char* what, Index cols) {
   if (cols <= 0 || cols % quant_block != 0) {
-    throw shape_error(detail::concat("moe: ", format, " ", what, " has ", cols,
+    throw shape_error(moe::detail::concat("moe: ", format, " ", what, " has ", cols,
                                      " columns, expected a positive multiple of 32"));
   }
 }
@@ -205,7 +205,7 @@ inline void check_mxfp4_scales(const Mxfp4View& w, const char* what) {
   const Index nb = w.blocks_per_row();
   for (Index k = 0; k < w.rows * nb; ++k) {
     if (w.scales[k] == 0xff) {
-      throw value_error(detail::concat("moe: mxfp4 ", what, " has a NaN scale (0xFF) at row ",
+      throw value_error(moe::detail::concat("moe: mxfp4 ", what, " has a NaN scale (0xFF) at row ",
                                        k / nb, ", block ", k % nb));
     }
   }

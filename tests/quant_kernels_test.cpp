@@ -1,0 +1,452 @@
+// The block-quantised formats (kernels/quant_formats.hpp), the activation quantisation
+// (kernels/quant_activations.hpp) and the decode products (kernels/gemv_quant.hpp, gemv_bf16.hpp):
+// byte layouts and semantics on hand-built blocks, rounding and scale choices, error messages,
+// SIMD == scalar bit for bit over awkward sizes, the exact mode bitwise equal to the fp32 kernel
+// on the dequantised weights, and the accuracy of the fast mode against the fp32 product.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "moe/kernels/gemm_small.hpp"
+#include "moe/kernels/gemv_bf16.hpp"
+#include "moe/kernels/gemv_quant.hpp"
+#include "moe/kernels/quant_activations.hpp"
+#include "moe/kernels/quant_formats.hpp"
+
+#include "test_util.hpp"
+
+namespace moe::kernels {
+namespace {
+
+std::vector<float> gaussian(Index count, std::mt19937& rng, float sigma) {
+  std::normal_distribution<float> dist(0.0f, sigma);
+  std::vector<float> v(std::size_t(count), 0.0f);
+  for (float& f : v) f = dist(rng);
+  return v;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+double nmse(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return num / den;
+}
+
+// ---- scalar conversions ----
+
+TEST(QuantFp16, RoundTripsEveryHalfAndRoundsToNearestEven) {
+  for (std::uint32_t h = 0; h < 0x10000u; ++h) {
+    const float f = fp16_to_float(std::uint16_t(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(fp16_to_float(float_to_fp16(f))));
+      continue;
+    }
+    ASSERT_EQ(float_to_fp16(f), h) << h;
+  }
+  EXPECT_EQ(fp16_to_float(0x3c00), 1.0f);
+  EXPECT_EQ(fp16_to_float(0x0001), 0x1p-24f);  // smallest subnormal
+  EXPECT_EQ(float_to_fp16(1.0f + 0x1p-11f), 0x3c00);          // tie -> even (1.0)
+  EXPECT_EQ(float_to_fp16(1.0f + 3 * 0x1p-11f), 0x3c02);      // tie -> even (1 + 2^-9)
+  EXPECT_EQ(float_to_fp16(65519.0f), 0x7bff);                 // 65504
+  EXPECT_EQ(float_to_fp16(65520.0f), 0x7c00);                 // rounds past the largest: inf
+  EXPECT_EQ(float_to_fp16(-0x1p-25f), 0x8000);                // tie to even zero, sign kept
+  EXPECT_EQ(float_to_fp16(0x1.8p-25f), 0x0001);
+}
+
+TEST(QuantFp16, MatchesTheHardwareConversion) {
+#if defined(__F16C__)
+  for (std::uint32_t h = 0; h < 0x10000u; ++h) {
+    const float want = _cvtsh_ss(std::uint16_t(h));
+    const float got = fp16_to_float(std::uint16_t(h));
+    if (std::isnan(want)) continue;
+    ASSERT_EQ(std::memcmp(&got, &want, 4), 0) << h;
+  }
+#else
+  GTEST_SKIP() << "no F16C";
+#endif
+}
+
+// ---- formats on hand-built blocks (the ggml and gpt-oss byte layouts) ----
+
+TEST(QuantQ8, GgmlByteLayoutAndValues) {
+  // A Q8_0 block as it lies in a GGUF file: fp16 d (little endian) then 32 int8.
+  unsigned char bytes[34];
+  const std::uint16_t d = 0x3800;  // 0.5
+  std::memcpy(bytes, &d, 2);
+  for (int i = 0; i < 32; ++i) bytes[2 + i] = static_cast<unsigned char>(std::int8_t(i - 16));
+  BlockQ8 block;
+  std::memcpy(&block, bytes, sizeof block);
+  const Q8View w{&block, 1, 32};
+  float out[32];
+  dequantize_row(w, 0, out);
+  for (int i = 0; i < 32; ++i) EXPECT_EQ(out[i], 0.5f * float(i - 16)) << i;
+  EXPECT_EQ(w.bytes(), 34u);
+}
+
+TEST(QuantQ8, ScaleIsMaxOver127AndCodesUseTheStoredScale) {
+  std::mt19937 rng(1);
+  const std::vector<float> w = gaussian(96, rng, 0.3f);
+  BlockQ8 blocks[3];
+  quantize_q8_row(w.data(), 96, blocks);
+  for (int b = 0; b < 3; ++b) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(w[std::size_t(b * 32 + i)]));
+    EXPECT_EQ(blocks[b].d, float_to_fp16(amax / 127.0f));
+    const float d = fp16_to_float(blocks[b].d);
+    int extreme = 0;
+    for (int i = 0; i < 32; ++i) {
+      const float x = w[std::size_t(b * 32 + i)];
+      EXPECT_LE(std::fabs(float(blocks[b].q[i]) * d - x), 0.5f * d * 1.0001f);
+      extreme = std::max(extreme, std::abs(int(blocks[b].q[i])));
+    }
+    EXPECT_EQ(extreme, 127);
+  }
+}
+
+TEST(QuantQ4, GgmlNibbleOrderAndOffset) {
+  // Element i in the low nibble of byte i, element i + 16 in the high nibble; w = (q - 8) d.
+  BlockQ4 block;
+  block.d = 0x4000;  // 2.0
+  for (int i = 0; i < 16; ++i) block.q[i] = std::uint8_t((i & 15) | ((15 - i) << 4));
+  const Q4View w{&block, 1, 32};
+  float out[32];
+  dequantize_row(w, 0, out);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(out[i], 2.0f * float(i - 8)) << i;
+    EXPECT_EQ(out[i + 16], 2.0f * float(15 - i - 8)) << i;
+  }
+}
+
+TEST(QuantQ4, LargestMagnitudeMapsToMinusEight) {
+  // ggml Q4_0: d = m / -8 with m the signed weight of largest magnitude.
+  std::vector<float> w(32, 0.0f);
+  for (int i = 0; i < 32; ++i) w[std::size_t(i)] = 0.1f * float(i % 7) - 0.3f;
+  w[5] = -1.6f;  // m negative: d = 0.2
+  BlockQ4 block;
+  quantize_q4_row(w.data(), 32, &block);
+  EXPECT_EQ(block.d, float_to_fp16(0.2f));
+  EXPECT_EQ(block.q[5] & 15, 0);  // (0 - 8) * 0.2 = -1.6
+  w[5] = 1.6f;                    // m positive: d = -0.2, m -> code 0 again
+  quantize_q4_row(w.data(), 32, &block);
+  EXPECT_EQ(block.d, float_to_fp16(-0.2f));
+  EXPECT_EQ(block.q[5] & 15, 0);
+  float out[32];
+  dequantize_row(Q4View{&block, 1, 32}, 0, out);
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_LE(std::fabs(out[i] - w[std::size_t(i)]), 0.1f * 1.001f) << i;
+  }
+}
+
+TEST(QuantMxfp4, GptOssNibbleOrderCodesAndScales) {
+  // Byte i holds element 2i (low nibble) and 2i + 1 (high nibble); E8M0 scale 2^(s - 127).
+  std::uint8_t codes[16];
+  for (int i = 0; i < 16; ++i) codes[i] = std::uint8_t(i | ((15 - i) << 4));
+  const float e2m1[16] = {0, .5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -.5f, -1, -1.5f, -2, -3, -4, -6};
+  for (std::uint8_t s : {std::uint8_t(127), std::uint8_t(130), std::uint8_t(120)}) {
+    const Mxfp4View w{codes, &s, 1, 32};
+    float out[32];
+    dequantize_row(w, 0, out);
+    const float scale = std::ldexp(1.0f, int(s) - 127);
+    for (int i = 0; i < 16; ++i) {
+      EXPECT_EQ(out[2 * i], e2m1[i] * scale) << i;
+      EXPECT_EQ(out[2 * i + 1], e2m1[15 - i] * scale) << i;
+    }
+  }
+}
+
+TEST(QuantMxfp4, RoundsToNearestEvenAndNeverSaturates) {
+  EXPECT_EQ(e2m1_round(0.25f), 0u);   // tie 0 | 0.5 -> even code 0
+  EXPECT_EQ(e2m1_round(0.26f), 1u);
+  EXPECT_EQ(e2m1_round(0.75f), 2u);   // tie 0.5 | 1 -> code 2 (1.0)
+  EXPECT_EQ(e2m1_round(2.5f), 4u);    // tie 2 | 3 -> code 4 (2.0)
+  EXPECT_EQ(e2m1_round(5.0f), 6u);    // tie 4 | 6 -> code 6 (4.0)
+  EXPECT_EQ(e2m1_round(5.01f), 7u);
+  EXPECT_EQ(e2m1_round(100.0f), 7u);
+  // Scale: the smallest 2^e with max|w| <= 6 * 2^e.
+  for (const auto& [amax, byte] : {std::pair<float, int>{6.0f, 127}, {6.01f, 128}, {3.0f, 126},
+                                   {3.01f, 127}, {0.0f, 127}, {1e-6f, 127 - 22}}) {
+    std::vector<float> w(32, 0.0f);
+    w[7] = -amax;
+    std::uint8_t codes[16], scale = 0;
+    quantize_mxfp4_row(w.data(), 32, codes, &scale);
+    EXPECT_EQ(int(scale), byte) << amax;
+    float out[32];
+    dequantize_row(Mxfp4View{codes, &scale, 1, 32}, 0, out);
+    EXPECT_LE(std::fabs(out[7] + amax), 0.25f * std::ldexp(1.0f, byte - 127)) << amax;
+  }
+}
+
+TEST(QuantErrors, MessagesNameTheFieldExpectedAndGiven) {
+  test::expect_error<shape_error>([] { check_quant_cols("q4", "expert 3 down_proj", 100); },
+                                  "moe: q4 expert 3 down_proj has 100 columns, expected a "
+                                  "positive multiple of 32");
+  std::vector<float> w(64, 0.5f);
+  w[40] = std::numeric_limits<float>::quiet_NaN();
+  BlockQ8 q8[2];
+  test::expect_error<value_error>([&] { quantize_q8_row(w.data(), 64, q8, 9); },
+                                  "moe: cannot quantise to q8: non-finite weight at row 9, "
+                                  "column 40");
+  w[40] = 1e7f;
+  test::expect_error<value_error>([&] { quantize_q8_row(w.data(), 64, q8, 9); },
+                                  "moe: cannot quantise to q8: the scale of row 9, block 1 "
+                                  "overflows fp16 (max |w| = 1e+07)");
+  std::uint8_t codes[32] = {}, scales[2] = {127, 0xff};
+  test::expect_error<value_error>(
+      [&] { check_mxfp4_scales(Mxfp4View{codes, scales, 1, 64}, "gate_up_proj"); },
+      "moe: mxfp4 gate_up_proj has a NaN scale (0xFF) at row 0, block 1");
+}
+
+// ---- activation quantisation ----
+
+TEST(QuantActivations, CodesScalesLaneSumsAndPadding) {
+  std::mt19937 rng(2);
+  const Index cols = 96, rows = 2;  // 3 blocks: padded to 128 (one padding block)
+  std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+  x[std::size_t(cols + 40)] = -9.0f;  // the extreme of row 1, block 1
+  std::vector<unsigned char> scratch(activations_i8_bytes(rows, cols));
+  ActivationsI8 a = make_activations_i8(scratch.data(), rows, cols);
+  quantize_activations_i8(x.data(), cols, 8, a);
+  ASSERT_EQ(a.padded, 128);
+  EXPECT_EQ(a.q[a.padded + 40], -127);
+  EXPECT_EQ(a.scale16[a.padded / 4 + 8], 9.0f / 127.0f);  // lane 8 = block 1
+  for (Index r = 0; r < rows; ++r) {
+    for (Index i = 0; i < a.padded; ++i) {
+      const int q = a.q[r * a.padded + i];
+      EXPECT_LE(std::abs(q), 127);
+      if (i >= cols) {
+        EXPECT_EQ(q, 0);
+      }
+      if (i < cols) {
+        const float dx = a.scale16[r * a.padded / 4 + i / 4];
+        EXPECT_LE(std::fabs(float(q) * dx - x[std::size_t(r * cols + i)]), 0.5f * dx * 1.0001f);
+      }
+    }
+    for (Index l = 0; l < a.padded / 4; ++l) {
+      const std::int8_t* q = a.q + r * a.padded + 4 * l;
+      EXPECT_EQ(a.corr[r * a.padded / 4 + l], -8 * (q[0] + q[1] + q[2] + q[3]));
+      if (4 * l >= cols) {
+        EXPECT_EQ(a.scale16[r * a.padded / 4 + l], 0.0f);
+      }
+    }
+  }
+}
+
+TEST(QuantActivations, NonFiniteActivationGivesNanOutputs) {
+  std::mt19937 rng(3);
+  const Index cols = 64, out = 5;
+  std::vector<float> wf = gaussian(out * cols, rng, 0.1f);
+  std::vector<BlockQ8> blocks(std::size_t(out * 2));
+  for (Index o = 0; o < out; ++o) quantize_q8_row(&wf[std::size_t(o * cols)], cols, &blocks[std::size_t(o * 2)]);
+  std::vector<float> x = gaussian(cols, rng, 1.0f);
+  x[50] = std::numeric_limits<float>::infinity();
+  std::vector<unsigned char> scratch(activations_i8_bytes(1, cols));
+  ActivationsI8 a = make_activations_i8(scratch.data(), 1, cols);
+  quantize_activations_i8(x.data(), cols, quant_offset<Q8>, a);
+  std::vector<float> y(static_cast<std::size_t>(out));
+  gemv_quant_nt<Q8>(a, Q8View{blocks.data(), out, cols}, 0, out, y.data(), out);
+  for (float v : y) EXPECT_TRUE(std::isnan(v));
+}
+
+// ---- the products: SIMD == scalar bitwise, exact == fp32 kernel bitwise, accuracy ----
+
+template <class Format>
+struct Quantised {
+  std::vector<BlockQ8> q8;
+  std::vector<BlockQ4> q4;
+  std::vector<std::uint8_t> codes, scales;
+  QuantView<Format> view;
+
+  Quantised(const std::vector<float>& w, Index rows, Index cols) {
+    const Index nb = cols / 32;
+    if constexpr (std::is_same_v<Format, Q8>) {
+      q8.resize(std::size_t(rows * nb));
+      for (Index o = 0; o < rows; ++o) quantize_q8_row(&w[std::size_t(o * cols)], cols, &q8[std::size_t(o * nb)], o);
+      view = Q8View{q8.data(), rows, cols};
+    } else if constexpr (std::is_same_v<Format, Q4>) {
+      q4.resize(std::size_t(rows * nb));
+      for (Index o = 0; o < rows; ++o) quantize_q4_row(&w[std::size_t(o * cols)], cols, &q4[std::size_t(o * nb)], o);
+      view = Q4View{q4.data(), rows, cols};
+    } else {
+      codes.resize(std::size_t(rows * nb * 16));
+      scales.resize(std::size_t(rows * nb));
+      for (Index o = 0; o < rows; ++o) {
+        quantize_mxfp4_row(&w[std::size_t(o * cols)], cols, &codes[std::size_t(o * nb * 16)],
+                           &scales[std::size_t(o * nb)], o);
+      }
+      view = Mxfp4View{codes.data(), scales.data(), rows, cols};
+    }
+  }
+  std::vector<float> dequantised() const {
+    std::vector<float> d(std::size_t(view.rows * view.cols));
+    for (Index o = 0; o < view.rows; ++o) dequantize_row(view, o, &d[std::size_t(o * view.cols)]);
+    return d;
+  }
+};
+
+template <class Format>
+class QuantKernel : public ::testing::Test {};
+using QuantFormats = ::testing::Types<Q8, Q4, Mxfp4>;
+struct QuantFormatNames {
+  template <class T>
+  static std::string GetName(int) {
+    return T::name;
+  }
+};
+TYPED_TEST_SUITE(QuantKernel, QuantFormats, QuantFormatNames);
+
+TYPED_TEST(QuantKernel, SimdEqualsScalarBitForBitOverAwkwardSizes) {
+  using F = TypeParam;
+  std::mt19937 rng(4);
+  for (Index cols : {32, 96, 1056}) {
+    for (Index rows : {1, 3, 7, 17}) {
+      for (Index out : {1, 7, 17}) {
+        const std::vector<float> wf = gaussian(out * cols, rng, 0.05f);
+        const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+        const Quantised<F> w(wf, out, cols);
+        std::vector<unsigned char> scratch(activations_i8_bytes(rows, cols));
+        ActivationsI8 a = make_activations_i8(scratch.data(), rows, cols);
+        quantize_activations_i8(x.data(), cols, quant_offset<F>, a);
+        // Y wider than out (ldy = out + 3) with a sentinel: columns outside the range untouched.
+        const Index ldy = out + 3;
+        std::vector<float> fast(std::size_t(rows * ldy), -7.0f), ref = fast, split = fast;
+        gemv_quant_nt<F>(a, w.view, 0, out, fast.data(), ldy);
+        gemv_quant_nt_scalar<F>(a, w.view, 0, out, ref.data(), ldy);
+        EXPECT_TRUE(same_bits(fast, ref)) << F::name << " cols " << cols << " rows " << rows << " out " << out;
+        // A split of the output range at an odd place gives the same bits.
+        const Index mid = out / 2 + 1 > out ? out : out / 2 + 1;
+        gemv_quant_nt<F>(a, w.view, 0, mid, split.data(), ldy);
+        gemv_quant_nt<F>(a, w.view, mid, out, split.data(), ldy);
+        EXPECT_TRUE(same_bits(split, ref)) << F::name << " split, cols " << cols;
+        for (Index r = 0; r < rows; ++r) EXPECT_EQ(fast[std::size_t(r * ldy + out)], -7.0f);
+      }
+    }
+  }
+}
+
+TYPED_TEST(QuantKernel, ExactModeEqualsFp32KernelOnDequantisedWeights) {
+  using F = TypeParam;
+  std::mt19937 rng(5);
+  for (Index cols : {32, 96, 1056}) {
+    for (Index rows : {1, 3, 7, 17}) {
+      for (Index out : {1, 7, 17}) {
+        const std::vector<float> wf = gaussian(out * cols, rng, 0.05f);
+        const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+        const Quantised<F> w(wf, out, cols);
+        const std::vector<float> deq = w.dequantised();
+        std::vector<float> exact(std::size_t(rows * out)), scalar = exact, fp32 = exact;
+        gemv_quant_nt_exact<F>(x.data(), rows, cols, w.view, 0, out, exact.data(), out);
+        gemv_quant_nt_exact_scalar<F>(x.data(), rows, cols, w.view, 0, out, scalar.data(), out);
+        gemm_small_nt<float>(x.data(), rows, cols, deq.data(), cols, cols, 0, out, fp32.data(), out);
+        EXPECT_TRUE(same_bits(exact, scalar)) << F::name << " cols " << cols << " rows " << rows;
+        EXPECT_TRUE(same_bits(exact, fp32)) << F::name << " cols " << cols << " rows " << rows;
+      }
+    }
+  }
+}
+
+// Output NMSE of the fast product against the fp32 product on the original weights (weights and
+// activations quantised), within the bounds for the formats; and the exact mode, whose
+// only error is the weights', no worse than the fast one by more than the activations' share.
+template <class F>
+constexpr double kFastBound = 0;
+template <>
+constexpr double kFastBound<Q8> = 1e-4;
+template <>
+constexpr double kFastBound<Q4> = 1.5e-2;
+template <>
+constexpr double kFastBound<Mxfp4> = 2e-2;
+
+TYPED_TEST(QuantKernel, FastModeAccuracyAgainstFp32) {
+  using F = TypeParam;
+  std::mt19937 rng(6);
+  const Index cols = 1024, out = 256, rows = 8;
+  const std::vector<float> wf = gaussian(out * cols, rng, 0.05f);
+  const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+  const Quantised<F> w(wf, out, cols);
+  std::vector<unsigned char> scratch(activations_i8_bytes(rows, cols));
+  ActivationsI8 a = make_activations_i8(scratch.data(), rows, cols);
+  quantize_activations_i8(x.data(), cols, quant_offset<F>, a);
+  std::vector<float> fast(std::size_t(rows * out)), exact = fast, fp32 = fast;
+  gemv_quant_nt<F>(a, w.view, 0, out, fast.data(), out);
+  gemv_quant_nt_exact<F>(x.data(), rows, cols, w.view, 0, out, exact.data(), out);
+  gemm_small_nt<float>(x.data(), rows, cols, wf.data(), cols, cols, 0, out, fp32.data(), out);
+  const double e_fast = nmse(fast, fp32), e_exact = nmse(exact, fp32);
+  std::printf("[ quant    ] %s nmse fast %.3g exact %.3g\n", F::name, e_fast, e_exact);
+  EXPECT_GT(e_fast, 0.0);
+  EXPECT_LE(e_fast, kFastBound<F>);
+  EXPECT_LE(e_exact, e_fast * 1.05);
+  // The activations' own share: fast vs exact, int8 per block of 32 (~1e-5 relative variance).
+  EXPECT_LE(nmse(fast, exact), 5e-5);
+}
+
+// ---- bf16 x bf16 ----
+
+TEST(GemvBf16, SimdEqualsScalarBitForBitOverAwkwardSizes) {
+  std::mt19937 rng(7);
+  for (Index cols : {1, 7, 31, 32, 96, 129, 1056}) {
+    for (Index rows : {1, 3, 7, 17}) {
+      for (Index out : {1, 7, 17}) {
+        const std::vector<float> wf = gaussian(out * cols, rng, 0.05f);
+        std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+        std::vector<std::uint16_t> w(wf.size());
+        for (std::size_t i = 0; i < wf.size(); ++i) w[i] = float_to_bf16_rne(wf[i]);
+        // Subnormal inputs and products that underflow: read and flushed as the hardware does.
+        w[0] = 0x0001;
+        if (x.size() > 2) x[2] = 1e-39f;
+        const Index ld = bf16_padded_cols(cols);
+        std::vector<std::uint16_t> xb(std::size_t(rows * ld));
+        activations_to_bf16(x.data(), rows, cols, cols, xb.data(), ld);
+        std::vector<float> fast(std::size_t(rows * out)), ref = fast;
+        gemv_bf16_nt(xb.data(), rows, ld, w.data(), cols, cols, 0, out, fast.data(), out);
+        gemv_bf16_nt_scalar(xb.data(), rows, ld, w.data(), cols, cols, 0, out, ref.data(), out);
+        EXPECT_TRUE(same_bits(fast, ref)) << "cols " << cols << " rows " << rows << " out " << out;
+      }
+    }
+  }
+}
+
+TEST(GemvBf16, AccuracyAgainstFp32) {
+  std::mt19937 rng(8);
+  const Index cols = 1024, out = 256, rows = 4;
+  const std::vector<float> wf = gaussian(out * cols, rng, 0.05f);
+  const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+  std::vector<std::uint16_t> w(wf.size());
+  for (std::size_t i = 0; i < wf.size(); ++i) w[i] = float_to_bf16_rne(wf[i]);
+  std::vector<std::uint16_t> xb(std::size_t(rows * cols));
+  activations_to_bf16(x.data(), rows, cols, cols, xb.data(), cols);
+  std::vector<float> fast(std::size_t(rows * out)), fp32 = fast;
+  gemv_bf16_nt(xb.data(), rows, cols, w.data(), cols, cols, 0, out, fast.data(), out);
+  gemm_small_nt<float>(x.data(), rows, cols, wf.data(), cols, cols, 0, out, fp32.data(), out);
+  const double e = nmse(fast, fp32);
+  std::printf("[ quant    ] bf16 x bf16 nmse %.3g\n", e);
+  EXPECT_GT(e, 0.0);
+  EXPECT_LE(e, 3e-5);
+}
+
+TEST(QuantKernel, ReportsWhichPathRuns) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  EXPECT_TRUE(gemv_quant_simd);
+#else
+  EXPECT_FALSE(gemv_quant_simd);
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  EXPECT_TRUE(gemv_bf16_simd);
+#else
+  EXPECT_FALSE(gemv_bf16_simd);
+#endif
+}
+
+}  // namespace
+}  // namespace moe::kernels
