@@ -3,24 +3,23 @@
 //
 // Two modes, each with an AVX-512 path and a portable path that gives the same bits:
 //
-// Fast (gemv_quant_nt): X quantised once per call to int8 per block of 32 (ActivationsI8,
-// quant_activations.hpp). W is read in 64-column chunks (two blocks) as 64 unsigned codes u
-// (u = w / scale + offset) and one vpdpbusd per (W row, X row) gives 16 exact int32 lane sums
-//   p[l] = corr[16k + l] + sum_{t < 4} u[64k + 4l + t] * q[64k + 4l + t]   (= w.q / scale),
-// lanes 0-7 in block 2k and lanes 8-15 in block 2k + 1 (so the integer work is exact whatever
-// the ISA). The float part is fixed lane by lane, chunk after chunk:
-//   acc[l] = fma(dw[b(l)] * scale16[16k + l], float(p[l]), acc[l]),
-// dw the weight block's scale (fp16 for Q8/Q4, 2^(s - 128) for Mxfp4), then the 16 lanes summed
-// as a tree: s8[l] = acc[l] + acc[l + 8], s4[l] = s8[l] + s8[l + 4], (s4[0] + s4[2]) + (s4[1] +
-// s4[3]). An odd block count ends in a chunk whose second block has u.q = 0 and scales 0.
-// No vpdpbssd (signed x signed) is needed: the offset makes the weight operand unsigned and corr
-// takes it out again.
+// Fast (gemv_quant_nt): W in the panel layout (quant_panels.hpp), X quantised once per call to
+// int8 per block of 32 (ActivationsI8, quant_activations.hpp). Per super-chunk of 16 blocks
+// (512 columns), eight vpdpbusd per (W row, X row) leave in int32 lane l the exact sum
+//   p[l] = corr[b] + sum_{e < 32} u(b, e) * q(b, e)  (= w.q / scale),  b = 16c + l,
+// (whatever the ISA: integer sums are exact), then lane by lane, super-chunk after super-chunk,
+//   acc[l] = fma(dw[b] * dx[b], float(p[l]), acc[l]),
+// dw the weight block's scale (fp16 for Q8/Q4, 2^(s - 128) for Mxfp4's doubled codes), dx the
+// activation block's; padding blocks (b >= cols / 32) have p = 0 and dw * dx = 0. The 16 lanes
+// are then summed as a tree: s8[l] = acc[l] + acc[l + 8], s4[l] = s8[l] + s8[l + 4],
+// (s4[0] + s4[2]) + (s4[1] + s4[3]). No vpdpbssd (signed x signed) is needed: the offset makes
+// the weight operand unsigned and corr takes it out again.
 //
-// Exact (gemv_quant_nt_exact): X in fp32, each weight decoded in registers to (u - offset) * dw
-// (exact in fp32), lane l accumulating fma(w[i], x[i], acc[l]) over i = l, l + 16, l + 32, ... and
-// the same tree sum: the order of gemm_small_nt, which the fp32 block runs, so for in a multiple
-// of 16 (always, in blocks of 32) the result is bitwise the fp32 product on the dequantised
-// weights.
+// Exact (gemv_quant_nt_exact): W in its stored layout (QuantView), X in fp32, each weight decoded
+// in registers to (u - offset) * dw (exact in fp32), lane l accumulating fma(w[i], x[i], acc[l])
+// over i = l, l + 16, l + 32, ... and the same tree sum: the order of gemm_small_nt, which the
+// fp32 block runs, so (in being a multiple of 16) the result is bitwise the fp32 product on the
+// dequantised weights.
 //
 // Tiles of 4 W rows in flight (several independent weight streams per thread) times up to 4 X
 // rows; more X rows are taken in groups of 4, re-reading the tile's W rows from cache.
@@ -34,6 +33,7 @@
 #include "moe/error.hpp"
 #include "moe/kernels/quant_activations.hpp"
 #include "moe/kernels/quant_formats.hpp"
+#include "moe/kernels/quant_panels.hpp"
 #include "moe/tensor.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -44,6 +44,14 @@
 #define MOE_QUANT_AVX512 0
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOE_QUANT_UNROLL _Pragma("GCC unroll 16")
+#elif defined(__clang__)
+#define MOE_QUANT_UNROLL _Pragma("unroll")
+#else
+#define MOE_QUANT_UNROLL
+#endif
+
 namespace moe::kernels {
 
 /// True when gemv_quant_nt and gemv_quant_nt_exact run their AVX-512 (VNNI) paths.
@@ -51,6 +59,9 @@ inline constexpr bool gemv_quant_simd = MOE_QUANT_AVX512 != 0;
 
 /// Rows of W one register tile covers: start parallel [out_begin, out_end) ranges on multiples.
 inline constexpr Index gemv_quant_out_tile = 4;
+/// Rows of X one register tile of the fast kernel covers (4 W x 2 X rows: 8 accumulators, the
+/// 8 step vectors and temporaries fit the 32 registers; 4 x 4 spilled).
+inline constexpr int gemv_quant_row_tile = 2;
 
 namespace detail {
 
@@ -158,47 +169,101 @@ struct QuantSimd<Mxfp4> {
   }
 };
 
-// Fast mode: Y[r, j] for RowsX rows of `a` from row r0 and RowsW rows of W from o0.
+// Step vectors of super-chunk c of a panel row: ws[t] holds weights 4t..4t+3 of its m blocks
+// (lanes past m zero), as unsigned codes, except Q4's high steps t >= 4, which hold 16 u (the
+// high nibble left in place: one operation instead of two; the kernel divides their sums by 16).
+// mask: the m dwords of each 64-byte step.
+template <class Format>
+inline void panel_steps(const std::uint8_t* chunk, Index m, __mmask16 mask, __m512i* ws) {
+  if constexpr (std::is_same_v<Format, Q8>) {
+    for (int t = 0; t < 8; ++t) ws[t] = _mm512_maskz_loadu_epi32(mask, chunk + t * 4 * m);
+  } else if constexpr (std::is_same_v<Format, Q4>) {
+    for (int g = 0; g < 4; ++g) {
+      const __m512i v = _mm512_maskz_loadu_epi32(mask, chunk + g * 4 * m);
+      ws[g] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+      ws[g + 4] = _mm512_and_si512(v, _mm512_set1_epi8(char(0xF0)));
+    }
+  } else {
+    // e2m1 code -> 2 * value + 12 by a table lookup on the nibble.
+#if defined(__AVX512VBMI__)
+    // vpermb reads 6 index bits: a 64-entry table that ignores bits 4-5 needs no masking, and
+    // after a 16-bit shift by 4 the high nibble is in bits 0-3 with only table-ignored bits above.
+    const __m512i lut = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    for (int g = 0; g < 4; ++g) {
+      const __m512i v = _mm512_maskz_loadu_epi32(mask, chunk + g * 4 * m);
+      ws[g] = _mm512_permutexvar_epi8(v, lut);
+      ws[g + 4] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+    }
+#else
+    const __m512i lut = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int g = 0; g < 4; ++g) {
+      const __m512i v = _mm512_maskz_loadu_epi32(mask, chunk + g * 4 * m);
+      ws[g] = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, low));
+      ws[g + 4] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+#endif
+    // Padding lanes read code 0 (u = 12) but meet x = 0: p stays 0 there, as in the scalar path.
+  }
+}
+
+// The 16 block scales of a super-chunk (lanes past m zero).
+template <class Format>
+inline __m512 panel_scales(const panel_scale_t<Format>* s, __mmask16 mask) {
+  if constexpr (std::is_same_v<Format, Mxfp4>) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, s));
+    return _mm512_maskz_scalef_ps(mask, _mm512_set1_ps(1.0f),
+                                  _mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(128))));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s));
+  }
+}
+
+// Fast mode: Y[r, j] for RowsX rows of `a` from row r0 and RowsW panel rows of W from o0.
 template <class Format, int RowsW, int RowsX>
 EIGEN_DONT_INLINE void gemv_quant_tile(const ActivationsI8& a, Index r0,
-                                       const QuantView<Format>& w, Index o0, float* __restrict y,
-                                       Index ldy) {
-  using Simd = QuantSimd<Format>;
+                                       const QuantPanels<Format>& w, Index o0,
+                                       float* __restrict y, Index ldy) {
+  constexpr Index kB = panel_block_bytes<Format>;
   const Index nb = w.blocks_per_row();
-  const Index full = nb / 2;
-  const Index pl = a.padded / 4;
-  const std::int8_t* xq = a.q + r0 * a.padded;
-  const std::int32_t* corr = a.corr + r0 * pl;
-  const float* sx = a.scale16 + r0 * pl;
+  const Index pb = a.padded_blocks;
+  const std::uint8_t* wrow = w.codes + o0 * nb * kB;
+  const panel_scale_t<Format>* srow = w.scales + o0 * nb;
+  const std::int8_t* xq = a.q + r0 * 32 * pb;
+  const std::int32_t* corr = a.corr + r0 * pb;
+  const float* sx = a.scale + r0 * pb;
   __m512 acc[RowsW][RowsX];
   for (int j = 0; j < RowsW; ++j) {
     for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_setzero_ps();
   }
-  auto step = [&](Index k, const __m512i* u, const __m512* dw) {
-    for (int r = 0; r < RowsX; ++r) {
-      const __m512i xv = _mm512_loadu_si512(xq + r * a.padded + 64 * k);
-      const __m512i cv = _mm512_loadu_si512(corr + r * pl + 16 * k);
-      const __m512 sv = _mm512_loadu_ps(sx + r * pl + 16 * k);
-      for (int j = 0; j < RowsW; ++j) {
-        const __m512i p = _mm512_dpbusd_epi32(cv, u[j], xv);
-        acc[j][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw[j], sv), _mm512_cvtepi32_ps(p), acc[j][r]);
+  for (Index c = 0; c * 16 < nb; ++c) {
+    const Index m = std::min<Index>(16, nb - 16 * c);
+    const __mmask16 mask16 = __mmask16((1u << m) - 1u);
+    // Fully unrolled (GCC 12 otherwise keeps a loop over j and the accumulators in memory).
+    MOE_QUANT_UNROLL
+    for (int j = 0; j < RowsW; ++j) {
+      __m512i ws[8];
+      panel_steps<Format>(wrow + j * nb * kB + c * 16 * kB, m, mask16, ws);
+      for (int t = 0; t < 8; ++t) quant_keep(ws[t]);
+      const __m512 dw = panel_scales<Format>(srow + j * nb + 16 * c, mask16);
+      MOE_QUANT_UNROLL
+      for (int r = 0; r < RowsX; ++r) {
+        const std::int8_t* xs = xq + r * 32 * pb + c * 512;
+        // Two chains of four vpdpbusd (latency), joined by an exact integer add.
+        __m512i p0 = _mm512_loadu_si512(corr + r * pb + 16 * c);
+        __m512i p1 = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          p0 = _mm512_dpbusd_epi32(p0, ws[t], _mm512_loadu_si512(xs + 64 * t));
+          p1 = _mm512_dpbusd_epi32(p1, ws[t + 4], _mm512_loadu_si512(xs + 64 * (t + 4)));
+        }
+        if constexpr (std::is_same_v<Format, Q4>) p1 = _mm512_srai_epi32(p1, 4);  // exact: 16 | p1
+        const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(sx + r * pb + 16 * c));
+        acc[j][r] =
+            _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), acc[j][r]);
       }
     }
-  };
-  for (Index k = 0; k < full; ++k) {
-    __m512i u[RowsW];
-    __m512 dw[RowsW];
-    for (int j = 0; j < RowsW; ++j) {
-      Simd::template load<true>(w, o0 + j, k, u[j], dw[j]);
-      quant_keep(u[j]);
-    }
-    step(k, u, dw);
-  }
-  if (nb % 2) {
-    __m512i u[RowsW];
-    __m512 dw[RowsW];
-    for (int j = 0; j < RowsW; ++j) Simd::template load<false>(w, o0 + j, full, u[j], dw[j]);
-    step(full, u, dw);
   }
   for (int j = 0; j < RowsW; ++j) {
     for (int r = 0; r < RowsX; ++r) y[r * ldy + j] = quant_reduce(acc[j][r]);
@@ -266,17 +331,19 @@ EIGEN_DONT_INLINE void gemv_quant_exact_tile(const float* __restrict x, Index ld
 #pragma GCC diagnostic pop
 #endif
 
-// Calls Tile<RowsW, RowsX> over all rows: groups of 4 X rows, then the remainder.
-template <int RowsW, class Tile>
+// Calls tile(r, RowsX) over all n rows: groups of MaxRows X rows, then the remainder.
+template <int MaxRows, class Tile>
 inline void quant_rows(Index n, Tile&& tile) {
   Index r = 0;
-  for (; r + 4 <= n; r += 4) tile(r, std::integral_constant<int, 4>{});
-  switch (n - r) {
-    case 3: tile(r, std::integral_constant<int, 3>{}); break;
-    case 2: tile(r, std::integral_constant<int, 2>{}); break;
-    case 1: tile(r, std::integral_constant<int, 1>{}); break;
-    default: break;
+  for (; r + MaxRows <= n; r += MaxRows) tile(r, std::integral_constant<int, MaxRows>{});
+  const Index rest = n - r;
+  if constexpr (MaxRows > 3) {
+    if (rest == 3) tile(r, std::integral_constant<int, 3>{});
   }
+  if constexpr (MaxRows > 2) {
+    if (rest == 2) tile(r, std::integral_constant<int, 2>{});
+  }
+  if (rest == 1) tile(r, std::integral_constant<int, 1>{});
 }
 
 #endif  // MOE_QUANT_AVX512
@@ -286,30 +353,26 @@ inline void quant_rows(Index n, Tile&& tile) {
 /// Portable version of gemv_quant_nt (same arguments): the lane order of the file comment in
 /// scalar code, bit-identical to the AVX-512 path.
 template <class Format>
-void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantView<Format>& w, Index out_begin,
+void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantPanels<Format>& w, Index out_begin,
                           Index out_end, float* y, Index ldy) {
   MOE_ASSERT(a.cols == w.cols && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
   const Index nb = w.blocks_per_row();
-  const Index pl = a.padded / 4;
+  const Index pb = a.padded_blocks;
   for (Index o = out_begin; o < out_end; ++o) {
     for (Index r = 0; r < a.rows; ++r) {
-      const std::int8_t* xq = a.q + r * a.padded;
+      const std::int8_t* xq = a.q + r * 32 * pb;
       float acc[16] = {};
-      for (Index k = 0; k < (nb + 1) / 2; ++k) {
-        for (int l = 0; l < 16; ++l) {
-          const Index b = 2 * k + l / 8;
-          std::int32_t p = a.corr[r * pl + 16 * k + l];
-          float dw = 0.0f;
-          if (b < nb) {
-            for (int t = 0; t < 4; ++t) {
-              const Index i = 64 * k + 4 * l + t;
-              p += quant_code(w, o, i) * std::int32_t(xq[i]);
-            }
-            dw = quant_scale(w, o, b);
+      for (Index b = 0; b < (nb + 15) / 16 * 16; ++b) {
+        std::int32_t p = 0;
+        float s = 0.0f;
+        if (b < nb) {
+          p = a.corr[r * pb + b];
+          for (int e = 0; e < 32; ++e) {
+            p += panel_code(w, o, b, e) * std::int32_t(xq[activation_offset(b, e)]);
           }
-          const float s = dw * a.scale16[r * pl + 16 * k + l];
-          acc[l] = std::fma(s, float(p), acc[l]);
+          s = panel_scale(w, o, b) * a.scale[r * pb + b];
         }
+        acc[b % 16] = std::fma(s, float(p), acc[b % 16]);
       }
       y[r * ldy + o] = detail::quant_tree_sum(acc);
     }
@@ -318,15 +381,15 @@ void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantView<Format>& w, In
 
 /// Y[r, o] = sum_i X[r, i] * W[o, i] for the a.rows rows of X, quantised to int8 by
 /// quantize_activations_i8 (with offset quant_offset<Format>), and o in [out_begin, out_end).
-/// W: a QuantView [out x in], in = a.cols; Y row-major, row stride ldy >= out_end; other columns
-/// of Y untouched.
+/// W: panels [out x in] (pack_panels), in = a.cols; Y row-major, row stride ldy >= out_end; other
+/// columns of Y untouched.
 ///
-/// Cost: streams W's rows [out_begin, out_end) once (34, 18 or 17 bytes per 32 weights) and does
-/// one vpdpbusd per 64 weights and X row. No allocation. Results are bit-identical to
+/// Cost: streams W's rows [out_begin, out_end) once (32 + 2, 16 + 2 or 16 + 1 bytes per 32
+/// weights) and does eight vpdpbusd per 512 weights and X row. No allocation. Bit-identical to
 /// gemv_quant_nt_scalar and independent of the [out_begin, out_end) split (start ranges on
 /// multiples of gemv_quant_out_tile for speed); tasks may write disjoint column ranges of one Y.
 template <class Format>
-void gemv_quant_nt(const ActivationsI8& a, const QuantView<Format>& w, Index out_begin,
+void gemv_quant_nt(const ActivationsI8& a, const QuantPanels<Format>& w, Index out_begin,
                    Index out_end, float* y, Index ldy) {
   MOE_ASSERT(a.cols == w.cols && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
   MOE_ASSERT(a.rows == 0 || ldy >= out_end);
@@ -334,12 +397,12 @@ void gemv_quant_nt(const ActivationsI8& a, const QuantView<Format>& w, Index out
 #if MOE_QUANT_AVX512
   const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
   for (Index o = out_begin; o < tiled_end; o += 4) {
-    detail::quant_rows<4>(a.rows, [&](Index r, auto rows) {
+    detail::quant_rows<gemv_quant_row_tile>(a.rows, [&](Index r, auto rows) {
       detail::gemv_quant_tile<Format, 4, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
     });
   }
   for (Index o = tiled_end; o < out_end; ++o) {
-    detail::quant_rows<1>(a.rows, [&](Index r, auto rows) {
+    detail::quant_rows<gemv_quant_row_tile>(a.rows, [&](Index r, auto rows) {
       detail::gemv_quant_tile<Format, 1, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
     });
   }
@@ -388,7 +451,7 @@ void gemv_quant_nt_exact(const float* x, Index n, Index ldx, const QuantView<For
     });
   }
   for (Index o = tiled_end; o < out_end; ++o) {
-    detail::quant_rows<1>(n, [&](Index r, auto rows) {
+    detail::quant_rows<4>(n, [&](Index r, auto rows) {
       detail::gemv_quant_exact_tile<Format, 1, decltype(rows)::value>(x + r * ldx, ldx, w, o,
                                                                       y + r * ldy + o, ldy);
     });
