@@ -27,6 +27,7 @@
 #include "moe/kernels/gemm_small.hpp"
 #include "moe/kernels/gemv_bf16.hpp"
 #include "moe/kernels/gemv_quant.hpp"
+#include "moe/kernels/gemv_quant_exact.hpp"
 #include "moe/kernels/quant_activations.hpp"
 #include "moe/kernels/quant_formats.hpp"
 #include "moe/kernels/quant_panels.hpp"
