@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include "moe/kernels/gemm_quant_prefill.hpp"
 #include "moe/kernels/gemm_small.hpp"
 #include "moe/kernels/gemv_bf16.hpp"
 #include "moe/kernels/gemv_quant.hpp"
@@ -414,6 +415,37 @@ TYPED_TEST(QuantKernel, PanelsHoldTheStoredCodesAndScales) {
         ASSERT_EQ(panel_scale(p, o, b), quant_scale(w.view, o, b));
       }
     }
+  }
+}
+
+TYPED_TEST(QuantKernel, PrefillDecodesPanelsExactlyAndMultiplies) {
+  using F = TypeParam;
+  std::mt19937 rng(11);
+  for (Index cols : {32, 544, 1056}) {
+    const Index out = 37, rows = 29;
+    Quantised<F> w(gaussian(out * cols, rng, 0.05f), out, cols);
+    const QuantPanels<F> p = w.panels();
+    const std::vector<float> deq = w.dequantised();
+    std::vector<float> simd(deq.size()), scalar(deq.size());
+    dequantize_panel_rows(p, 0, out, simd.data());
+    dequantize_panel_rows_scalar(p, 0, out, scalar.data());
+    EXPECT_TRUE(same_bits(simd, deq)) << cols;
+    EXPECT_TRUE(same_bits(scalar, deq)) << cols;
+    const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
+    // A scratch of 5 rows: several tiles and a partial one.
+    std::vector<float> scratch(std::size_t(5 * cols)), y(std::size_t(rows * out)), ref = y;
+    gemm_quant_nt_prefill(x.data(), rows, cols, p, 0, out, y.data(), out, scratch.data(),
+                          Index(scratch.size()));
+    for (Index r = 0; r < rows; ++r) {
+      for (Index o = 0; o < out; ++o) {
+        double sum = 0.0;
+        for (Index i = 0; i < cols; ++i) {
+          sum += double(x[std::size_t(r * cols + i)]) * deq[std::size_t(o * cols + i)];
+        }
+        ref[std::size_t(r * out + o)] = float(sum);
+      }
+    }
+    EXPECT_LE(nmse(y, ref), 1e-11) << cols;
   }
 }
 
