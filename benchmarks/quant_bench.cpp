@@ -1,6 +1,7 @@
 // Benchmarks of the decode products on block-quantised and bf16 weights (kernels/gemv_quant.hpp,
 // kernels/gemv_bf16.hpp) against the fp32 streaming kernel (gemm_small_nt), with weights from
-// DRAM: every product rotates among weight sets of 256 MiB per format (8x the last-level cache).
+// DRAM: every product rotates among weight sets of 256 MiB per format and shape (8x a 32 MiB
+// last-level cache; see rotate_bytes for larger caches).
 //
 // Names: quant/<fp32|bf16|q8|q4|mxfp4>/<fast|exact>/n:<n>/out:<o>/in:<i>/threads:<t>.
 // fast: weights in the panel layout, activations quantised once per call (int8 per block of 32;
@@ -41,7 +42,16 @@ namespace {
 using moe::Index;
 namespace k = moe::kernels;
 
-constexpr std::size_t kRotateBytes = std::size_t(256) << 20;
+// 256 MiB per format and shape, or $MOE_BENCH_ROTATE_MIB (on a machine whose last-level cache
+// holds 256 MiB, e.g. the 300 MiB L3 of the Xeon servers, use 1024).
+std::size_t rotate_bytes() {
+  static const std::size_t bytes = [] {
+    const char* env = std::getenv("MOE_BENCH_ROTATE_MIB");
+    const long mib = env ? std::atol(env) : 0;
+    return std::size_t(mib > 0 ? mib : 256) << 20;
+  }();
+  return bytes;
+}
 constexpr std::size_t kPage2M = std::size_t(2) << 20;
 
 struct Free {
@@ -82,7 +92,7 @@ struct Sets {
 
   Sets(Index out_, Index in_) : out(out_), in(in_) {
     const std::size_t set = std::size_t(out) * row_bytes<F>(in);
-    count = Index(std::max<std::size_t>(2, (kRotateBytes + set - 1) / set));
+    count = Index(std::max<std::size_t>(2, (rotate_bytes() + set - 1) / set));
     const std::size_t code_bytes = std::is_same_v<F, moe::Mxfp4> ? set / 17 * 16 : set;
     const std::size_t total = code_bytes * std::size_t(count);
     data = alloc_bytes(total);
