@@ -364,6 +364,16 @@ TYPED_TEST(QuantKernel, SimdEqualsScalarBitForBitOverAwkwardSizes) {
         gemv_quant_nt<F>(a, panels, 0, out, fast.data(), ldy);
         gemv_quant_nt_scalar<F>(a, panels, 0, out, ref.data(), ldy);
         EXPECT_TRUE(same_bits(fast, ref)) << F::name << " cols " << cols << " rows " << rows << " out " << out;
+        // Rows picked by index (reversed) give the rows' results.
+        std::vector<Index> order(static_cast<std::size_t>(rows));
+        for (Index r = 0; r < rows; ++r) order[std::size_t(r)] = rows - 1 - r;
+        std::vector<float> picked(std::size_t(rows * ldy), -7.0f);
+        gemv_quant_nt<F>(select_rows(a, order.data(), rows), panels, 0, out, picked.data(), ldy);
+        for (Index r = 0; r < rows; ++r) {
+          EXPECT_EQ(std::memcmp(&picked[std::size_t(r * ldy)], &ref[std::size_t((rows - 1 - r) * ldy)],
+                                sizeof(float) * std::size_t(out)),
+                    0);
+        }
         // A split of the output range at an odd place gives the same bits.
         const Index mid = out / 2 + 1 > out ? out : out / 2 + 1;
         gemv_quant_nt<F>(a, panels, 0, mid, split.data(), ldy);
@@ -431,6 +441,9 @@ TYPED_TEST(QuantKernel, PrefillDecodesPanelsExactlyAndMultiplies) {
     dequantize_panel_rows_scalar(p, 0, out, scalar.data());
     EXPECT_TRUE(same_bits(simd, deq)) << cols;
     EXPECT_TRUE(same_bits(scalar, deq)) << cols;
+    std::vector<float> stored(deq.size());
+    dequantize_rows<F>(w.view, 0, out, stored.data());
+    EXPECT_TRUE(same_bits(stored, deq)) << cols;
     const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
     // A scratch of 5 rows: several tiles and a partial one.
     std::vector<float> scratch(std::size_t(5 * cols)), y(std::size_t(rows * out)), ref = y;
@@ -446,6 +459,10 @@ TYPED_TEST(QuantKernel, PrefillDecodesPanelsExactlyAndMultiplies) {
       }
     }
     EXPECT_LE(nmse(y, ref), 1e-11) << cols;
+    std::vector<float> y_stored(y.size());
+    gemm_quant_nt_prefill(x.data(), rows, cols, w.view, 0, out, y_stored.data(), out,
+                          scratch.data(), Index(scratch.size()));
+    EXPECT_TRUE(same_bits(y_stored, y)) << cols;  // same decoded tiles, same GEMM
   }
 }
 

@@ -12,6 +12,7 @@
 
 #include "moe/error.hpp"
 #include "moe/kernels/gemv_quant.hpp"
+#include "moe/kernels/gemv_quant_exact.hpp"
 #include "moe/kernels/quant_formats.hpp"
 #include "moe/kernels/quant_panels.hpp"
 #include "moe/tensor.hpp"
@@ -96,15 +97,12 @@ void dequantize_panel_rows(const QuantPanels<Format>& w, Index o0, Index o1, flo
 #endif
 }
 
-/// Y[r, o] = sum_i X[r, i] * W[o, i] for r < n, o in [out_begin, out_end), W in panels: decodes
-/// tiles of up to scratch_floats / in rows (at most gemm_quant_prefill_tile) into `scratch` and
-/// multiplies with Eigen's fp32 GEMM. X row-major [n x in] (row stride ldx), Y row-major (row
-/// stride ldy >= out_end). scratch_floats >= in. Results differ from the fp32 product on the
-/// dequantised weights only by Eigen's summation order. Eigen may allocate its packing buffers.
-template <class Format>
-void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const QuantPanels<Format>& w,
-                           Index out_begin, Index out_end, float* y, Index ldy, float* scratch,
-                           Index scratch_floats) {
+namespace detail {
+
+template <class Matrix, class Decode>
+void gemm_quant_prefill_impl(const float* x, Index n, Index ldx, const Matrix& w, Index out_begin,
+                             Index out_end, float* y, Index ldy, float* scratch,
+                             Index scratch_floats, Decode&& decode) {
   const Index in = w.cols;
   MOE_ASSERT(n >= 0 && 0 <= out_begin && out_begin <= out_end && out_end <= w.rows);
   MOE_ASSERT(scratch_floats >= std::max<Index>(in, 1));
@@ -115,11 +113,45 @@ void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const QuantPanels
   const Strided xm(x, n, in, Eigen::OuterStride<>(ldx));
   for (Index o = out_begin; o < out_end; o += tile) {
     const Index rows = std::min(tile, out_end - o);
-    dequantize_panel_rows(w, o, o + rows, scratch);
+    decode(w, o, o + rows, scratch);
     const ConstMap<float> wm(scratch, rows, in);
     MutStrided ym(y + o, n, rows, Eigen::OuterStride<>(ldy));
     ym.noalias() = xm * wm.transpose();
   }
+}
+
+}  // namespace detail
+
+/// Y[r, o] = sum_i X[r, i] * W[o, i] for r < n, o in [out_begin, out_end), W in panels: decodes
+/// tiles of up to scratch_floats / in rows (at most gemm_quant_prefill_tile) into `scratch` and
+/// multiplies with Eigen's fp32 GEMM. X row-major [n x in] (row stride ldx), Y row-major (row
+/// stride ldy >= out_end). scratch_floats >= in. Results differ from the fp32 product on the
+/// dequantised weights only by Eigen's summation order. Eigen may allocate its packing buffers.
+template <class Format>
+void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const QuantPanels<Format>& w,
+                           Index out_begin, Index out_end, float* y, Index ldy, float* scratch,
+                           Index scratch_floats) {
+  detail::gemm_quant_prefill_impl(x, n, ldx, w, out_begin, out_end, y, ldy, scratch,
+                                  scratch_floats, [](const QuantPanels<Format>& m, Index a,
+                                                     Index b, float* out) {
+                                    dequantize_panel_rows(m, a, b, out);
+                                  });
+}
+
+/// The same on a matrix in its stored layout (the exact mode's storage): dequantize_rows tiles.
+template <class View, class = std::enable_if_t<!std::is_same_v<View, QuantPanels<Q8>> &&
+                                                !std::is_same_v<View, QuantPanels<Q4>> &&
+                                                !std::is_same_v<View, QuantPanels<Mxfp4>>>>
+void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const View& w, Index out_begin,
+                           Index out_end, float* y, Index ldy, float* scratch,
+                           Index scratch_floats) {
+  detail::gemm_quant_prefill_impl(
+      x, n, ldx, w, out_begin, out_end, y, ldy, scratch, scratch_floats,
+      [](const View& m, Index a, Index b, float* out) {
+        if constexpr (std::is_same_v<View, Q8View>) dequantize_rows<Q8>(m, a, b, out);
+        if constexpr (std::is_same_v<View, Q4View>) dequantize_rows<Q4>(m, a, b, out);
+        if constexpr (std::is_same_v<View, Mxfp4View>) dequantize_rows<Mxfp4>(m, a, b, out);
+      });
 }
 
 }  // namespace moe::kernels

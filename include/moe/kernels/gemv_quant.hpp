@@ -154,9 +154,15 @@ EIGEN_DONT_INLINE void gemv_quant_tile(const ActivationsI8& a, Index r0,
   const Index pb = a.padded_blocks;
   const std::uint8_t* wrow = w.codes + o0 * nb * kB;
   const panel_scale_t<Format>* srow = w.scales + o0 * nb;
-  const std::int8_t* xq = a.q + r0 * 32 * pb;
-  const std::int32_t* corr = a.corr + r0 * pb;
-  const float* sx = a.scale + r0 * pb;
+  const std::int8_t* xq[RowsX];
+  const std::int32_t* corr[RowsX];
+  const float* sx[RowsX];
+  for (int r = 0; r < RowsX; ++r) {
+    const Index row = a.row(r0 + r);
+    xq[r] = a.q + row * 32 * pb;
+    corr[r] = a.corr + row * pb;
+    sx[r] = a.scale + row * pb;
+  }
   __m512 acc[RowsW][RowsX];
   for (int j = 0; j < RowsW; ++j) {
     for (int r = 0; r < RowsX; ++r) acc[j][r] = _mm512_setzero_ps();
@@ -173,16 +179,16 @@ EIGEN_DONT_INLINE void gemv_quant_tile(const ActivationsI8& a, Index r0,
       const __m512 dw = panel_scales<Format>(srow + j * nb + 16 * c, mask16);
       MOE_QUANT_UNROLL
       for (int r = 0; r < RowsX; ++r) {
-        const std::int8_t* xs = xq + r * 32 * pb + c * 512;
+        const std::int8_t* xs = xq[r] + c * 512;
         // Two chains of four vpdpbusd (latency), joined by an exact integer add.
-        __m512i p0 = _mm512_loadu_si512(corr + r * pb + 16 * c);
+        __m512i p0 = _mm512_loadu_si512(corr[r] + 16 * c);
         __m512i p1 = _mm512_setzero_si512();
         for (int t = 0; t < 4; ++t) {
           p0 = _mm512_dpbusd_epi32(p0, ws[t], _mm512_loadu_si512(xs + 64 * t));
           p1 = _mm512_dpbusd_epi32(p1, ws[t + 4], _mm512_loadu_si512(xs + 64 * (t + 4)));
         }
         if constexpr (std::is_same_v<Format, Q4>) p1 = _mm512_srai_epi32(p1, 4);  // exact: 16 | p1
-        const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(sx + r * pb + 16 * c));
+        const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(sx[r] + 16 * c));
         acc[j][r] =
             _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), acc[j][r]);
       }
@@ -226,17 +232,18 @@ void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantPanels<Format>& w, 
   const Index pb = a.padded_blocks;
   for (Index o = out_begin; o < out_end; ++o) {
     for (Index r = 0; r < a.rows; ++r) {
-      const std::int8_t* xq = a.q + r * 32 * pb;
+      const Index row = a.row(r);
+      const std::int8_t* xq = a.q + row * 32 * pb;
       float acc[16] = {};
       for (Index b = 0; b < (nb + 15) / 16 * 16; ++b) {
         std::int32_t p = 0;
         float s = 0.0f;
         if (b < nb) {
-          p = a.corr[r * pb + b];
+          p = a.corr[row * pb + b];
           for (int e = 0; e < 32; ++e) {
             p += panel_code(w, o, b, e) * std::int32_t(xq[activation_offset(b, e)]);
           }
-          s = panel_scale(w, o, b) * a.scale[r * pb + b];
+          s = panel_scale(w, o, b) * a.scale[row * pb + b];
         }
         acc[b % 16] = std::fma(s, float(p), acc[b % 16]);
       }
@@ -245,7 +252,8 @@ void gemv_quant_nt_scalar(const ActivationsI8& a, const QuantPanels<Format>& w, 
   }
 }
 
-/// Y[r, o] = sum_i X[r, i] * W[o, i] for the a.rows rows of X, quantised to int8 by
+/// Y[r, o] = sum_i X[r, i] * W[o, i] for the a.rows rows of X (row r: stored row a.row(r)),
+/// quantised to int8 by
 /// quantize_activations_i8 (with offset quant_offset<Format>), and o in [out_begin, out_end).
 /// W: panels [out x in] (pack_panels), in = a.cols; Y row-major, row stride ldy >= out_end; other
 /// columns of Y untouched.

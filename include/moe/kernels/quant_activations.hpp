@@ -36,8 +36,10 @@ namespace moe::kernels {
 /// Blocks of 32 activations padded to a multiple of 16 (one super-chunk = 512 columns).
 inline Index quant_padded_blocks(Index cols) { return (cols / 32 + 15) / 16 * 16; }
 
-/// Int8 activations [rows x cols] (file comment), a view over caller scratch. Row r: codes
-/// q + r * 32 * padded_blocks, corr + r * padded_blocks, scale + r * padded_blocks.
+/// Int8 activations [rows x cols] (file comment), a view over caller scratch. Stored row s:
+/// codes q + s * 32 * padded_blocks, corr + s * padded_blocks, scale + s * padded_blocks.
+/// Products read row r from stored row row(r): r itself, or row_index[r] when set (the rows of
+/// one expert picked out of the quantised tokens, without a copy).
 struct ActivationsI8 {
   std::int8_t* q = nullptr;
   std::int32_t* corr = nullptr;
@@ -45,7 +47,18 @@ struct ActivationsI8 {
   Index rows = 0;
   Index cols = 0;
   Index padded_blocks = 0;
+  const Index* row_index = nullptr;
+  Index row(Index r) const { return row_index ? row_index[r] : r; }
 };
+
+/// The rows row_index[0 .. n) of `a` as an ActivationsI8 of n rows (no copy).
+inline ActivationsI8 select_rows(const ActivationsI8& a, const Index* row_index, Index n) {
+  MOE_ASSERT(a.row_index == nullptr);
+  ActivationsI8 s = a;
+  s.rows = n;
+  s.row_index = row_index;
+  return s;
+}
 
 /// Bytes of scratch make_activations_i8 needs for `rows` rows of `cols` columns (40 per padded
 /// block of 32 columns).
