@@ -134,16 +134,18 @@ inline float quantize_block_i8_simd(const float* xb, std::int8_t* dst, int* sum)
 }
 #endif
 
+// Blocks [b0, b1) of every row (b1 == padded_blocks also writes the padding blocks).
 template <bool kSimd>
-void quantize_activations_i8_impl(const float* x, Index ldx, int offset, ActivationsI8& a) {
-  MOE_ASSERT(a.cols % 32 == 0 && ldx >= a.cols);
+void quantize_activations_i8_impl(const float* x, Index ldx, int offset, const ActivationsI8& a,
+                                  Index b0, Index b1) {
+  MOE_ASSERT(a.cols % 32 == 0 && ldx >= a.cols && a.row_index == nullptr);
   const Index nb = a.cols / 32;
   for (Index r = 0; r < a.rows; ++r) {
     const float* xr = x + r * ldx;
     std::int8_t* q = a.q + r * 32 * a.padded_blocks;
     std::int32_t* corr = a.corr + r * a.padded_blocks;
     float* scale = a.scale + r * a.padded_blocks;
-    for (Index b = 0; b < a.padded_blocks; ++b) {
+    for (Index b = b0; b < b1; ++b) {
       // Step order: the 4-byte group t of the block goes to step t, lane b % 16.
       std::int8_t* dst = q + (b / 16) * 512 + 4 * (b % 16);
       float dx = 0.0f;
@@ -171,16 +173,26 @@ void quantize_activations_i8_impl(const float* x, Index ldx, int offset, Activat
 }  // namespace detail
 
 /// Quantises X (row-major [a.rows x a.cols], row stride ldx, cols a multiple of 32) into `a` for
-/// weights whose unsigned codes have offset `offset` (quant_offset<Format>). Cost: about 20
+/// weights whose unsigned codes have offset `offset` (quant_offset<Format>). Cost: about 25
 /// vector operations per 32 activations (AVX-512), no allocation.
-inline void quantize_activations_i8(const float* x, Index ldx, int offset, ActivationsI8& a) {
-  detail::quantize_activations_i8_impl<true>(x, ldx, offset, a);
+inline void quantize_activations_i8(const float* x, Index ldx, int offset, const ActivationsI8& a) {
+  detail::quantize_activations_i8_impl<true>(x, ldx, offset, a, 0, a.padded_blocks);
 }
 
 /// Portable version of quantize_activations_i8 (bit-identical).
 inline void quantize_activations_i8_scalar(const float* x, Index ldx, int offset,
-                                           ActivationsI8& a) {
-  detail::quantize_activations_i8_impl<false>(x, ldx, offset, a);
+                                           const ActivationsI8& a) {
+  detail::quantize_activations_i8_impl<false>(x, ldx, offset, a, 0, a.padded_blocks);
+}
+
+/// quantize_activations_i8 restricted to columns [col_begin, col_end) (multiples of 32; the end
+/// may be cols): those blocks of every row, plus the padding blocks when col_end == cols. Tasks
+/// may quantise disjoint column ranges of one ActivationsI8 concurrently.
+inline void quantize_activations_i8_cols(const float* x, Index ldx, int offset,
+                                         const ActivationsI8& a, Index col_begin, Index col_end) {
+  MOE_ASSERT(col_begin % 32 == 0 && (col_end % 32 == 0 || col_end == a.cols));
+  const Index b1 = col_end >= a.cols ? a.padded_blocks : col_end / 32;
+  detail::quantize_activations_i8_impl<true>(x, ldx, offset, a, col_begin / 32, b1);
 }
 
 /// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
