@@ -449,7 +449,7 @@ TYPED_TEST(QuantKernel, PrefillDecodesPanelsExactlyAndMultiplies) {
     EXPECT_TRUE(same_bits(simd, deq)) << cols;
     EXPECT_TRUE(same_bits(scalar, deq)) << cols;
     std::vector<float> stored(deq.size());
-    dequantize_rows<F>(w.view, 0, out, stored.data());
+    dequantize_stored_rows<F>(w.view, 0, out, stored.data());
     EXPECT_TRUE(same_bits(stored, deq)) << cols;
     const std::vector<float> x = gaussian(rows * cols, rng, 1.0f);
     // A scratch of 5 rows: several tiles and a partial one.

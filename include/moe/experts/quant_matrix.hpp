@@ -116,7 +116,7 @@ class QuantMatrix {
     if (layout_ == QuantLayout::panels) {
       kernels::dequantize_panel_rows(panels_, 0, rows_, out.data());
     } else {
-      kernels::dequantize_rows<Format>(stored_, 0, rows_, out.data());
+      kernels::dequantize_stored_rows<Format>(stored_, 0, rows_, out.data());
     }
     return out;
   }

@@ -138,7 +138,7 @@ void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const QuantPanels
                                   });
 }
 
-/// The same on a matrix in its stored layout (the exact mode's storage): dequantize_rows tiles.
+/// The same on a matrix in its stored layout (the exact mode's storage): dequantize_stored_rows tiles.
 template <class View, class = std::enable_if_t<!std::is_same_v<View, QuantPanels<Q8>> &&
                                                 !std::is_same_v<View, QuantPanels<Q4>> &&
                                                 !std::is_same_v<View, QuantPanels<Mxfp4>>>>
@@ -148,9 +148,9 @@ void gemm_quant_nt_prefill(const float* x, Index n, Index ldx, const View& w, In
   detail::gemm_quant_prefill_impl(
       x, n, ldx, w, out_begin, out_end, y, ldy, scratch, scratch_floats,
       [](const View& m, Index a, Index b, float* out) {
-        if constexpr (std::is_same_v<View, Q8View>) dequantize_rows<Q8>(m, a, b, out);
-        if constexpr (std::is_same_v<View, Q4View>) dequantize_rows<Q4>(m, a, b, out);
-        if constexpr (std::is_same_v<View, Mxfp4View>) dequantize_rows<Mxfp4>(m, a, b, out);
+        if constexpr (std::is_same_v<View, Q8View>) dequantize_stored_rows<Q8>(m, a, b, out);
+        if constexpr (std::is_same_v<View, Q4View>) dequantize_stored_rows<Q4>(m, a, b, out);
+        if constexpr (std::is_same_v<View, Mxfp4View>) dequantize_stored_rows<Mxfp4>(m, a, b, out);
       });
 }
 

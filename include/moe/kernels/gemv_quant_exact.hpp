@@ -218,7 +218,7 @@ void gemv_quant_nt_exact(const float* x, Index n, Index ldx, const QuantView<For
 /// row-major [(o1 - o0) x cols]; same values as dequantize_row. Cost: one pass over the rows'
 /// bytes, about 4 vector operations per 16 weights (AVX-512).
 template <class Format>
-void dequantize_rows(const QuantView<Format>& w, Index o0, Index o1, float* out) {
+void dequantize_stored_rows(const QuantView<Format>& w, Index o0, Index o1, float* out) {
   MOE_ASSERT(0 <= o0 && o0 <= o1 && o1 <= w.rows);
 #if MOE_QUANT_AVX512
   using Simd = detail::QuantSimd<Format>;
