@@ -98,24 +98,36 @@ TEST(QuantQ8, GgmlByteLayoutAndValues) {
   EXPECT_EQ(w.bytes(), 34u);
 }
 
-TEST(QuantQ8, ScaleIsMaxOver127AndCodesUseTheStoredScale) {
-  std::mt19937 rng(1);
-  const std::vector<float> w = gaussian(96, rng, 0.3f);
-  BlockQ8 blocks[3];
-  quantize_q8_row(w.data(), 96, blocks);
-  for (int b = 0; b < 3; ++b) {
-    float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(w[std::size_t(b * 32 + i)]));
-    EXPECT_EQ(blocks[b].d, float_to_fp16(amax / 127.0f));
-    const float d = fp16_to_float(blocks[b].d);
-    int extreme = 0;
-    for (int i = 0; i < 32; ++i) {
-      const float x = w[std::size_t(b * 32 + i)];
-      EXPECT_LE(std::fabs(float(blocks[b].q[i]) * d - x), 0.5f * d * 1.0001f);
-      extreme = std::max(extreme, std::abs(int(blocks[b].q[i])));
-    }
-    EXPECT_EQ(extreme, 127);
+// Squared error of a block with codes round(w / d) clamped to [qmin, qmax].
+double block_error(const float* w, float d, int qmin, int qmax) {
+  double err = 0.0;
+  for (int i = 0; i < 32; ++i) {
+    const float q = d != 0.0f ? std::clamp(std::nearbyint(w[i] / d), float(qmin), float(qmax)) : 0.f;
+    err += (double(w[i]) - double(q) * d) * (double(w[i]) - double(q) * d);
   }
+  return err;
+}
+
+TEST(QuantQ8, CodesRoundWithTheStoredScaleWhichBeatsAbsmax) {
+  std::mt19937 rng(1);
+  const std::vector<float> w = gaussian(32 * 64, rng, 0.3f);
+  std::vector<BlockQ8> blocks(64);
+  quantize_q8_row(w.data(), 32 * 64, blocks.data());
+  double searched = 0.0, absmax = 0.0;
+  for (int b = 0; b < 64; ++b) {
+    const float* x = &w[std::size_t(b * 32)];
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = fp16_to_float(blocks[std::size_t(b)].d);
+    for (int i = 0; i < 32; ++i) {
+      const float q = std::clamp(std::nearbyint(x[i] / d), -127.0f, 127.0f);
+      ASSERT_EQ(blocks[std::size_t(b)].q[i], std::int8_t(q));
+    }
+    searched += block_error(x, d, -127, 127);
+    absmax += block_error(x, fp16_to_float(float_to_fp16(amax / 127.0f)), -127, 127);
+  }
+  std::printf("[ quant    ] q8 scale search: squared error %.3g of absmax's\n", searched / absmax);
+  EXPECT_LT(searched, absmax);
 }
 
 TEST(QuantQ4, GgmlNibbleOrderAndOffset) {
@@ -132,24 +144,31 @@ TEST(QuantQ4, GgmlNibbleOrderAndOffset) {
   }
 }
 
-TEST(QuantQ4, LargestMagnitudeMapsToMinusEight) {
-  // ggml Q4_0: d = m / -8 with m the signed weight of largest magnitude.
-  std::vector<float> w(32, 0.0f);
-  for (int i = 0; i < 32; ++i) w[std::size_t(i)] = 0.1f * float(i % 7) - 0.3f;
-  w[5] = -1.6f;  // m negative: d = 0.2
-  BlockQ4 block;
-  quantize_q4_row(w.data(), 32, &block);
-  EXPECT_EQ(block.d, float_to_fp16(0.2f));
-  EXPECT_EQ(block.q[5] & 15, 0);  // (0 - 8) * 0.2 = -1.6
-  w[5] = 1.6f;                    // m positive: d = -0.2, m -> code 0 again
-  quantize_q4_row(w.data(), 32, &block);
-  EXPECT_EQ(block.d, float_to_fp16(-0.2f));
-  EXPECT_EQ(block.q[5] & 15, 0);
-  float out[32];
-  dequantize_row(Q4View{&block, 1, 32}, 0, out);
-  for (int i = 0; i < 32; ++i) {
-    EXPECT_LE(std::fabs(out[i] - w[std::size_t(i)]), 0.1f * 1.001f) << i;
+TEST(QuantQ4, CodesRoundWithTheStoredScaleWhichBeatsGgmls) {
+  // ggml Q4_0: d = m / -8 with m the signed weight of largest magnitude; the search refines it.
+  std::mt19937 rng(12);
+  const std::vector<float> w = gaussian(32 * 64, rng, 0.3f);
+  std::vector<BlockQ4> blocks(64);
+  quantize_q4_row(w.data(), 32 * 64, blocks.data());
+  double searched = 0.0, ggml = 0.0;
+  for (int b = 0; b < 64; ++b) {
+    const float* x = &w[std::size_t(b * 32)];
+    float m = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      if (std::fabs(x[i]) > std::fabs(m)) m = x[i];
+    }
+    const float d = fp16_to_float(blocks[std::size_t(b)].d);
+    float out[32];
+    dequantize_row(Q4View{&blocks[std::size_t(b)], 1, 32}, 0, out);
+    for (int i = 0; i < 32; ++i) {
+      const float q = std::clamp(std::nearbyint(x[i] / d), -8.0f, 7.0f);
+      ASSERT_EQ(out[i], q * d);
+    }
+    searched += block_error(x, d, -8, 7);
+    ggml += block_error(x, fp16_to_float(float_to_fp16(m / -8.0f)), -8, 7);
   }
+  std::printf("[ quant    ] q4 scale search: squared error %.3g of ggml's\n", searched / ggml);
+  EXPECT_LT(searched, 0.9 * ggml);
 }
 
 TEST(QuantMxfp4, GptOssNibbleOrderCodesAndScales) {

@@ -187,9 +187,12 @@ class SparseMoeBlock {
   /// mode (ws.set_training(true) first) the training buffers too. Throws config_error on
   /// max_tokens < 0 or num_workers < 1.
   void reserve(Workspace<T>& ws, Index max_tokens, Index num_workers = 1) const {
-    detail::WorkspaceAccess::reserve(ws, config_, max_tokens, num_workers,
-                                     router_.gating().slots(config_),
-                                     decode_scratch_floats(experts(), max_tokens));
+    const Index slots = router_.gating().slots(config_);
+    const Index prepared_floats =
+        (max_tokens * slots * prepared_bytes_per_row(experts()) + 3) / 4;
+    detail::WorkspaceAccess::reserve(ws, config_, max_tokens, num_workers, slots,
+                                     decode_scratch_floats(experts(), max_tokens),
+                                     prepared_floats);
   }
 
  private:
@@ -243,8 +246,15 @@ class SparseMoeBlock {
     const Index max_rows =
         *std::max_element(plan.counts.begin(), plan.counts.begin() + config_.num_experts);
     rows.scratch_stride = decode_scratch_floats(experts(), max_rows);
-    if (rows.scratch_stride > 0) {
-      rows.scratch = Access::compact_scratch(ws).ensure(workers * rows.scratch_stride);
+    // Converted inputs (fast compact modes) after the workers' decode scratch, in floats.
+    const Index prepared_floats = (N * prepared_bytes_per_row(experts()) + 3) / 4;
+    if (rows.scratch_stride > 0 || prepared_floats > 0) {
+      T* scratch =
+          Access::compact_scratch(ws).ensure(workers * rows.scratch_stride + prepared_floats);
+      if (rows.scratch_stride > 0) rows.scratch = scratch;
+      if (prepared_floats > 0) {
+        rows.prepared = reinterpret_cast<unsigned char*>(scratch + workers * rows.scratch_stride);
+      }
     }
     return rows;
   }

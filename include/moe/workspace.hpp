@@ -34,7 +34,9 @@ struct WorkspaceAccess;
 ///   + training only: N * d_ff [activations kept for backward] + T * shared d_ff
 ///   + compact expert storage, only when an expert gets more than kernels::small_batch_rows
 ///     (16) rows (prefill): workers * 256 * max(d_model, d_ff) floats (one decoded weight tile
-///     per executor worker; 3.5 MiB per worker for d_ff 3584, 14 MiB for Mixtral-8x7B).
+///     per executor worker; 3.5 MiB per worker for d_ff 3584, 14 MiB for Mixtral-8x7B)
+///   + fast Q8 / Q4 / Mxfp4 experts: N * 1.25 * (d_model + d_ff) bytes (the rows' x and
+///     activations as int8 codes with their block sums and scales).
 ///
 /// A server sizes it once with reserve() (or SparseMoeBlock::reserve, which knows the gating and
 /// the storage); forwards of at most that many tokens then allocate nothing of ours. The
@@ -82,9 +84,9 @@ class Workspace {
   friend struct detail::WorkspaceAccess;
 
   // slots: routing slots per token (N <= max_tokens * slots); decode_floats: per-worker compact
-  // decode scratch.
+  // decode scratch; prepared_floats: the fast compact modes' converted inputs (after it).
   void reserve_for(const MoeConfig& config, Index max_tokens, Index num_workers, Index slots,
-                   Index decode_floats) {
+                   Index decode_floats, Index prepared_floats = 0) {
     config.validate();
     if (max_tokens < 0) {
       throw config_error(
@@ -117,7 +119,9 @@ class Workspace {
       noise_.ensure(2 * Tn * E);
       if (config.shared_d_ff > 0) shared_act_.ensure(Tn * config.shared_d_ff);
     }
-    if (decode_floats > 0) compact_scratch_.ensure(num_workers * decode_floats);
+    if (decode_floats > 0 || prepared_floats > 0) {
+      compact_scratch_.ensure(num_workers * decode_floats + prepared_floats);
+    }
   }
 
   Routing<RouteS> routing_;
@@ -272,8 +276,9 @@ struct WorkspaceAccess {
   /// Workspace::reserve with the routing slots per token and the per-worker decode scratch given.
   template <class T>
   static void reserve(Workspace<T>& ws, const MoeConfig& config, Index max_tokens,
-                      Index num_workers, Index slots, Index decode_floats) {
-    ws.reserve_for(config, max_tokens, num_workers, slots, decode_floats);
+                      Index num_workers, Index slots, Index decode_floats,
+                      Index prepared_floats = 0) {
+    ws.reserve_for(config, max_tokens, num_workers, slots, decode_floats, prepared_floats);
   }
 };
 

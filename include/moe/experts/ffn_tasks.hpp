@@ -38,18 +38,38 @@ struct FfnJob {
 /// line of floats, so tasks write whole lines and only the last block has a partial tile.
 inline constexpr Index ffn_granule = 16;
 
+/// Operands that read their input converted once per job (experts/quant_operand.hpp) declare
+/// prepares_input = true and provide prepare_rows / prepare_cols and a column granule.
+template <class Operand, class = void>
+struct prepares_input : std::false_type {};
+template <class Operand>
+struct prepares_input<Operand, std::enable_if_t<Operand::prepares_input>> : std::true_type {};
+template <class Operand>
+inline constexpr bool prepares_input_v = prepares_input<Operand>::value;
+
+/// Granule of the input phase's column blocks: also a whole number of the down operand's
+/// conversion blocks, so that each task converts the activation columns it computed.
+template <class Operand>
+constexpr Index ffn_up_granule() {
+  if constexpr (prepares_input_v<Operand>) {
+    return std::max(ffn_granule, Operand::granule);
+  } else {
+    return ffn_granule;
+  }
+}
+
 /// Columns per task for a product whose weight rows are `row_bytes` long: about 1 MiB of weights
 /// per task on the streaming path (fine tasks balance two cores), 256 columns on the GEMM path
 /// (compute bound; wide enough that Eigen's per-call packing of x is negligible). A function of the
 /// shapes only, never of the thread count: the same tasks run serially or in parallel, so results
 /// are bitwise identical for every executor.
-inline Index ffn_parts(Index cols, Index row_bytes, bool small) {
+inline Index ffn_parts(Index cols, Index row_bytes, bool small, Index granule = ffn_granule) {
   if (cols <= 0) return 0;
   Index width = 256;
   if (small) {
     width = std::max<Index>(ffn_granule, (Index(1) << 20) / std::max<Index>(row_bytes, 1));
   }
-  width = (width + ffn_granule - 1) / ffn_granule * ffn_granule;
+  width = (width + granule - 1) / granule * granule;
   return (cols + width - 1) / width;
 }
 
@@ -58,7 +78,7 @@ template <class Ffn, class T, class Operand>
 Index ffn_up_parts(const FfnJob<T, Operand>& job) {
   if (job.n == 0) return 0;
   return ffn_parts(job.f, (Ffn::gated ? 2 : 1) * job.d * job.gate.weight_bytes(),
-                   job.gate.streams(job.n));
+                   job.gate.streams(job.n), ffn_up_granule<Operand>());
 }
 /// Tasks of the output phase of a job (blocks of the d_model output columns).
 template <class T, class Operand>
@@ -85,7 +105,7 @@ inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, I
 template <class Ffn, class T, class Operand>
 void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
   const Index parts = ffn_up_parts<Ffn>(job);
-  const auto [a, b] = block_range(job.f, parts, part, ffn_granule);
+  const auto [a, b] = block_range(job.f, parts, part, ffn_up_granule<Operand>());
   T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
   job.gate.product(job.x, job.n, job.ldx, a, b, job.hidden, job.in, scratch, job.scratch_stride);
   if constexpr (Ffn::gated) {
@@ -93,6 +113,18 @@ void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
                    job.scratch_stride);
   }
   apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+  // The output phase's input, converted where it was computed (no extra pass, no barrier).
+  if constexpr (prepares_input_v<Operand>) {
+    job.down.prepare_cols(job.act, job.n, job.ld_act, a, b);
+  }
+}
+
+/// Converts a job's x once for its gate and up products (operands that prepare their input).
+template <class T, class Operand>
+void ffn_prepare_task(const FfnJob<T, Operand>& job) {
+  if constexpr (prepares_input_v<Operand>) {
+    if (job.n > 0) job.gate.prepare_rows(job.x, job.n, job.ldx);
+  }
 }
 
 /// Output-phase task `part` of a job: one block of y's d_model columns.
@@ -128,6 +160,19 @@ void run_ffn_jobs(Index num_first, const FirstAt& first_at, Index num_second,
   auto down_parts = [&](Index j) {
     return j < num_first ? ffn_down_parts(first_at(j)) : ffn_down_parts(second_at(j - num_first));
   };
+  // Operands that read converted inputs: one task per job converts its x first (gate and up
+  // share it). A separate run: every column block of the input phase reads all of it.
+  using FirstOperand = decltype(first_at(0).gate);
+  using SecondOperand = decltype(second_at(0).gate);
+  if constexpr (prepares_input_v<FirstOperand> || prepares_input_v<SecondOperand>) {
+    executor.run(num_jobs, [&](Index j, Index) {
+      if (j < num_first) {
+        ffn_prepare_task(first_at(j));
+      } else {
+        ffn_prepare_task(second_at(j - num_first));
+      }
+    });
+  }
   task_begin[0] = 0;
   for (Index j = 0; j < num_jobs; ++j) task_begin[j + 1] = task_begin[j] + up_parts(j);
   executor.run(task_begin[num_jobs], [&](Index task, Index worker) {

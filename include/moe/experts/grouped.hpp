@@ -30,6 +30,9 @@ struct GroupedRows {
   T* y = nullptr;
   T* scratch = nullptr;
   Index scratch_stride = 0;
+  /// Stacks whose operands read converted inputs (prepared_bytes_per_row(stack) > 0): N rows of
+  /// converted x, then N rows of converted activations (nullptr otherwise).
+  unsigned char* prepared = nullptr;
 };
 
 namespace detail {
@@ -58,13 +61,24 @@ auto expert_job(const Stack& experts, Index e, const T* x, Index ldx, Index n, T
   return job;
 }
 
-/// The job of expert e on its rows of `rows`.
+/// The job of expert e on its rows of `rows`; operands that read converted inputs get their
+/// rows' regions of rows.prepared (x for gate and up, the activations for down).
 template <class Stack, class T>
 auto grouped_expert_job(const Stack& experts, const GroupedRows<T>& rows, Index e) {
   const Index begin = rows.offsets[e], d = experts.d_model();
-  return expert_job(experts, e, rows.x + begin * d, d, rows.counts[e],
-                    rows.hidden + begin * experts.in_rows(), rows.act + begin * rows.ld_act,
-                    rows.ld_act, rows.y + begin * d, rows.scratch, rows.scratch_stride);
+  auto job = expert_job(experts, e, rows.x + begin * d, d, rows.counts[e],
+                        rows.hidden + begin * experts.in_rows(), rows.act + begin * rows.ld_act,
+                        rows.ld_act, rows.y + begin * d, rows.scratch, rows.scratch_stride);
+  using Operand = decltype(job.gate);
+  if constexpr (prepares_input_v<Operand>) {
+    if (rows.prepared == nullptr) return job;  // no operand of this stack reads converted inputs
+    const Index N = rows.offsets[experts.num_experts() - 1] + rows.counts[experts.num_experts() - 1];
+    const Index bx = Operand::input_bytes_per_row(job.d), ba = Operand::input_bytes_per_row(job.f);
+    job.gate.bind_input(rows.prepared + begin * bx, job.n, job.d);
+    job.up.input = job.gate.input;
+    job.down.bind_input(rows.prepared + N * bx + begin * ba, job.n, job.f);
+  }
+  return job;
 }
 
 /// One FFN (expert e of the stack) on n rows through the same tasks as the block: x [n x d] (row

@@ -14,9 +14,9 @@ namespace moe {
 /// Block-quantised weights of `num_experts` FFN experts, mirroring CompactExpertStack: per expert
 /// e gate(e) [d_ff x d_model], when gated up(e) [d_ff x d_model], and w_out(e) [d_model x d_ff],
 /// each a QuantMatrix in one layout for the whole stack (panels: the fast products; stored: the
-/// exact products). d_model and d_ff must be multiples of 32. Immutable once built; one stack
-/// serves many threads.
-template <class Format>
+/// exact products; kLayout is the default, which CompactExperts<Format, mode> picks). d_model and
+/// d_ff must be multiples of 32. Immutable once built; one stack serves many threads.
+template <class Format, QuantLayout kLayout = QuantLayout::panels>
 class QuantExpertStack {
  public:
   QuantExpertStack() = default;
@@ -24,7 +24,7 @@ class QuantExpertStack {
   /// Throws config_error on negative sizes, shape_error unless d_model and d_ff are multiples
   /// of 32.
   QuantExpertStack(Index num_experts, Index d_model, Index d_ff, bool gated,
-                   QuantLayout layout = QuantLayout::panels)
+                   QuantLayout layout = kLayout)
       : num_experts_(num_experts), d_model_(d_model), d_ff_(d_ff), gated_(gated),
         layout_(layout) {
     if (num_experts < 0 || d_model < 0 || d_ff < 0) {
@@ -43,7 +43,7 @@ class QuantExpertStack {
 
   /// Quantises every expert of an fp32 stack (ExpertStack<float>: gate(e), up(e), w_out(e)).
   template <class FloatStack>
-  static QuantExpertStack from(const FloatStack& w, QuantLayout layout = QuantLayout::panels) {
+  static QuantExpertStack from(const FloatStack& w, QuantLayout layout = kLayout) {
     QuantExpertStack s(w.num_experts(), w.d_model(), w.d_ff(), w.gated(), layout);
     using M = QuantMatrix<Format>;
     for (Index e = 0; e < w.num_experts(); ++e) {

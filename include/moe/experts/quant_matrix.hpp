@@ -97,6 +97,11 @@ class QuantMatrix {
   Index cols() const { return cols_; }
   QuantLayout layout() const { return layout_; }
   bool empty() const { return rows_ == 0 && cols_ == 0; }
+  /// The first code byte (nullptr for an empty matrix): whether weights are set.
+  const void* codes() const {
+    return layout_ == QuantLayout::panels ? static_cast<const void*>(panels_.codes)
+                                          : stored_codes();
+  }
   /// Bytes of codes and scales (the same in both layouts).
   std::size_t bytes() const { return layout_ == QuantLayout::panels ? panels_.bytes() : stored_.bytes(); }
   /// The kernel views; each valid only in its layout (MOE_ASSERT).
@@ -136,6 +141,14 @@ class QuantMatrix {
       stored_ = Stored{storage_->codes.data(), storage_->scales8.data(), rows, cols};
     } else {
       stored_ = Stored{storage_->blocks.data(), rows, cols};
+    }
+  }
+
+  const void* stored_codes() const {
+    if constexpr (std::is_same_v<Format, Mxfp4>) {
+      return stored_.codes;
+    } else {
+      return stored_.blocks;
     }
   }
 

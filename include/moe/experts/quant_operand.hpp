@@ -51,6 +51,11 @@ struct QuantOperand {
   }
   /// Whether this operand's products read `input` for n rows (fast mode, streaming).
   bool reads_input(Index n) const { return !exact && streams(n); }
+  /// Bytes of converted input per row of `in` columns, and binding of a region of n rows.
+  static Index input_bytes_per_row(Index in) { return Index(kernels::activations_i8_bytes(1, in)); }
+  void bind_input(unsigned char* region, Index n, Index in) {
+    input = kernels::make_activations_i8(region, n, in);
+  }
   /// input = x's n rows [n x cols] (row stride ldx) quantised; no-op when not reads_input(n).
   void prepare_rows(const float* x, Index n, Index ldx) const {
     if (!reads_input(n)) return;
@@ -100,6 +105,12 @@ struct Bf16FastOperand {
     return streams(n) ? 0 : kernels::gemm_compact_scratch_floats(w.cols);
   }
   bool reads_input(Index n) const { return streams(n); }
+  static Index input_bytes_per_row(Index in) { return 2 * kernels::bf16_padded_cols(in); }
+  void bind_input(unsigned char* region, Index n, Index in) {
+    (void)n;
+    input = reinterpret_cast<std::uint16_t*>(region);
+    ld_input = kernels::bf16_padded_cols(in);
+  }
   void prepare_rows(const float* x, Index n, Index ldx) const {
     if (!reads_input(n)) return;
     kernels::activations_to_bf16(x, n, w.cols, ldx, input, ld_input);

@@ -10,6 +10,8 @@
 #include "moe/experts/compact_expert_stack.hpp"
 #include "moe/experts/expert_stack.hpp"
 #include "moe/experts/operand.hpp"
+#include "moe/experts/quant_expert_stack.hpp"
+#include "moe/experts/quant_operand.hpp"
 #include "moe/kernels/gemm_small.hpp"
 #include "moe/tensor.hpp"
 
@@ -23,18 +25,43 @@ struct NativeExperts {
   static constexpr bool compact = false;
 };
 
-/// Storage policy of a block's routed experts: compact weights (CompactExpertStack<Format>,
-/// Format = Bf16, Int8 or Fp8E4M3; experts/compact_matrix.hpp), for float blocks. The router, the
-/// routing weights, the shared expert, activations and accumulation stay fp32. Inference only:
-/// block_backward does not accept such a block (it does not compile).
+/// How a compact block multiplies its experts' weights at decode: fast (the default) converts
+/// the activations once per job (int8 per block of 32 for Q8 / Q4 / Mxfp4) and uses the integer
+/// dot products; exact keeps fp32 activations and decodes the weights in registers, bitwise the
+/// fp32 block on the dequantised weights. Bf16, Int8 and Fp8E4M3 have only the exact products.
+enum class CompactMode { fast, exact };
+
+namespace detail {
 template <class Format>
+inline constexpr bool is_quant_format_v =
+    std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> || std::is_same_v<Format, Mxfp4>;
+
+template <class Format, CompactMode Mode, class = void>
+struct CompactStackOf {
+  using type = CompactExpertStack<Format>;
+};
+template <class Format, CompactMode Mode>
+struct CompactStackOf<Format, Mode, std::enable_if_t<is_quant_format_v<Format>>> {
+  using type = QuantExpertStack<Format, Mode == CompactMode::fast ? QuantLayout::panels
+                                                                  : QuantLayout::stored>;
+};
+}  // namespace detail
+
+/// Storage policy of a block's routed experts: compact weights for float blocks. Format = Bf16,
+/// Int8 or Fp8E4M3 (CompactExpertStack, experts/compact_matrix.hpp), or Q8, Q4 or Mxfp4
+/// (QuantExpertStack, experts/quant_expert_stack.hpp; d_model and d_ff multiples of 32). Mode:
+/// CompactMode above. The router, the routing weights, the shared expert, activations and
+/// accumulation stay fp32. Inference only: block_backward does not accept such a block (it does
+/// not compile).
+template <class Format, CompactMode Mode = CompactMode::fast>
 struct CompactExperts {
   static_assert(std::is_same_v<Format, Bf16> || std::is_same_v<Format, Int8> ||
-                    std::is_same_v<Format, Fp8E4M3>,
-                "moe: CompactExperts<Format> needs Format = Bf16, Int8 or Fp8E4M3");
+                    std::is_same_v<Format, Fp8E4M3> || detail::is_quant_format_v<Format>,
+                "moe: CompactExperts<Format> needs Format = Bf16, Int8, Fp8E4M3, Q8, Q4 or Mxfp4");
   using format = Format;
+  static constexpr CompactMode mode = Mode;
   template <class T>
-  using stack = CompactExpertStack<Format>;
+  using stack = typename detail::CompactStackOf<Format, Mode>::type;
   static constexpr bool compact = true;
 };
 
@@ -62,6 +89,27 @@ ExpertOperands<CompactOperand<Format>> expert_operands(const CompactExpertStack<
   return ops;
 }
 
+/// The operands of expert e of a block-quantised stack: fast (panels) or exact (stored layout).
+/// Their inputs (fast mode) are bound per job by bind_prepared_inputs.
+template <class Format, QuantLayout L>
+ExpertOperands<QuantOperand<Format>> expert_operands(const QuantExpertStack<Format, L>& s,
+                                                     Index e) {
+  ExpertOperands<QuantOperand<Format>> ops;
+  auto set = [&](QuantOperand<Format>& op, const QuantMatrix<Format>& m) {
+    op.exact = m.layout() == QuantLayout::stored;
+    op.cols = m.cols();
+    if (op.exact) {
+      op.stored = m.stored();
+    } else {
+      op.panels = m.panels();
+    }
+  };
+  set(ops.gate, s.gate(e));
+  if (s.gated()) set(ops.up, s.up(e));
+  set(ops.down, s.w_out(e));
+  return ops;
+}
+
 /// Per-worker scratch floats the experts of a stack need when no expert gets more than max_rows
 /// rows: 0 for fp32 weights (nothing to decode).
 template <class T>
@@ -76,6 +124,27 @@ template <class Format>
 Index decode_scratch_floats(const CompactExpertStack<Format>& s, Index max_rows) {
   if (max_rows <= kernels::small_batch_rows) return 0;
   return kernels::gemm_compact_scratch_floats(std::max(s.d_model(), s.d_ff()));
+}
+
+/// Block-quantised: one decoded tile of 256 rows once an expert gets more than
+/// kernels::small_batch_rows rows (prefill), else 0.
+template <class Format, QuantLayout L>
+Index decode_scratch_floats(const QuantExpertStack<Format, L>& s, Index max_rows) {
+  if (max_rows <= kernels::small_batch_rows) return 0;
+  return kernels::gemm_quant_scratch_floats(std::max(s.d_model(), s.d_ff()));
+}
+
+/// Bytes per grouped row of the converted inputs a stack's fast operands read (the row's x for
+/// gate / up, its activations for down): 0 unless the stack prepares its inputs.
+template <class Stack>
+Index prepared_bytes_per_row(const Stack& s) {
+  (void)s;
+  return 0;
+}
+template <class Format>
+Index prepared_bytes_per_row(const QuantExpertStack<Format, QuantLayout::panels>& s) {
+  return Index(kernels::activations_i8_bytes(1, s.d_model()) +
+               kernels::activations_i8_bytes(1, s.d_ff()));
 }
 
 namespace detail {
