@@ -20,10 +20,10 @@
 // a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
 // one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
 //
-// Dtypes (issue 6): sparse/<config>/dtype:<fp32|bf16|int8|fp8>/tokens:<T>/threads:<n>, the same
-// block with its routed experts stored as SparseMoeBlock<float, Mixtral, SwiGLU,
-// CompactExperts<Format>> (the router stays fp32), for mixtral_quarter (1, 8, 64, 512 tokens) and
-// mixtral_8x7b (1, 16). Compact weights are generated expert by expert (fp32 one matrix at a
+// Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|q8_exact|q4_exact|
+// mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
+// SparseMoeBlock<float, Mixtral, SwiGLU, CompactExperts<Format, Mode>> (the router stays fp32),
+// for mixtral_quarter, olmoe and qwen3 (1, 8, 64, 512 tokens) and mixtral_8x7b (1, 8, 16, 32). Compact weights are generated expert by expert (fp32 one matrix at a
 // time, quantised, freed), never as a whole fp32 layer. Counters as above, GB/s counting the
 // experts' bytes as stored (codes + scales), plus weights_MiB (resident routed-expert bytes of one
 // weight set, CompactExpertStack::bytes / ExpertStack::bytes) and bytes/weight.
@@ -34,9 +34,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -64,6 +66,7 @@ const std::vector<Config>& configs() {
         {"olmoe", 2048, 1024, 64, 8, 0, {1, 8, 64, 512}, every},
         {"deepseek_lite", 2048, 1408, 64, 6, 2 * 1408, {1, 8, 64, 512}, every},
         {"mixtral_8x7b", 4096, 14336, 8, 2, 0, {1, 16}, every},
+        {"qwen3", 2048, 768, 128, 8, 0, {1, 8, 64, 512}, every},
     };
     // The expert-count series: the cost should stay flat as experts are added at fixed top-2.
     for (Index e : {8, 16, 32, 64, 128}) {
@@ -324,7 +327,83 @@ DtypeSet make_compact(const Config& c, std::uint64_t seed) {
   return erase(std::make_shared<Block>(mc, std::move(w), std::move(stack)));
 }
 
+// Block-quantised experts (issue 13) from random stored bytes (valid codes, fp16 scales of
+// 2^-10 .. 2^-9, E8M0 scales 2^-9 .. 2^-3), repacked into panels (fast) or viewed (exact):
+// quantising hundreds of MiB from fp32 with the scale search would take minutes.
+template <class Format, moe::CompactMode Mode>
+DtypeSet make_quant(const Config& c, std::uint64_t seed) {
+  namespace k = moe::kernels;
+  const moe::MoeConfig mc = moe_config(c);
+  moe::MoeWeights<float> w;
+  w.router = RowMatrix<float>(c.num_experts, c.d_model);
+  fill(w.router, seed + 2, 3.0f / std::sqrt(float(c.d_model)));
+  constexpr auto layout =
+      Mode == moe::CompactMode::fast ? moe::QuantLayout::panels : moe::QuantLayout::stored;
+  moe::QuantExpertStack<Format, layout> stack(c.num_experts, c.d_model, c.d_ff, true);
+  auto bytes = std::make_shared<std::vector<std::vector<std::uint8_t>>>();  // kept for views
+  std::uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+  auto next = [&] {
+    state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+    return state;
+  };
+  using M = moe::QuantMatrix<Format>;
+  auto make = [&](Index rows, Index cols) {
+    const Index nb = rows * cols / 32;
+    std::vector<std::uint8_t> buf;
+    if constexpr (std::is_same_v<Format, moe::Mxfp4>) {
+      buf.resize(std::size_t(nb * 17));
+      for (std::size_t i = 0; i < std::size_t(nb * 16); i += 8) {
+        const std::uint64_t r = next();
+        std::memcpy(&buf[i], &r, 8);
+      }
+      for (Index b = 0; b < nb; ++b) buf[std::size_t(nb * 16 + b)] = std::uint8_t(118 + next() % 7);
+    } else {
+      using Block = std::conditional_t<std::is_same_v<Format, moe::Q8>, k::BlockQ8, k::BlockQ4>;
+      buf.resize(std::size_t(nb) * sizeof(Block));
+      for (std::size_t i = 0; i + 8 <= buf.size(); i += 8) {
+        const std::uint64_t r = next();
+        std::memcpy(&buf[i], &r, 8);
+      }
+      auto* blocks = reinterpret_cast<Block*>(buf.data());
+      for (Index b = 0; b < nb; ++b) blocks[b].d = std::uint16_t(0x1400 + next() % 0x400);
+    }
+    bytes->push_back(std::move(buf));
+    const std::uint8_t* p = bytes->back().data();
+    k::QuantView<Format> v;
+    if constexpr (std::is_same_v<Format, moe::Mxfp4>) {
+      v = k::Mxfp4View{p, p + nb * 16, rows, cols};
+    } else if constexpr (std::is_same_v<Format, moe::Q8>) {
+      v = k::Q8View{reinterpret_cast<const k::BlockQ8*>(p), rows, cols};
+    } else {
+      v = k::Q4View{reinterpret_cast<const k::BlockQ4*>(p), rows, cols};
+    }
+    M m = layout == moe::QuantLayout::panels ? M::repack(v) : M::view(v);
+    if (layout == moe::QuantLayout::panels) bytes->pop_back();  // repacked: the source may go
+    return m;
+  };
+  for (Index e = 0; e < c.num_experts; ++e) {
+    M gate = make(c.d_ff, c.d_model), up = make(c.d_ff, c.d_model);
+    stack.set_gated(e, std::move(gate), std::move(up), make(c.d_model, c.d_ff));
+  }
+  using Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU,
+                                    moe::CompactExperts<Format, Mode>>;
+  DtypeSet set = erase(std::make_shared<Block>(mc, std::move(w), std::move(stack)));
+  auto forward = set.forward;
+  set.forward = [forward, bytes](const RowMatrix<float>& x, RowMatrix<float>& y,
+                                 moe::Workspace<float>& ws, const moe::Executor& ex) {
+    forward(x, y, ws, ex);
+  };
+  return set;
+}
+
 DtypeSet make_set(const Config& c, const std::string& dtype, std::uint64_t seed) {
+  using moe::CompactMode;
+  if (dtype == "q8") return make_quant<moe::Q8, CompactMode::fast>(c, seed);
+  if (dtype == "q4") return make_quant<moe::Q4, CompactMode::fast>(c, seed);
+  if (dtype == "mxfp4") return make_quant<moe::Mxfp4, CompactMode::fast>(c, seed);
+  if (dtype == "q8_exact") return make_quant<moe::Q8, CompactMode::exact>(c, seed);
+  if (dtype == "q4_exact") return make_quant<moe::Q4, CompactMode::exact>(c, seed);
+  if (dtype == "mxfp4_exact") return make_quant<moe::Mxfp4, CompactMode::exact>(c, seed);
   if (dtype == "bf16") return make_compact<moe::Bf16>(c, seed);
   if (dtype == "int8") return make_compact<moe::Int8>(c, seed);
   if (dtype == "fp8") return make_compact<moe::Fp8E4M3>(c, seed);
@@ -417,10 +496,14 @@ const bool registered = [] {
     }
   }
   for (const Config& c : configs()) {
-    if (c.name != "mixtral_quarter" && c.name != "mixtral_8x7b") continue;
-    const std::vector<Index> tokens =
-        c.name == "mixtral_8x7b" ? std::vector<Index>{1, 16} : std::vector<Index>{1, 8, 64, 512};
-    for (const std::string dtype : {"fp32", "bf16", "int8", "fp8"}) {
+    if (c.name != "mixtral_quarter" && c.name != "mixtral_8x7b" && c.name != "olmoe" &&
+        c.name != "qwen3") {
+      continue;
+    }
+    const std::vector<Index> tokens = c.name == "mixtral_8x7b" ? std::vector<Index>{1, 8, 16, 32}
+                                                               : std::vector<Index>{1, 8, 64, 512};
+    for (const std::string dtype : {"fp32", "bf16", "int8", "fp8", "q8", "q4", "mxfp4",
+                                    "q8_exact", "q4_exact", "mxfp4_exact"}) {
       for (Index t : tokens) {
         for (Index threads : {1, 2}) {
           const std::string name = "sparse/" + c.name + "/dtype:" + dtype +
