@@ -16,8 +16,9 @@
 //        as Q4_K with a fifth bit: for sub-block j, bit j of qh[l] is the high bit of value l of it.
 //   Q6_K (256 values, 210 B): u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
 //        16 sub-blocks of 16, x = d * scales[j] * (q - 32), q six bits. Each half of 128 values
-//        uses 64 bytes of ql and 32 of qh: value 32*r + l (r = 0..3, l < 32) takes the low (r even)
-//        or high (r odd) nibble of ql[l + 32*(r & 1)] and bits 2r..2r+1 of qh[l].
+//        uses 64 bytes of ql and 32 of qh: value 32*r + l of the half (r = 0..3, l < 32) takes the
+//        low (r < 2) or high (r >= 2) nibble of ql[l + 32*(r & 1)] and bits 2r, 2r+1 of qh[l];
+//        value v of the super-block uses scales[v / 16].
 // Kernels: pointer + count loops, `count` a multiple of the block size (checked by the caller).
 #pragma once
 
@@ -252,7 +253,8 @@ inline void quantize_q4_0(const float* in, Index count, unsigned char* out) {
 namespace ggml_detail {
 
 /// Shared by Q4_K (levels = 15) and Q5_K (levels = 31): per sub-block of 32 an affine grid from
-/// min(0, min x) to max x, scales and mins quantised to 6 bits against the super-block's d, dmin.
+/// min(0, min x) to max x, scales (rounded up) and mins (to nearest) quantised to 6 bits against
+/// the super-block's d, dmin; then each value to the nearest level. |error| <= (d*sc + dmin) / 2.
 /// Writes d, dmin, the 12 scale bytes, and q (0..levels) for each of the 256 values.
 inline void k_affine_encode(const float* x, int levels, unsigned char* head, int* q) {
   float scale[8], min[8];
@@ -273,7 +275,8 @@ inline void k_affine_encode(const float* x, int levels, unsigned char* head, int
   const float d = load_half(head), dmin = load_half(head + 2);
   int sc[8], m[8];
   for (int j = 0; j < 8; ++j) {
-    sc[j] = d == 0 ? 0 : std::min(63, static_cast<int>(std::nearbyint(scale[j] / d)));
+    // Rounded up, so that the grid covers the sub-block's range (no clipping at the top).
+    sc[j] = d == 0 ? 0 : std::min(63, static_cast<int>(std::ceil(scale[j] / d)));
     m[j] = dmin == 0 ? 0 : std::min(63, static_cast<int>(std::nearbyint(min[j] / dmin)));
   }
   k_pack_scale_min(sc, m, head + 4);
@@ -318,8 +321,8 @@ inline void quantize_q5_k(const float* in, Index count, unsigned char* out) {
   }
 }
 
-/// Encodes `count` values (a multiple of 256) as Q6_K: per sub-block of 16 a signed scale
-/// max|x| / 31 quantised to int8 against d = max scale / 127, q = round(x / (d * scale)).
+/// Encodes `count` values (a multiple of 256) as Q6_K: per sub-block of 16 a scale max|x| / 31,
+/// quantised (rounded up) to int8 against d = max scale / 127, q = round(x / (d * scale)).
 inline void quantize_q6_k(const float* in, Index count, unsigned char* out) {
   for (Index b = 0; b < count / ggml_super_block; ++b, in += 256, out += ggml_q6_k_bytes) {
     float scale[16], max_scale = 0;
@@ -333,7 +336,7 @@ inline void quantize_q6_k(const float* in, Index count, unsigned char* out) {
     const float d = ggml_detail::load_half(out + 208);
     int q[256];
     for (int j = 0; j < 16; ++j) {
-      const int sc = d == 0 ? 0 : std::min(127, static_cast<int>(std::nearbyint(scale[j] / d)));
+      const int sc = d == 0 ? 0 : std::min(127, static_cast<int>(std::ceil(scale[j] / d)));
       out[192 + j] = static_cast<unsigned char>(static_cast<std::int8_t>(sc));
       const float step = d * sc;
       for (int l = 0; l < 16; ++l) {
