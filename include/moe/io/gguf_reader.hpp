@@ -51,6 +51,9 @@ struct GgufTensorInfo {
   std::int64_t cols() const { return dims.empty() ? 1 : dims[0]; }
   /// Rows: product of dims[1..] (1 for 0 or 1 dimensions). Validation bounds it by 2^63 - 1.
   std::int64_t rows() const {
+    for (std::size_t i = 1; i < dims.size(); ++i) {
+      if (dims[i] == 0) return 0;  // checked first: the others may multiply past 2^63
+    }
     std::int64_t r = 1;
     for (std::size_t i = 1; i < dims.size(); ++i) r *= dims[i];
     return r;
