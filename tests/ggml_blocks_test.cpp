@@ -2,6 +2,8 @@
 // (expected values written from the format's definition, with the packed 6-bit scales worked
 // out by hand), the half conversions against io/dtype.hpp's independent ones, and the encoders'
 // round trips (round-to-nearest and NMSE on seeded Gaussian data).
+#include "moe/kernels/ggml_blocks.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -11,7 +13,6 @@
 #include <gtest/gtest.h>
 
 #include "moe/io/dtype.hpp"
-#include "moe/kernels/ggml_blocks.hpp"
 
 namespace {
 
@@ -57,7 +58,8 @@ TEST(GgmlHalf, EncodesLikeTheIoConversion) {
 TEST(GgmlBlocks, Q8_0DecodesScaleTimesCode) {
   unsigned char block[34];
   put_half(block, kHalfQuarter);
-  for (int l = 0; l < 32; ++l) block[2 + l] = static_cast<unsigned char>(static_cast<std::int8_t>(l * 8 - 128));
+  for (int l = 0; l < 32; ++l)
+    block[2 + l] = static_cast<unsigned char>(static_cast<std::int8_t>(l * 8 - 128));
   float out[32];
   k::dequantize_q8_0(block, 32, out);
   for (int l = 0; l < 32; ++l) EXPECT_EQ(out[l], 0.25f * (l * 8 - 128)) << l;

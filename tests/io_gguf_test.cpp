@@ -202,17 +202,17 @@ struct TypeCase {
 
 TEST(Gguf, EveryTensorTypeWithAKnownLayoutRoundTripsItsBytes) {
   const TypeCase cases[] = {
-      {GgmlType::F32, 7},     {GgmlType::F16, 31},    {GgmlType::BF16, 129},
-      {GgmlType::F64, 1},     {GgmlType::I8, 7},      {GgmlType::I16, 7},
-      {GgmlType::I32, 7},     {GgmlType::I64, 7},     {GgmlType::Q8_0, 64},
-      {GgmlType::Q4_0, 32},   {GgmlType::Q4_1, 32},   {GgmlType::Q5_0, 32},
-      {GgmlType::Q5_1, 32},   {GgmlType::Q8_1, 32},   {GgmlType::MXFP4, 96},
-      {GgmlType::Q2_K, 256},  {GgmlType::Q3_K, 256},  {GgmlType::Q4_K, 512},
-      {GgmlType::Q5_K, 256},  {GgmlType::Q6_K, 256},  {GgmlType::Q8_K, 256},
+      {GgmlType::F32, 7},       {GgmlType::F16, 31},     {GgmlType::BF16, 129},
+      {GgmlType::F64, 1},       {GgmlType::I8, 7},       {GgmlType::I16, 7},
+      {GgmlType::I32, 7},       {GgmlType::I64, 7},      {GgmlType::Q8_0, 64},
+      {GgmlType::Q4_0, 32},     {GgmlType::Q4_1, 32},    {GgmlType::Q5_0, 32},
+      {GgmlType::Q5_1, 32},     {GgmlType::Q8_1, 32},    {GgmlType::MXFP4, 96},
+      {GgmlType::Q2_K, 256},    {GgmlType::Q3_K, 256},   {GgmlType::Q4_K, 512},
+      {GgmlType::Q5_K, 256},    {GgmlType::Q6_K, 256},   {GgmlType::Q8_K, 256},
       {GgmlType::IQ2_XXS, 256}, {GgmlType::IQ2_XS, 256}, {GgmlType::IQ3_XXS, 256},
-      {GgmlType::IQ1_S, 256}, {GgmlType::IQ4_NL, 32}, {GgmlType::IQ3_S, 256},
-      {GgmlType::IQ2_S, 256}, {GgmlType::IQ4_XS, 256}, {GgmlType::IQ1_M, 256},
-      {GgmlType::TQ1_0, 256}, {GgmlType::TQ2_0, 256}};
+      {GgmlType::IQ1_S, 256},   {GgmlType::IQ4_NL, 32},  {GgmlType::IQ3_S, 256},
+      {GgmlType::IQ2_S, 256},   {GgmlType::IQ4_XS, 256}, {GgmlType::IQ1_M, 256},
+      {GgmlType::TQ1_0, 256},   {GgmlType::TQ2_0, 256}};
   for (std::uint32_t alignment : {32u, 1u, 64u}) {
     GgufWriter w;
     if (alignment != 32) w.set_alignment(alignment);
@@ -314,7 +314,9 @@ TEST(Gguf, WriterRefusesInconsistentTensors) {
   EXPECT_EQ(io_error_of([&] { w.add_tensor("a", GgmlType::Q4_K, {100}, b.data(), 144); }),
             "moe: GGUF writer: tensor 'a' has rows of 100 elements, not a multiple of the Q4_K "
             "block size 256");
-  EXPECT_EQ(io_error_of([&] { w.add_tensor("a", GgmlType::Q4_K, {256, 2}, b.data(), 144); }),
+  EXPECT_EQ(io_error_of([&] {
+              w.add_tensor("a", GgmlType::Q4_K, {256, 2}, b.data(), 144);
+            }),
             "moe: GGUF writer: tensor 'a' has 144 bytes, expected 288 for Q4_K dims [256, 2]");
   w.add_tensor("a", GgmlType::Q4_K, {256}, b.data(), 144);
   EXPECT_EQ(io_error_of([&] { w.add_tensor("a", GgmlType::Q4_K, {256}, b.data(), 144); }),
@@ -384,7 +386,8 @@ TEST(GgufMalformed, UnknownValueAndElementTypes) {
   EXPECT_EQ(parse_error(b.bytes), "moe: t.gguf: metadata key 'k': unknown value type 13");
   ByteBuilder a;
   a.header(0, 1).str("k").u32(9).u32(99).u64(0);
-  EXPECT_EQ(parse_error(a.bytes), "moe: t.gguf: metadata key 'k': array has unknown element type 99");
+  EXPECT_EQ(parse_error(a.bytes),
+            "moe: t.gguf: metadata key 'k': array has unknown element type 99");
 }
 
 TEST(GgufMalformed, ArrayCountsPastTheEnd) {
@@ -403,9 +406,17 @@ TEST(GgufMalformed, ArrayCountsPastTheEnd) {
 TEST(GgufMalformed, BadBooleans) {
   ByteBuilder b;
   b.header(0, 1).str("flag").u32(7).put<std::uint8_t>(2);
-  EXPECT_EQ(parse_error(b.bytes), "moe: t.gguf: metadata key 'flag': BOOL value 2 is neither 0 nor 1");
+  EXPECT_EQ(parse_error(b.bytes),
+            "moe: t.gguf: metadata key 'flag': BOOL value 2 is neither 0 nor 1");
   ByteBuilder a;
-  a.header(0, 1).str("flags").u32(9).u32(7).u64(3).put<std::uint8_t>(1).put<std::uint8_t>(0).put<std::uint8_t>(255);
+  a.header(0, 1)
+      .str("flags")
+      .u32(9)
+      .u32(7)
+      .u64(3)
+      .put<std::uint8_t>(1)
+      .put<std::uint8_t>(0)
+      .put<std::uint8_t>(255);
   EXPECT_EQ(parse_error(a.bytes),
             "moe: t.gguf: metadata key 'flags': BOOL array element 2 = 255 is neither 0 nor 1");
 }
@@ -415,7 +426,8 @@ TEST(GgufMalformed, ArraysNestedTooDeep) {
   b.header(0, 1).str("deep").u32(9);
   for (int i = 0; i < 9; ++i) b.u32(9).u64(1);
   b.u32(4).u64(0);
-  EXPECT_EQ(parse_error(b.bytes), "moe: t.gguf: metadata key 'deep': arrays nest deeper than 8 levels");
+  EXPECT_EQ(parse_error(b.bytes),
+            "moe: t.gguf: metadata key 'deep': arrays nest deeper than 8 levels");
 }
 
 TEST(GgufMalformed, DuplicateKeysAndTensors) {
@@ -443,7 +455,8 @@ TEST(GgufMalformed, DimensionsAndTypes) {
     b.header(1, 0).info("w", std::move(dims), type, offset).data(64);
     return parse_error(b.bytes);
   };
-  EXPECT_EQ(one({1, 1, 1, 1, 1}, 0), "moe: t.gguf: tensor 'w': has 5 dimensions, at most 4 are allowed");
+  EXPECT_EQ(one({1, 1, 1, 1, 1}, 0),
+            "moe: t.gguf: tensor 'w': has 5 dimensions, at most 4 are allowed");
   EXPECT_EQ(one({std::uint64_t{1} << 63}, 0),
             "moe: t.gguf: tensor 'w': dimension 0 = 9223372036854775808 exceeds 2^63 - 1");
   EXPECT_EQ(one({std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0),

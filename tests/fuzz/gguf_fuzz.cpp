@@ -65,8 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check(t.offset % file.alignment() == 0);
       check(t.offset + t.nbytes <= data_size);
       const auto traits = moe::io::ggml_type_traits(t.type);
-      check(static_cast<std::size_t>(t.numel()) / traits.block_size * traits.type_size ==
-            t.nbytes);
+      check(static_cast<std::size_t>(t.numel()) / traits.block_size * traits.type_size == t.nbytes);
       check(t.rows() * t.cols() == t.numel() || t.numel() == 0);
       if (moe::io::ggml_type_decodes_to_float(t.type)) {
         const auto m = moe::io::gguf_to_float(file, t.name);

@@ -19,7 +19,8 @@
 namespace moe::io {
 
 /// The ggml types gguf_to_float decodes, as they appear in its error message.
-inline constexpr const char* kGgufFloatTypes = "F32, F16, BF16, F64, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K";
+inline constexpr const char* kGgufFloatTypes =
+    "F32, F16, BF16, F64, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K";
 
 /// True when gguf_to_float decodes `type`.
 inline bool ggml_type_decodes_to_float(GgmlType type) {
@@ -103,10 +104,10 @@ inline bool ggml_decode_to_float(GgmlType type, const unsigned char* bytes, Inde
 inline RowMatrix<float> gguf_to_float(const GgufFile& file, const std::string& name) {
   const GgufTensorInfo& t = file.tensor(name);
   if (!ggml_type_decodes_to_float(t.type)) {
-    throw io_error(moe::detail::concat(
-        "moe: ", file.path(), ": tensor '", name, "' has ggml type ",
-        ggml_type_label(static_cast<std::uint32_t>(t.type)), ", which moe does not decode (it ",
-        "decodes ", kGgufFloatTypes, ")"));
+    throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", name, "' has ggml type ",
+                                       ggml_type_label(static_cast<std::uint32_t>(t.type)),
+                                       ", which moe does not decode (it ", "decodes ",
+                                       kGgufFloatTypes, ")"));
   }
   RowMatrix<float> m(static_cast<Index>(t.rows()), static_cast<Index>(t.cols()));
   ggml_decode_to_float(t.type, file.data(t), static_cast<Index>(t.numel()), m.data());

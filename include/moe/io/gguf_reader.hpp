@@ -27,17 +27,11 @@
 
 #include "moe/error.hpp"
 #include "moe/io/ggml_types.hpp"
+#include "moe/io/gguf_cursor.hpp"
 #include "moe/io/gguf_value.hpp"
 #include "moe/io/mapped_file.hpp"
 
 namespace moe::io {
-
-/// Alignment of the data section and of tensor offsets when general.alignment is absent.
-inline constexpr std::uint32_t kGgufDefaultAlignment = 32;
-/// Most dimensions a ggml tensor has (GGML_MAX_DIMS).
-inline constexpr std::uint32_t kGgufMaxDims = 4;
-/// Deepest nesting of arrays accepted (ggml itself writes none; the limit bounds recursion).
-inline constexpr int kGgufMaxArrayDepth = 8;
 
 /// One tensor of a validated GGUF file.
 struct GgufTensorInfo {
@@ -74,147 +68,6 @@ struct GgufKeyValue {
   std::string key;
   GgufValue value;
 };
-
-namespace detail {
-
-/// "[4096, 14336, 8]": dims in file (ggml) order.
-inline std::string gguf_dims_str(const std::vector<std::int64_t>& dims) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
-
-/// "UINT32", or "ARRAY of UINT32" for an array: the spelling of a value's type in messages.
-inline std::string gguf_type_label(const GgufValue& v) {
-  if (v.type() != GgufValueType::ARRAY) return gguf_value_type_name(v.type());
-  return std::string("ARRAY of ") + gguf_value_type_name(v.array_type());
-}
-
-/// Reads little-endian fields from the validated front of a byte range, refusing to pass its end.
-class GgufCursor {
- public:
-  GgufCursor(const unsigned char* bytes, std::size_t size, std::string where)
-      : bytes_(bytes), size_(size), where_(std::move(where)) {}
-
-  std::size_t pos() const { return pos_; }
-  std::size_t remaining() const { return size_ - pos_; }
-  const std::string& where() const { return where_; }
-
-  [[noreturn]] void fail(const std::string& context, const std::string& what) const {
-    throw io_error(moe::detail::concat(where_, ": ", context, what));
-  }
-
-  /// The next n bytes. `what` names the field for the message ("the value type", ...).
-  const unsigned char* take(std::size_t n, const std::string& context, const char* what) {
-    if (n > remaining()) {
-      fail(context, moe::detail::concat(what, " needs ", n, " bytes at offset ", pos_, ", only ",
-                                        remaining(), " remain"));
-    }
-    const unsigned char* p = bytes_ + pos_;
-    pos_ += n;
-    return p;
-  }
-
-  template <class S>
-  S read(const std::string& context, const char* what) {
-    S v;
-    std::memcpy(&v, take(sizeof v, context, what), sizeof v);
-    return v;
-  }
-
-  std::string read_string(const std::string& context, const char* what) {
-    const auto n = read<std::uint64_t>(context, what);
-    if (n > remaining()) {
-      fail(context, moe::detail::concat(what, " length ", n, " runs past the end of the file (",
-                                        remaining(), " bytes remain at offset ", pos_, ")"));
-    }
-    const auto* p = reinterpret_cast<const char*>(bytes_ + pos_);
-    pos_ += static_cast<std::size_t>(n);
-    return std::string(p, static_cast<std::size_t>(n));
-  }
-
-  /// Moves to `pos` (<= size, checked by the caller).
-  void seek(std::size_t pos) { pos_ = pos; }
-
- private:
-  const unsigned char* bytes_;
-  std::size_t size_;
-  std::size_t pos_ = 0;
-  std::string where_;
-};
-
-/// Reads one value of type `type` (whose tag was validated) at the cursor. `context` names the
-/// key ("metadata key 'x': "); `depth` counts enclosing arrays.
-inline GgufValue read_gguf_value(GgufCursor& in, GgufValueType type, const std::string& context,
-                                 int depth) {
-  if (type == GgufValueType::STRING) {
-    return GgufValue::from_string(in.read_string(context, "string"));
-  }
-  if (type != GgufValueType::ARRAY) {
-    const std::size_t size = gguf_value_type_size(type);
-    const unsigned char* p = in.take(size, context, gguf_value_type_name(type));
-    if (type == GgufValueType::BOOL && *p > 1) {
-      in.fail(context, moe::detail::concat("BOOL value ", int(*p), " is neither 0 nor 1"));
-    }
-    return GgufValue::from_bytes(type, p);
-  }
-  if (depth >= kGgufMaxArrayDepth) {
-    in.fail(context, moe::detail::concat("arrays nest deeper than ", kGgufMaxArrayDepth, " levels"));
-  }
-  const auto elem_tag = in.read<std::uint32_t>(context, "the array element type");
-  if (elem_tag >= kGgufValueTypeCount) {
-    in.fail(context, moe::detail::concat("array has unknown element type ", elem_tag));
-  }
-  const auto elem = static_cast<GgufValueType>(elem_tag);
-  const auto count = in.read<std::uint64_t>(context, "the array count");
-  // Smallest stored element: a fixed-size value, an empty string (u64), an empty array (u32 + u64).
-  const std::size_t min_elem = elem == GgufValueType::STRING  ? 8
-                               : elem == GgufValueType::ARRAY ? 12
-                                                              : gguf_value_type_size(elem);
-  if (count > in.remaining() / min_elem) {
-    in.fail(context, moe::detail::concat("array of ", count, ' ', gguf_value_type_name(elem),
-                                         " values cannot fit in the ", in.remaining(),
-                                         " bytes that remain"));
-  }
-  const auto n = static_cast<std::size_t>(count);
-  if (elem == GgufValueType::STRING) {
-    std::vector<std::string> strings;
-    strings.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) strings.push_back(in.read_string(context, "string"));
-    return GgufValue::from_strings(std::move(strings));
-  }
-  if (elem == GgufValueType::ARRAY) {
-    std::vector<GgufValue> items;
-    items.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      items.push_back(read_gguf_value(in, GgufValueType::ARRAY, context, depth + 1));
-    }
-    return GgufValue::array_of_arrays(std::move(items));
-  }
-  const unsigned char* p = in.take(n * min_elem, context, "the array elements");
-  if (elem == GgufValueType::BOOL) {
-    for (std::size_t i = 0; i < n; ++i) {
-      if (p[i] > 1) {
-        in.fail(context, moe::detail::concat("BOOL array element ", i, " = ", int(p[i]),
-                                             " is neither 0 nor 1"));
-      }
-    }
-  }
-  return GgufValue::from_packed(elem, n, std::vector<unsigned char>(p, p + n * min_elem));
-}
-
-/// a * b, or false when it exceeds `limit`.
-inline bool gguf_mul_within(std::uint64_t a, std::uint64_t b, std::uint64_t limit,
-                            std::uint64_t& out) {
-  if (a != 0 && b > limit / a) return false;
-  out = a * b;
-  return true;
-}
-
-}  // namespace detail
 
 /// A validated GGUF file (v2 or v3, little-endian), memory-mapped read-only or held in memory.
 /// Immutable after construction: every const member may be called from many threads. Move-only;
@@ -347,8 +200,7 @@ class GgufFile {
     const unsigned char* magic = in.take(4, "", "the magic");
     if (std::memcmp(magic, "GGUF", 4) != 0) {
       fail(moe::detail::concat("not a GGUF file: the first 4 bytes are 0x", hex(magic[0]),
-                               hex(magic[1]), hex(magic[2]), hex(magic[3]),
-                               ", expected \"GGUF\""));
+                               hex(magic[1]), hex(magic[2]), hex(magic[3]), ", expected \"GGUF\""));
     }
     version_ = in.read<std::uint32_t>("", "the version");
     if (version_ != 2 && version_ != 3) {
@@ -364,8 +216,8 @@ class GgufFile {
                                " bytes that follow the header"));
     }
     if (tensor_count > in.remaining() / 24) {
-      fail(moe::detail::concat("tensor count ", tensor_count, " cannot fit in the ",
-                               in.remaining(), " bytes that follow the header"));
+      fail(moe::detail::concat("tensor count ", tensor_count, " cannot fit in the ", in.remaining(),
+                               " bytes that follow the header"));
     }
     read_metadata(in, static_cast<std::size_t>(kv_count));
     read_alignment();
@@ -423,8 +275,8 @@ class GgufFile {
       const std::string context = moe::detail::concat("tensor '", t.name, "': ");
       const auto n_dims = in.read<std::uint32_t>(context, "the dimension count");
       if (n_dims > kGgufMaxDims) {
-        in.fail(context, moe::detail::concat("has ", n_dims, " dimensions, at most ",
-                                             kGgufMaxDims, " are allowed"));
+        in.fail(context, moe::detail::concat("has ", n_dims, " dimensions, at most ", kGgufMaxDims,
+                                             " are allowed"));
       }
       for (std::uint32_t d = 0; d < n_dims; ++d) {
         const auto n = in.read<std::uint64_t>(context, "a dimension");
@@ -446,16 +298,17 @@ class GgufFile {
       std::uint64_t numel = 1;
       const bool any_zero = std::find(t.dims.begin(), t.dims.end(), 0) != t.dims.end();
       for (std::int64_t d : t.dims) {
-        if (!any_zero && !detail::gguf_mul_within(numel, static_cast<std::uint64_t>(d), kMax,
-                                                  numel)) {
+        if (!any_zero &&
+            !detail::gguf_mul_within(numel, static_cast<std::uint64_t>(d), kMax, numel)) {
           in.fail(context, moe::detail::concat("dimensions ", detail::gguf_dims_str(t.dims),
                                                " overflow: their product exceeds 2^63 - 1"));
         }
       }
       if (static_cast<std::uint64_t>(t.cols()) % traits->block_size != 0) {
-        in.fail(context, moe::detail::concat("rows of ", t.cols(), " elements (dimension 0) are not",
-                                             " a multiple of the ", traits->name, " block size ",
-                                             traits->block_size));
+        in.fail(context,
+                moe::detail::concat("rows of ", t.cols(), " elements (dimension 0) are not",
+                                    " a multiple of the ", traits->name, " block size ",
+                                    traits->block_size));
       }
       std::uint64_t nbytes = 0;
       if (!any_zero && !detail::gguf_mul_within(numel / traits->block_size, traits->type_size,

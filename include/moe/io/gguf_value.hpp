@@ -38,9 +38,9 @@ inline constexpr std::uint32_t kGgufValueTypeCount = 13;
 
 /// "UINT32", "ARRAY", ...; "?" for a tag out of range.
 inline const char* gguf_value_type_name(GgufValueType type) {
-  static const char* const names[] = {"UINT8", "INT8",   "UINT16", "INT16",  "UINT32",
-                                      "INT32", "FLOAT32", "BOOL",  "STRING", "ARRAY",
-                                      "UINT64", "INT64",  "FLOAT64"};
+  static const char* const names[] = {"UINT8",  "INT8",    "UINT16", "INT16",  "UINT32",
+                                      "INT32",  "FLOAT32", "BOOL",   "STRING", "ARRAY",
+                                      "UINT64", "INT64",   "FLOAT64"};
   const auto i = static_cast<std::uint32_t>(type);
   return i < kGgufValueTypeCount ? names[i] : "?";
 }
@@ -73,19 +73,32 @@ inline std::size_t gguf_value_type_size(GgufValueType type) {
 /// The value type a C++ type reads and writes: std::uint8_t .. double, bool, std::string.
 template <class T>
 constexpr GgufValueType gguf_value_type_of() {
-  if constexpr (std::is_same_v<T, std::uint8_t>) return GgufValueType::UINT8;
-  else if constexpr (std::is_same_v<T, std::int8_t>) return GgufValueType::INT8;
-  else if constexpr (std::is_same_v<T, std::uint16_t>) return GgufValueType::UINT16;
-  else if constexpr (std::is_same_v<T, std::int16_t>) return GgufValueType::INT16;
-  else if constexpr (std::is_same_v<T, std::uint32_t>) return GgufValueType::UINT32;
-  else if constexpr (std::is_same_v<T, std::int32_t>) return GgufValueType::INT32;
-  else if constexpr (std::is_same_v<T, float>) return GgufValueType::FLOAT32;
-  else if constexpr (std::is_same_v<T, bool>) return GgufValueType::BOOL;
-  else if constexpr (std::is_same_v<T, std::string>) return GgufValueType::STRING;
-  else if constexpr (std::is_same_v<T, std::uint64_t>) return GgufValueType::UINT64;
-  else if constexpr (std::is_same_v<T, std::int64_t>) return GgufValueType::INT64;
-  else if constexpr (std::is_same_v<T, double>) return GgufValueType::FLOAT64;
-  else static_assert(sizeof(T) == 0, "moe::io: no GGUF value type for this C++ type");
+  if constexpr (std::is_same_v<T, std::uint8_t>)
+    return GgufValueType::UINT8;
+  else if constexpr (std::is_same_v<T, std::int8_t>)
+    return GgufValueType::INT8;
+  else if constexpr (std::is_same_v<T, std::uint16_t>)
+    return GgufValueType::UINT16;
+  else if constexpr (std::is_same_v<T, std::int16_t>)
+    return GgufValueType::INT16;
+  else if constexpr (std::is_same_v<T, std::uint32_t>)
+    return GgufValueType::UINT32;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return GgufValueType::INT32;
+  else if constexpr (std::is_same_v<T, float>)
+    return GgufValueType::FLOAT32;
+  else if constexpr (std::is_same_v<T, bool>)
+    return GgufValueType::BOOL;
+  else if constexpr (std::is_same_v<T, std::string>)
+    return GgufValueType::STRING;
+  else if constexpr (std::is_same_v<T, std::uint64_t>)
+    return GgufValueType::UINT64;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return GgufValueType::INT64;
+  else if constexpr (std::is_same_v<T, double>)
+    return GgufValueType::FLOAT64;
+  else
+    static_assert(sizeof(T) == 0, "moe::io: no GGUF value type for this C++ type");
 }
 
 /// A metadata value. Scalars keep their stored bytes; an array keeps its element type and either

@@ -53,8 +53,8 @@ class GgufWriter {
   /// Sets general.alignment (UINT32). Throws config_error unless a power of two.
   GgufWriter& set_alignment(std::uint32_t alignment) {
     if (alignment == 0 || (alignment & (alignment - 1)) != 0) {
-      throw config_error(moe::detail::concat("moe: GGUF alignment = ", alignment,
-                                             " is not a power of two"));
+      throw config_error(
+          moe::detail::concat("moe: GGUF alignment = ", alignment, " is not a power of two"));
     }
     return set("general.alignment", alignment);
   }
@@ -69,8 +69,8 @@ class GgufWriter {
     const std::string where = "moe: GGUF writer: tensor '" + name + "' ";
     if (tensor_names_.count(name)) throw io_error(where + "was added twice");
     if (dims.size() > kGgufMaxDims) {
-      throw io_error(moe::detail::concat(where, "has ", dims.size(), " dimensions, at most ",
-                                         kGgufMaxDims));
+      throw io_error(
+          moe::detail::concat(where, "has ", dims.size(), " dimensions, at most ", kGgufMaxDims));
     }
     if (traits.block_size == 0) {
       throw io_error(moe::detail::concat(where, "has type ", traits.name,

@@ -5,15 +5,18 @@
 //   Q8_0  (32 values, 34 B):  f16 d | i8 q[32]                       x = d * q
 //   Q4_0  (32 values, 18 B):  f16 d | u8 qs[16]                      x = d * (nibble - 8); value l
 //                             is the low nibble of qs[l], value 16 + l the high one
-//   MXFP4 (32 values, 17 B):  u8 e (E8M0) | u8 qs[16]                x = e2m1(nibble) * 2^(e - 127),
+//   MXFP4 (32 values, 17 B):  u8 e (E8M0) | u8 qs[16]                x = e2m1(nibble) * 2^(e -
+//   127),
 //                             nibbles placed as in Q4_0
 //   Q4_K (256 values, 144 B): f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
 //        8 sub-blocks of 32, each with a 6-bit scale sc and a 6-bit min m:  x = d*sc*q - dmin*m.
 //        64 values share 32 bytes of qs: low nibbles for sub-block 2c, high nibbles for 2c+1.
 //        scales[12] packs the 16 six-bit numbers: for j < 4, sc_j = s[j] & 63, m_j = s[j+4] & 63;
-//        for j >= 4, sc_j = (s[j+4] & 15) | (s[j-4] >> 6) << 4, m_j = (s[j+4] >> 4) | (s[j] >> 6) << 4.
+//        for j >= 4, sc_j = (s[j+4] & 15) | (s[j-4] >> 6) << 4, m_j = (s[j+4] >> 4) | (s[j] >> 6)
+//        << 4.
 //   Q5_K (256 values, 176 B): f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128]
-//        as Q4_K with a fifth bit: for sub-block j, bit j of qh[l] is the high bit of value l of it.
+//        as Q4_K with a fifth bit: for sub-block j, bit j of qh[l] is the high bit of value l of
+//        it.
 //   Q6_K (256 values, 210 B): u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
 //        16 sub-blocks of 16, x = d * scales[j] * (q - 32), q six bits. Each half of 128 values
 //        uses 64 bytes of ql and 32 of qh: value 32*r + l of the half (r = 0..3, l < 32) takes the
@@ -67,8 +70,8 @@ inline std::uint16_t float_to_half(float f) {
   const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000);
   const std::uint32_t ax = x & 0x7FFFFFFFu;
   if (ax >= 0x7F800000u) return sign | (ax > 0x7F800000u ? 0x7E00 : 0x7C00);  // NaN, inf
-  if (ax >= 0x477FF000u) return sign | 0x7C00;  // rounds to >= 65520: infinity
-  if (ax < 0x38800000u) {                       // below 2^-14: subnormal half, units of 2^-24
+  if (ax >= 0x477FF000u) return sign | 0x7C00;   // rounds to >= 65520: infinity
+  if (ax < 0x38800000u) {                        // below 2^-14: subnormal half, units of 2^-24
     const float a = std::fabs(f) * 16777216.0f;  // exact (power-of-two scaling)
     return sign | static_cast<std::uint16_t>(std::nearbyint(a));  // default mode: ties to even
   }
@@ -226,7 +229,8 @@ inline void quantize_q8_0(const float* in, Index count, unsigned char* out) {
     const float d = ggml_detail::load_half(out);
     for (Index l = 0; l < ggml_block; ++l) {
       const float q = d == 0 ? 0.0f : std::nearbyint(in[l] / d);
-      out[2 + l] = static_cast<unsigned char>(static_cast<std::int8_t>(std::clamp(q, -127.f, 127.f)));
+      out[2 + l] =
+          static_cast<unsigned char>(static_cast<std::int8_t>(std::clamp(q, -127.f, 127.f)));
     }
   }
 }
@@ -298,7 +302,8 @@ inline void quantize_q4_k(const float* in, Index count, unsigned char* out) {
     ggml_detail::k_affine_encode(in, 15, out, q);
     for (int c = 0; c < 4; ++c) {
       for (int l = 0; l < 32; ++l) {
-        out[16 + 32 * c + l] = static_cast<unsigned char>(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
+        out[16 + 32 * c + l] =
+            static_cast<unsigned char>(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
       }
     }
   }
