@@ -1,0 +1,432 @@
+// Tests of moe/io/gguf_moe.hpp: golden cases (tests/data/reference, FORMAT.md) written to GGUF by
+// our writer under llama.cpp's architecture, keys and tensor names, loaded back as blocks:
+//   F32 reproduces the case (bitwise equal to the block built from the case's own tensors, and
+//   within the golden runner's tolerances of HF), stacked, fused gate_up and per-expert layouts;
+//   F16, BF16, Q8_0, Q4_0 load with their format's error (output NMSE printed);
+//   K-quants (Q4_K, Q5_K, Q6_K) on a layer wide enough for 256-blocks: bitwise equal to the block
+//   built from the dequantised weights, and the output NMSE of each format;
+// and the errors of the mapping (architecture, dense model, dims, gating, layer, non-finite).
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "moe/io/gguf.hpp"
+#include "moe/io/gguf_moe.hpp"
+#include "moe/moe.hpp"
+
+#include "reference/golden_case.hpp"
+
+namespace {
+
+using moe::Index;
+using moe::RowMatrix;
+using moe::io::GgmlType;
+using moe::io::GgufFile;
+using moe::io::GgufWriter;
+namespace k = moe::kernels;
+
+std::string data_dir() { return std::string(MOE_TEST_DATA_DIR) + "/reference/"; }
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const moe::error& e) {
+    return e.what();
+  }
+  return "<no exception>";
+}
+
+double nmse(const RowMatrix<double>& got, const RowMatrix<double>& ref) {
+  return (got - ref).squaredNorm() / ref.squaredNorm();
+}
+
+/// Bytes of a row-major float matrix stored as `type`; falls back to F32 when the rows are not a
+/// whole number of blocks (as llama.cpp's quantizer does). Returns the type used.
+GgmlType encode(const RowMatrix<float>& m, GgmlType type, std::vector<unsigned char>& out) {
+  const auto traits = moe::io::ggml_type_traits(type);
+  if (m.cols() % static_cast<Index>(traits.block_size) != 0) type = GgmlType::F32;
+  const Index n = m.size();
+  const float* x = m.data();
+  switch (type) {
+    case GgmlType::F16:
+    case GgmlType::BF16: {
+      out.resize(static_cast<std::size_t>(n) * 2);
+      for (Index i = 0; i < n; ++i) {
+        const std::uint16_t h =
+            type == GgmlType::F16 ? moe::io::float_to_f16(x[i]) : moe::io::float_to_bf16(x[i]);
+        std::memcpy(out.data() + 2 * i, &h, 2);
+      }
+      return type;
+    }
+    case GgmlType::Q8_0:
+    case GgmlType::Q4_0:
+    case GgmlType::Q4_K:
+    case GgmlType::Q5_K:
+    case GgmlType::Q6_K: {
+      const auto t = moe::io::ggml_type_traits(type);
+      out.resize(static_cast<std::size_t>(n) / t.block_size * t.type_size);
+      auto* q = type == GgmlType::Q8_0   ? k::quantize_q8_0
+                : type == GgmlType::Q4_0 ? k::quantize_q4_0
+                : type == GgmlType::Q4_K ? k::quantize_q4_k
+                : type == GgmlType::Q5_K ? k::quantize_q5_k
+                                         : k::quantize_q6_k;
+      q(x, n, out.data());
+      return type;
+    }
+    default:
+      out.resize(static_cast<std::size_t>(n) * 4);
+      std::memcpy(out.data(), x, out.size());
+      return GgmlType::F32;
+  }
+}
+
+/// Adds `m` ([rows x cols] row-major) as tensor `name` with ggml dims `dims` in `type`.
+void add(GgufWriter& w, const std::string& name, const RowMatrix<float>& m, GgmlType type,
+         std::vector<std::int64_t> dims) {
+  std::vector<unsigned char> bytes;
+  const GgmlType used = encode(m, type, bytes);
+  w.add_tensor(name, used, std::move(dims), bytes.data(), bytes.size());
+}
+
+/// Rows of several matrices stacked (experts' [F x D] into [E*F x D]).
+RowMatrix<float> stack(const std::vector<RowMatrix<float>>& parts) {
+  Index rows = 0;
+  for (const auto& p : parts) rows += p.rows();
+  RowMatrix<float> out(rows, parts.front().cols());
+  Index r = 0;
+  for (const auto& p : parts) {
+    out.middleRows(r, p.rows()) = p;
+    r += p.rows();
+  }
+  return out;
+}
+
+enum class Layout { stacked, fused, per_expert };
+
+/// llama.cpp's arch for a golden family, and its metadata.
+std::string arch_of(const std::string& family) {
+  if (family == "mixtral") return "llama";
+  if (family == "qwen2_moe") return "qwen2moe";
+  if (family == "qwen3_moe") return "qwen3moe";
+  if (family == "deepseek_v3") return "deepseek2";
+  return family;  // olmoe
+}
+
+/// The golden case as a one-layer GGUF: router in F32 (llama.cpp never quantises ffn_gate_inp),
+/// experts and shared expert in `type`.
+std::vector<unsigned char> gguf_from_case(const moe::golden::Case& c, GgmlType type,
+                                          Layout layout) {
+  const moe::MoeConfig cfg = c.config();
+  const std::string family = c.meta("family");
+  const std::string arch = arch_of(family);
+  const std::string p = arch + ".";
+  const Index D = cfg.d_model, F = cfg.d_ff, E = cfg.num_experts;
+  GgufWriter w;
+  w.set("general.architecture", arch).set("general.name", c.name());
+  w.set<std::uint32_t>(p + "block_count", 1).set<std::uint32_t>(p + "embedding_length", D);
+  w.set<std::uint32_t>(p + "expert_count", E)
+      .set<std::uint32_t>(p + "expert_used_count", cfg.top_k);
+  if (arch == "llama") {
+    w.set<std::uint32_t>(p + "feed_forward_length", F);  // Mixtral files carry only this one
+  } else {
+    w.set<std::uint32_t>(p + "expert_feed_forward_length", F);
+  }
+  if (arch == "deepseek2") {
+    w.set<std::uint32_t>(p + "leading_dense_block_count", 0);
+    w.set<std::uint32_t>(p + "expert_shared_count", 1);
+    w.set<float>(p + "expert_weights_scale",
+                 static_cast<float>(c.meta_double_or("routed_scaling_factor", 1.0)));
+    w.set(p + "expert_weights_norm", c.meta_bool_or("norm_topk_prob", true));
+    w.set<std::uint32_t>(p + "expert_gating_func", 2);
+    w.set<std::uint32_t>(p + "expert_group_count", c.meta_int_or("n_group", 1));
+    w.set<std::uint32_t>(p + "expert_group_used_count", c.meta_int_or("topk_group", 1));
+    add(w, "blk.0.exp_probs_b.bias", c.mat<float>("router.bias"), GgmlType::F32, {E});  // [1 x E]
+  }
+  add(w, "blk.0.ffn_gate_inp.weight", c.mat<float>("router.weight"), GgmlType::F32, {D, E});
+  std::vector<RowMatrix<float>> gate, up, down, gate_up;
+  for (Index e = 0; e < E; ++e) {
+    const std::string x = "experts." + std::to_string(e) + ".";
+    gate.push_back(c.mat<float>(x + "gate.weight"));
+    up.push_back(c.mat<float>(x + "up.weight"));
+    down.push_back(c.mat<float>(x + "down.weight"));
+    gate_up.push_back(stack({gate.back(), up.back()}));
+  }
+  if (layout == Layout::per_expert) {
+    for (Index e = 0; e < E; ++e) {
+      const std::string n = std::to_string(e);
+      add(w, "blk.0.ffn_gate." + n + ".weight", gate[e], type, {D, F});
+      add(w, "blk.0.ffn_up." + n + ".weight", up[e], type, {D, F});
+      add(w, "blk.0.ffn_down." + n + ".weight", down[e], type, {F, D});
+    }
+  } else {
+    if (layout == Layout::fused) {
+      add(w, "blk.0.ffn_gate_up_exps.weight", stack(gate_up), type, {D, 2 * F, E});
+    } else {
+      add(w, "blk.0.ffn_gate_exps.weight", stack(gate), type, {D, F, E});
+      add(w, "blk.0.ffn_up_exps.weight", stack(up), type, {D, F, E});
+    }
+    add(w, "blk.0.ffn_down_exps.weight", stack(down), type, {F, D, E});
+  }
+  if (cfg.shared_d_ff > 0) {
+    const Index Fs = cfg.shared_d_ff;
+    add(w, "blk.0.ffn_gate_shexp.weight", c.mat<float>("shared.gate.weight"), type, {D, Fs});
+    add(w, "blk.0.ffn_up_shexp.weight", c.mat<float>("shared.up.weight"), type, {D, Fs});
+    add(w, "blk.0.ffn_down_shexp.weight", c.mat<float>("shared.down.weight"), type, {Fs, D});
+    if (cfg.shared_expert_gate) {
+      add(w, "blk.0.ffn_gate_inp_shexp.weight", c.mat<float>("shared_gate.weight"), GgmlType::F32,
+          {D});
+    }
+  }
+  return w.to_bytes();
+}
+
+/// Loads layer 0 of the GGUF as the family's block in T and runs it on the case's input.
+template <class T>
+RowMatrix<double> run_gguf(const moe::golden::Case& c, const GgufFile& f) {
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  const RowMatrix<T> x = c.mat<T>("input");
+  RowMatrix<T> y(x.rows(), x.cols());
+  moe::Workspace<T> ws;
+  if (spec.routing == moe::io::GgufRouting::deepseek_v3) {
+    const auto b = moe::io::load_gguf_moe_layer<
+        moe::SparseMoeBlock<T, moe::gating::GroupLimitedTopK, moe::SwiGLU>>(f, spec, 0);
+    b.forward(x, y, ws);
+  } else {
+    const auto b =
+        moe::io::load_gguf_moe_layer<moe::SparseMoeBlock<T, moe::gating::SoftmaxTopK, moe::SwiGLU>>(
+            f, spec, 0);
+    b.forward(x, y, ws);
+  }
+  return y.template cast<double>();
+}
+
+/// The case's own block (weights from its canonical tensors), for bitwise comparison.
+template <class T>
+RowMatrix<double> run_case(const moe::golden::Case& c) {
+  const auto cfg = c.config();
+  const RowMatrix<T> x = c.mat<T>("input");
+  RowMatrix<T> y(x.rows(), x.cols());
+  moe::Workspace<T> ws;
+  if (c.meta("family") == "deepseek_v3") {
+    using G = moe::gating::GroupLimitedTopK;
+    const auto o = G::Options::deepseek_v3(
+        c.meta_int_or("n_group", 1), c.meta_int_or("topk_group", 1),
+        c.meta_double_or("routed_scaling_factor", 1.0), c.meta_bool_or("norm_topk_prob", true));
+    moe::SparseMoeBlock<T, G, moe::SwiGLU>(cfg, c.weights<T>(cfg, true, true), o).forward(x, y, ws);
+  } else {
+    moe::gating::SoftmaxTopK::Options o;
+    const std::string fam = c.meta("family");
+    o.normalize = fam == "mixtral" || c.meta_bool_or("norm_topk_prob", fam == "qwen3_moe");
+    moe::SparseMoeBlock<T, moe::gating::SoftmaxTopK, moe::SwiGLU>(cfg,
+                                                                  c.weights<T>(cfg, true, false), o)
+        .forward(x, y, ws);
+  }
+  return y.template cast<double>();
+}
+
+class GgufGolden : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GgufGolden, F32ReproducesTheCaseInEveryLayout) {
+  const moe::golden::Case c(data_dir() + GetParam() + ".safetensors");
+  const RowMatrix<double> hf = c.mat("output");
+  const RowMatrix<double> ref64 = c.mat("ref64.output");
+  const double scale = 1 + hf.cwiseAbs().maxCoeff();
+  for (Layout layout : {Layout::stacked, Layout::fused, Layout::per_expert}) {
+    SCOPED_TRACE(static_cast<int>(layout));
+    const auto f = GgufFile::from_buffer(gguf_from_case(c, GgmlType::F32, layout), c.name());
+    const RowMatrix<double> d = run_gguf<double>(c, f);
+    const RowMatrix<double> s = run_gguf<float>(c, f);
+    // The golden weights are float32 values: F32 storage is exact, so the blocks are the same.
+    EXPECT_EQ(d, run_case<double>(c));
+    EXPECT_EQ(s, run_case<float>(c));
+    // And the runner's tolerances (tests/reference/golden_families.hpp).
+    EXPECT_LE((d - ref64).cwiseAbs().maxCoeff(), 1e-10 * scale);
+    EXPECT_LE((d - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
+    EXPECT_LE((s - hf).cwiseAbs().maxCoeff(), 1e-5 * scale);
+  }
+}
+
+TEST_P(GgufGolden, CompactTypesLoadWithTheirFormatsError) {
+  const moe::golden::Case c(data_dir() + GetParam() + ".safetensors");
+  const RowMatrix<double> hf = c.mat("output");
+  const struct {
+    GgmlType type;
+    double max_nmse;  // output NMSE: about twice the weight NMSE (two projections)
+  } types[] = {{GgmlType::F16, 1e-5},
+               {GgmlType::BF16, 1e-3},
+               {GgmlType::Q8_0, 1e-3},
+               {GgmlType::Q4_0, 5e-2}};
+  for (const auto& t : types) {
+    const auto f = GgufFile::from_buffer(gguf_from_case(c, t.type, Layout::stacked), c.name());
+    const double e = nmse(run_gguf<float>(c, f), hf);
+    EXPECT_LT(e, t.max_nmse) << moe::io::ggml_type_name(t.type);
+    EXPECT_GT(e, 0.0) << moe::io::ggml_type_name(t.type);
+    std::printf("[ measure  ] %s %s output NMSE vs HF %.3g\n", GetParam().c_str(),
+                moe::io::ggml_type_name(t.type), e);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GgufGolden,
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                           "deepseek_v3"));
+
+// ---- K-quants: a Qwen3-MoE layer with d_model = d_ff = 256 ----
+
+struct Layer {
+  moe::MoeConfig cfg;
+  RowMatrix<float> router, gate, up, down;  // stacked [E*F x D], [E*F x D], [E*D x F]
+};
+
+Layer random_layer() {
+  Layer l;
+  l.cfg.d_model = 256;
+  l.cfg.d_ff = 256;
+  l.cfg.num_experts = 4;
+  l.cfg.top_k = 2;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> g(0.0f, 0.05f);
+  auto draw = [&](Index r, Index c) {
+    RowMatrix<float> m(r, c);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = g(rng);
+    return m;
+  };
+  l.router = draw(4, 256);
+  l.gate = draw(4 * 256, 256);
+  l.up = draw(4 * 256, 256);
+  l.down = draw(4 * 256, 256);
+  return l;
+}
+
+std::vector<unsigned char> gguf_of(const Layer& l, GgmlType gate_up, GgmlType down) {
+  GgufWriter w;
+  w.set("general.architecture", "qwen3moe");
+  w.set<std::uint32_t>("qwen3moe.block_count", 1)
+      .set<std::uint32_t>("qwen3moe.embedding_length", 256);
+  w.set<std::uint32_t>("qwen3moe.expert_count", 4)
+      .set<std::uint32_t>("qwen3moe.expert_used_count", 2);
+  w.set<std::uint32_t>("qwen3moe.expert_feed_forward_length", 256);
+  add(w, "blk.0.ffn_gate_inp.weight", l.router, GgmlType::F32, {256, 4});
+  add(w, "blk.0.ffn_gate_exps.weight", l.gate, gate_up, {256, 256, 4});
+  add(w, "blk.0.ffn_up_exps.weight", l.up, gate_up, {256, 256, 4});
+  add(w, "blk.0.ffn_down_exps.weight", l.down, down, {256, 256, 4});
+  return w.to_bytes();
+}
+
+using Qwen3Block = moe::SparseMoeBlock<float, moe::gating::SoftmaxTopK, moe::SwiGLU>;
+
+RowMatrix<float> forward(const Qwen3Block& b, const RowMatrix<float>& x) {
+  RowMatrix<float> y(x.rows(), x.cols());
+  moe::Workspace<float> ws;
+  b.forward(x, y, ws);
+  return y;
+}
+
+/// Dequantises `m` through `type` (what the loader does, done by hand).
+RowMatrix<float> through(const RowMatrix<float>& m, GgmlType type) {
+  std::vector<unsigned char> bytes;
+  encode(m, type, bytes);
+  RowMatrix<float> out(m.rows(), m.cols());
+  moe::io::ggml_decode_to_float(type, bytes.data(), m.size(), out.data());
+  return out;
+}
+
+TEST(GgufKQuants, LoadEqualsTheDequantisedWeightsAndHasTheFormatsError) {
+  const Layer l = random_layer();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g;
+  RowMatrix<float> x(31, 256);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  const auto f32 = GgufFile::from_buffer(gguf_of(l, GgmlType::F32, GgmlType::F32), "f32.gguf");
+  const RowMatrix<float> ref = forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f32, 0), x);
+  const struct {
+    const char* name;
+    GgmlType gate_up, down;
+  } mixes[] = {{"Q4_K", GgmlType::Q4_K, GgmlType::Q4_K},
+               {"Q5_K", GgmlType::Q5_K, GgmlType::Q5_K},
+               {"Q6_K", GgmlType::Q6_K, GgmlType::Q6_K},
+               {"Q4_K_M-like (down Q6_K)", GgmlType::Q4_K, GgmlType::Q6_K}};
+  double previous = 1.0;
+  for (const auto& m : mixes) {
+    const auto f = GgufFile::from_buffer(gguf_of(l, m.gate_up, m.down), "q.gguf");
+    const RowMatrix<float> y = forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, 0), x);
+    // The same block built by hand from the dequantised weights: bitwise equal.
+    auto w = moe::MoeWeights<float>::zeros(l.cfg);
+    w.router = l.router;
+    const RowMatrix<float> gate = through(l.gate, m.gate_up), up = through(l.up, m.gate_up),
+                           down = through(l.down, m.down);
+    for (Index e = 0; e < 4; ++e) {
+      w.experts.set_gated(e, gate.middleRows(256 * e, 256), up.middleRows(256 * e, 256),
+                          down.middleRows(256 * e, 256));
+    }
+    moe::gating::SoftmaxTopK::Options o;
+    o.normalize = true;
+    EXPECT_EQ(y, forward(Qwen3Block(l.cfg, std::move(w), o), x)) << m.name;
+    const double e = nmse(y.cast<double>(), ref.cast<double>());
+    std::printf("[ measure  ] %s output NMSE vs F32 %.3g\n", m.name, e);
+    EXPECT_GT(e, 0.0) << m.name;
+    EXPECT_LT(e, 3e-2) << m.name;
+    if (m.gate_up == m.down) {
+      EXPECT_LT(e, previous) << m.name << ": more bits must not be worse";
+      previous = e;
+    }
+  }
+}
+
+// ---- errors ----
+
+TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
+  GgufWriter w;
+  w.set("general.architecture", "gemma3");
+  auto f = GgufFile::from_buffer(w.to_bytes(), "m.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
+            "moe: m.gguf: architecture 'gemma3' has no MoE mapping (supported: llama, qwen2moe, "
+            "qwen3moe, olmoe, deepseek2)");
+  GgufWriter dense;
+  dense.set("general.architecture", "llama").set<std::uint32_t>("llama.block_count", 2);
+  f = GgufFile::from_buffer(dense.to_bytes(), "m.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
+            "moe: m.gguf: architecture 'llama' without experts (llama.expert_count is absent or "
+            "0): a dense model has no MoE layer");
+  GgufWriter bad;
+  bad.set("general.architecture", "qwen3moe").set<std::int32_t>("qwen3moe.expert_count", 8);
+  f = GgufFile::from_buffer(bad.to_bytes(), "m.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
+            "moe: m.gguf: no metadata key 'qwen3moe.block_count'");
+}
+
+TEST(GgufMoeErrors, TensorsLayersAndGatingAreChecked) {
+  const Layer l = random_layer();
+  const auto f = GgufFile::from_buffer(gguf_of(l, GgmlType::F32, GgmlType::F32), "m.gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 1); }),
+            "moe: layer 1 out of range [0, 1) of m.gguf");
+  using V3 = moe::SparseMoeBlock<float, moe::gating::GroupLimitedTopK, moe::SwiGLU>;
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<V3>(f, spec, 0); }),
+            "moe: m.gguf: qwen3moe routes with gating::SoftmaxTopK; the block type uses "
+            "gating::GroupLimitedTopK");
+  auto wrong = spec;
+  wrong.moe.d_ff = 128;
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_weights<float>(f, wrong, 0); }),
+            "moe: m.gguf: tensor 'blk.0.ffn_down_exps.weight' has dims [256, 256, 4], expected "
+            "[128, 256, 4] [n_ff_exp, n_embd, n_expert]");
+  auto two = spec;
+  two.num_layers = 2;
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_weights<float>(f, two, 1); }),
+            "moe: m.gguf: layer 1 is dense (it has no blk.1.ffn_gate_inp.weight)");
+  Layer nan = l;
+  nan.up(300, 7) = std::nanf("");
+  const auto g = GgufFile::from_buffer(gguf_of(nan, GgmlType::F32, GgmlType::F32), "nan.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Qwen3Block>(g, 0); }),
+            "moe: nan.gguf: tensor 'blk.0.ffn_up_exps.weight' has a non-finite value at row 300, "
+            "column 7");
+}
+
+}  // namespace
