@@ -271,6 +271,9 @@ TEST(Gguf, OpenMapsAFileWrittenToDisk) {
   std::remove(path.c_str());
   EXPECT_EQ(io_error_of([&] { (void)GgufFile::open(path); }),
             "moe: " + path + ": cannot open: No such file or directory");
+  const std::string dir = std::filesystem::temp_directory_path().string();
+  EXPECT_EQ(io_error_of([&] { (void)GgufFile::open(dir); }),
+            "moe: " + dir + ": not a regular file");
 }
 
 TEST(Gguf, DecodesFloatAndQuantisedTypesToFloat) {
@@ -428,6 +431,16 @@ TEST(GgufMalformed, ArraysNestedTooDeep) {
   b.u32(4).u64(0);
   EXPECT_EQ(parse_error(b.bytes),
             "moe: t.gguf: metadata key 'deep': arrays nest deeper than 8 levels");
+}
+
+TEST(GgufMalformed, TooManyNestedArrays) {
+  // 2^20 + 1 empty arrays in one array: 12 MiB of file that would become ~140 MiB of values.
+  ByteBuilder b;
+  const std::uint64_t n = (std::uint64_t{1} << 20) + 1;
+  b.header(0, 1).str("many").u32(9).u32(9).u64(n);
+  for (std::uint64_t i = 0; i < n; ++i) b.u32(4).u64(0);
+  EXPECT_EQ(parse_error(b.bytes),
+            "moe: t.gguf: metadata key 'many': the file nests more than 1048576 arrays in arrays");
 }
 
 TEST(GgufMalformed, DuplicateKeysAndTensors) {

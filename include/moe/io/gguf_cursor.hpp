@@ -21,6 +21,9 @@ inline constexpr std::uint32_t kGgufDefaultAlignment = 32;
 inline constexpr std::uint32_t kGgufMaxDims = 4;
 /// Deepest nesting of arrays accepted (ggml itself writes none; the limit bounds recursion).
 inline constexpr int kGgufMaxArrayDepth = 8;
+/// Most arrays nested inside arrays in one file: each costs ~12 bytes of file and ~130 bytes of
+/// memory, so the cap bounds what a small hostile file can make the reader allocate.
+inline constexpr std::size_t kGgufMaxNestedArrays = std::size_t{1} << 20;
 
 namespace detail {
 
@@ -83,13 +86,20 @@ class GgufCursor {
     return std::string(p, static_cast<std::size_t>(n));
   }
 
-  /// Moves to `pos` (<= size, checked by the caller).
-  void seek(std::size_t pos) { pos_ = pos; }
+  /// Counts `n` more arrays nested in arrays; throws past kGgufMaxNestedArrays.
+  void count_nested(std::size_t n, const std::string& context) {
+    nested_ += n;
+    if (nested_ > kGgufMaxNestedArrays) {
+      fail(context, moe::detail::concat("the file nests more than ", kGgufMaxNestedArrays,
+                                        " arrays in arrays"));
+    }
+  }
 
  private:
   const unsigned char* bytes_;
   std::size_t size_;
   std::size_t pos_ = 0;
+  std::size_t nested_ = 0;
   std::string where_;
 };
 
@@ -135,6 +145,7 @@ inline GgufValue read_gguf_value(GgufCursor& in, GgufValueType type, const std::
     return GgufValue::from_strings(std::move(strings));
   }
   if (elem == GgufValueType::ARRAY) {
+    in.count_nested(n, context);
     std::vector<GgufValue> items;
     items.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
