@@ -16,6 +16,7 @@ void check(bool ok) {
   if (!ok) std::abort();
 }
 
+/// Reads `key` as T, scalar and array; a mismatch must be an io_error.
 template <class T>
 void touch(const moe::io::GgufFile& file, const std::string& key) {
   try {
@@ -28,19 +29,59 @@ void touch(const moe::io::GgufFile& file, const std::string& key) {
   }
 }
 
+/// The accessor of the value's own type (scalar or array element type), and one of another type
+/// (each throws on a mismatch; exceptions are slow, so not every type is tried on every key).
 void touch_all(const moe::io::GgufFile& file, const std::string& key) {
-  touch<std::uint8_t>(file, key);
-  touch<std::int8_t>(file, key);
-  touch<std::uint16_t>(file, key);
-  touch<std::int16_t>(file, key);
-  touch<std::uint32_t>(file, key);
-  touch<std::int32_t>(file, key);
-  touch<float>(file, key);
-  touch<bool>(file, key);
-  touch<std::string>(file, key);
-  touch<std::uint64_t>(file, key);
-  touch<std::int64_t>(file, key);
-  touch<double>(file, key);
+  using moe::io::GgufValueType;
+  const moe::io::GgufValue& v = file.value(key);
+  const GgufValueType t = v.type() == GgufValueType::ARRAY ? v.array_type() : v.type();
+  switch (t) {
+    case GgufValueType::UINT8:
+      touch<std::uint8_t>(file, key);
+      break;
+    case GgufValueType::INT8:
+      touch<std::int8_t>(file, key);
+      break;
+    case GgufValueType::UINT16:
+      touch<std::uint16_t>(file, key);
+      break;
+    case GgufValueType::INT16:
+      touch<std::int16_t>(file, key);
+      break;
+    case GgufValueType::UINT32:
+      touch<std::uint32_t>(file, key);
+      break;
+    case GgufValueType::INT32:
+      touch<std::int32_t>(file, key);
+      break;
+    case GgufValueType::FLOAT32:
+      touch<float>(file, key);
+      break;
+    case GgufValueType::BOOL:
+      touch<bool>(file, key);
+      break;
+    case GgufValueType::STRING:
+      touch<std::string>(file, key);
+      break;
+    case GgufValueType::UINT64:
+      touch<std::uint64_t>(file, key);
+      break;
+    case GgufValueType::INT64:
+      touch<std::int64_t>(file, key);
+      break;
+    case GgufValueType::FLOAT64:
+      touch<double>(file, key);
+      break;
+    case GgufValueType::ARRAY:
+      for (const auto& item : v.nested()) check(item.type() == GgufValueType::ARRAY);
+      break;
+  }
+  try {
+    (void)file.get<std::uint32_t>(key);
+    check(v.type() == GgufValueType::UINT32);
+  } catch (const moe::io_error&) {
+    check(v.type() != GgufValueType::UINT32);
+  }
   try {
     (void)file.get_unsigned(key);
   } catch (const moe::io_error&) {
