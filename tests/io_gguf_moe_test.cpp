@@ -254,6 +254,28 @@ TEST_P(GgufGolden, F32ReproducesTheCaseInEveryLayout) {
   }
 }
 
+TEST(GgufGoldenGlm, Glm4MoeRoutesLikeDeepSeekV3WithSigmoidByDefault) {
+  // GLM-4.5 (arch glm4moe) routes as DeepSeek-V3: the V3 case under that arch, without
+  // expert_gating_func (glm4moe's default is sigmoid), loads and reproduces the case.
+  const moe::golden::Case c(data_dir() + "deepseek_v3.safetensors");
+  auto bytes = gguf_from_case(c, GgmlType::F32, Layout::stacked);
+  auto f = GgufFile::from_buffer(bytes, "v3.gguf");
+  GgufWriter w;
+  for (const auto& kv : f.metadata()) {
+    std::string key = kv.key;
+    if (key.rfind("deepseek2.", 0) == 0) key = "glm4moe." + key.substr(10);
+    if (key == "glm4moe.expert_gating_func") continue;
+    w.set_value(key,
+                kv.key == "general.architecture" ? moe::io::GgufValue::of("glm4moe") : kv.value);
+  }
+  for (const auto& t : f.tensors()) w.add_tensor(t.name, t.type, t.dims, f.data(t), t.nbytes);
+  const auto glm = GgufFile::from_buffer(w.to_bytes(), "glm.gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(glm);
+  EXPECT_EQ(spec.arch, "glm4moe");
+  EXPECT_EQ(spec.routing, moe::io::GgufRouting::deepseek_v3);
+  EXPECT_EQ(run_gguf<double>(c, glm), run_case<double>(c));
+}
+
 TEST_P(GgufGolden, CompactTypesLoadWithTheirFormatsError) {
   const moe::golden::Case c(data_dir() + GetParam() + ".safetensors");
   const RowMatrix<double> hf = c.mat("output");
@@ -388,7 +410,7 @@ TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
   auto f = GgufFile::from_buffer(w.to_bytes(), "m.gguf");
   EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
             "moe: m.gguf: architecture 'gemma3' has no MoE mapping (supported: llama, qwen2moe, "
-            "qwen3moe, olmoe, deepseek2)");
+            "qwen3moe, olmoe, deepseek2, glm4moe)");
   GgufWriter dense;
   dense.set("general.architecture", "llama").set<std::uint32_t>("llama.block_count", 2);
   f = GgufFile::from_buffer(dense.to_bytes(), "m.gguf");

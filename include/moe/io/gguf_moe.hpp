@@ -5,9 +5,10 @@
 //   auto block = moe::io::load_gguf_moe_layer<moe::SparseMoeBlock<float>>(file, spec, 3);
 //
 // Architectures: llama (Mixtral), qwen2moe, qwen3moe, olmoe (gating::SoftmaxTopK), deepseek2
-// (gating::DeepSeekV2 for softmax gating, gating::GroupLimitedTopK for sigmoid + exp_probs_b);
-// all with SwiGLU experts. Types: whatever gguf_decode.hpp decodes (F32, F16, BF16, Q8_0, Q4_0,
-// MXFP4, Q4_K, Q5_K, Q6_K), converted to the block's scalar on load.
+// (gating::DeepSeekV2 for softmax gating, gating::GroupLimitedTopK for sigmoid + exp_probs_b),
+// glm4moe (gating::GroupLimitedTopK); all with SwiGLU experts. Types: whatever gguf_decode.hpp
+// decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K), converted to the block's scalar on
+// load.
 #pragma once
 
 #include <type_traits>

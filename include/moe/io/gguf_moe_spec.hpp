@@ -37,19 +37,22 @@ struct GgufMoeArch {
   bool normalize;      ///< top-k weights renormalised when expert_weights_norm is absent
   bool deepseek;       ///< reads the DeepSeek keys (gating func, groups, scale, dense lead)
   bool shared_gate;    ///< a shared expert, when present, is scaled by a sigmoid gate
+  int gating_func;     ///< expert_gating_func when absent: 1 softmax, 2 sigmoid (DeepSeek keys)
 };
 
 /// The supported architectures (llama.cpp's names; norm defaults as llama.cpp builds them, which
 /// match the HF configs: Qwen2-MoE and OLMoE norm_topk_prob false, Qwen3-MoE and Mixtral true).
+/// GLM-4.5 routes like DeepSeek-V3: sigmoid, exp_probs_b, shared experts, dense lead layers.
 inline constexpr GgufMoeArch kGgufMoeArchs[] = {
-    {"llama", "Mixtral (llama with experts)", true, false, false},
-    {"qwen2moe", "Qwen2-MoE", false, false, true},
-    {"qwen3moe", "Qwen3-MoE", true, false, false},
-    {"olmoe", "OLMoE", false, false, false},
-    {"deepseek2", "DeepSeek-V2, DeepSeek-V3", false, true, false},
+    {"llama", "Mixtral (llama with experts)", true, false, false, 1},
+    {"qwen2moe", "Qwen2-MoE", false, false, true, 1},
+    {"qwen3moe", "Qwen3-MoE", true, false, false, 1},
+    {"olmoe", "OLMoE", false, false, false, 1},
+    {"deepseek2", "DeepSeek-V2, DeepSeek-V3", false, true, false, 1},
+    {"glm4moe", "GLM-4.5, GLM-4.5-Air", true, true, false, 2},
 };
 
-/// "llama, qwen2moe, qwen3moe, olmoe, deepseek2".
+/// "llama, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe".
 inline std::string gguf_moe_arch_list() {
   std::string s;
   for (const auto& a : kGgufMoeArchs) s += (s.empty() ? "" : ", ") + std::string(a.arch);
@@ -138,7 +141,7 @@ inline GgufMoeSpec read_gguf_moe_spec(const GgufFile& file) {
     s.n_group = std::max<Index>(1, detail::gguf_count_or(file, p + "expert_group_count", 1));
     s.topk_group =
         std::max<Index>(1, detail::gguf_count_or(file, p + "expert_group_used_count", 1));
-    const Index func = detail::gguf_count_or(file, p + "expert_gating_func", 1);
+    const Index func = detail::gguf_count_or(file, p + "expert_gating_func", row->gating_func);
     if (func != 1 && func != 2) {
       throw io_error(moe::detail::concat(where, "metadata key '", p, "expert_gating_func' = ", func,
                                          " is neither 1 (softmax) nor 2 (sigmoid)"));
