@@ -93,6 +93,26 @@ TEST(GgmlBlocks, Mxfp4E2M1ValuesTimesPowerOfTwo) {
   }
 }
 
+TEST(GgmlBlocks, Mxfp4RepackToTheSplitLayoutKeepsEveryValue) {
+  // Three blocks of random bytes (scales below 0xFF); the split layout decoded by its own
+  // definition (element 2i low nibble, 2i + 1 high nibble of byte i; w = e2m1 * 2^(s - 127))
+  // equals ggml's decode of the original blocks.
+  const float e2m1[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+  std::mt19937 rng(9);
+  std::vector<unsigned char> blocks(3 * 17);
+  for (auto& b : blocks) b = static_cast<unsigned char>(rng());
+  for (int b = 0; b < 3; ++b) blocks[17 * b] = static_cast<unsigned char>(100 + 10 * b);
+  std::vector<std::uint8_t> codes(3 * 16), scales(3);
+  k::repack_mxfp4_to_split(blocks.data(), 96, codes.data(), scales.data());
+  std::vector<float> ref(96);
+  k::dequantize_mxfp4(blocks.data(), 96, ref.data());
+  for (int v = 0; v < 96; ++v) {
+    const int b = v / 32, e = v % 32;
+    const int code = (e % 2 == 0) ? codes[16 * b + e / 2] & 15 : codes[16 * b + e / 2] >> 4;
+    EXPECT_EQ(static_cast<float>(e2m1[code] * std::ldexp(1.0, scales[b] - 127)), ref[v]) << v;
+  }
+}
+
 // The 12 packed scale bytes used below, and the scales/mins they hold, worked out by hand from the
 // layout (j < 4: sc = s[j] & 63, m = s[j+4] & 63; j >= 4: sc = (s[j+4] & 15) | (s[j-4] >> 6) << 4,
 // m = (s[j+4] >> 4) | (s[j] >> 6) << 4):

@@ -223,6 +223,23 @@ inline void dequantize_q6_k(const unsigned char* in, Index count, float* out) {
   }
 }
 
+/// Repacks `count` values (a multiple of 32) of ggml MXFP4 blocks into the split layout gpt-oss
+/// checkpoints use (codes: 16 bytes per block, element 2i in the low nibble of byte i and 2i + 1
+/// in the high one; scales: one E8M0 byte per block). A byte shuffle: lossless, no float.
+inline void repack_mxfp4_to_split(const unsigned char* in, Index count, std::uint8_t* codes,
+                                  std::uint8_t* scales) {
+  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_mxfp4_bytes, codes += 16) {
+    scales[b] = in[0];
+    const unsigned char* qs = in + 1;
+    for (int i = 0; i < 16; ++i) {
+      const int j0 = 2 * i, j1 = 2 * i + 1;  // element j is qs[j] low (j < 16), qs[j-16] high
+      const int lo = j0 < 16 ? qs[j0] & 15 : qs[j0 - 16] >> 4;
+      const int hi = j1 < 16 ? qs[j1] & 15 : qs[j1 - 16] >> 4;
+      codes[i] = static_cast<std::uint8_t>(lo | (hi << 4));
+    }
+  }
+}
+
 // ---- encoders: plain round-to-nearest, min/max based (not llama.cpp's searched scales) ----
 
 /// Encodes `count` values (a multiple of 32) as Q8_0: d = max|x| / 127 (as f16), q = round(x / d).
