@@ -1,5 +1,6 @@
 // moe/kernels: decoding ggml's block formats to float (Q8_0, Q4_0, MXFP4 and the K-quants Q4_K,
-// Q5_K, Q6_K), and plain encoders of the K-quants (Q8_0 and Q4_0 too) for tests and conversion.
+// Q5_K, Q6_K), plain encoders of the K-quants (Q8_0 and Q4_0 too) for tests and conversion, and
+// the repack of MXFP4 blocks into gpt-oss's split codes/scales layout.
 //
 // Layouts, from the format definitions in ggml-common.h (f16 = IEEE half, little-endian):
 //   Q8_0  (32 values, 34 B):  f16 d | i8 q[32]                       x = d * q
