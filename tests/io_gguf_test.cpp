@@ -473,8 +473,12 @@ TEST(GgufMalformed, DimensionsAndTypes) {
   EXPECT_EQ(one({std::uint64_t{1} << 63}, 0),
             "moe: t.gguf: tensor 'w': dimension 0 = 9223372036854775808 exceeds 2^63 - 1");
   EXPECT_EQ(one({std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0),
-            "moe: t.gguf: tensor 'w': dimensions [4294967296, 4294967296] overflow: their product "
-            "exceeds 2^63 - 1");
+            "moe: t.gguf: tensor 'w': dimensions [4294967296, 4294967296] overflow: the product "
+            "of the non-zero ones exceeds 2^63 - 1");
+  // A zero dim makes the tensor empty but does not excuse the others (rows() multiplies them).
+  EXPECT_EQ(one({0, std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0),
+            "moe: t.gguf: tensor 'w': dimensions [0, 4294967296, 4294967296] overflow: the "
+            "product of the non-zero ones exceeds 2^63 - 1");
   EXPECT_EQ(one({std::uint64_t{1} << 40, 1 << 20}, 0),
             "moe: t.gguf: tensor 'w': dimensions [1099511627776, 1048576] of F32 need more bytes "
             "than the file's 160");

@@ -43,22 +43,15 @@ struct GgufTensorInfo {
 
   /// Elements per row: dims[0] (1 for a tensor without dimensions).
   std::int64_t cols() const { return dims.empty() ? 1 : dims[0]; }
-  /// Rows: product of dims[1..] (1 for 0 or 1 dimensions). Validation bounds it by 2^63 - 1.
+  /// Rows: product of dims[1..] (1 for 0 or 1 dimensions). Validation bounds the product of the
+  /// non-zero dims by 2^63 - 1, so no product of dims overflows.
   std::int64_t rows() const {
-    for (std::size_t i = 1; i < dims.size(); ++i) {
-      if (dims[i] == 0) return 0;  // checked first: the others may multiply past 2^63
-    }
     std::int64_t r = 1;
     for (std::size_t i = 1; i < dims.size(); ++i) r *= dims[i];
     return r;
   }
-  /// Element count. Validated not to overflow.
-  std::int64_t numel() const {
-    for (std::int64_t d : dims) {
-      if (d == 0) return 0;  // checked first: the others may multiply past 2^63
-    }
-    return cols() * rows();
-  }
+  /// Element count (0 when a dim is 0).
+  std::int64_t numel() const { return cols() * rows(); }
   /// Row-major shape, PyTorch's order: dims reversed ([experts, out, in] for stacked experts).
   std::vector<std::int64_t> shape() const { return {dims.rbegin(), dims.rend()}; }
 };
@@ -294,16 +287,19 @@ class GgufFile {
       }
       t.type = static_cast<GgmlType>(type_id);
       const auto offset = in.read<std::uint64_t>(context, "the offset");
-      // Element count, with zero dims first (the others may overflow in any order).
-      std::uint64_t numel = 1;
-      const bool any_zero = std::find(t.dims.begin(), t.dims.end(), 0) != t.dims.end();
+      // The product of the non-zero dims must fit in int64 even when a zero makes the element
+      // count 0: rows() and shape products must never overflow (found by gguf_fuzz).
+      std::uint64_t nonzero_product = 1;
       for (std::int64_t d : t.dims) {
-        if (!any_zero &&
-            !detail::gguf_mul_within(numel, static_cast<std::uint64_t>(d), kMax, numel)) {
+        if (d != 0 && !detail::gguf_mul_within(nonzero_product, static_cast<std::uint64_t>(d), kMax,
+                                               nonzero_product)) {
           in.fail(context, moe::detail::concat("dimensions ", detail::gguf_dims_str(t.dims),
-                                               " overflow: their product exceeds 2^63 - 1"));
+                                               " overflow: the product of the non-zero ones "
+                                               "exceeds 2^63 - 1"));
         }
       }
+      const bool any_zero = std::find(t.dims.begin(), t.dims.end(), 0) != t.dims.end();
+      const std::uint64_t numel = any_zero ? 0 : nonzero_product;
       if (static_cast<std::uint64_t>(t.cols()) % traits->block_size != 0) {
         in.fail(context,
                 moe::detail::concat("rows of ", t.cols(), " elements (dimension 0) are not",
@@ -311,8 +307,8 @@ class GgufFile {
                                     traits->block_size));
       }
       std::uint64_t nbytes = 0;
-      if (!any_zero && !detail::gguf_mul_within(numel / traits->block_size, traits->type_size,
-                                                file_.size(), nbytes)) {
+      if (!detail::gguf_mul_within(numel / traits->block_size, traits->type_size, file_.size(),
+                                   nbytes)) {
         in.fail(context, moe::detail::concat("dimensions ", detail::gguf_dims_str(t.dims), " of ",
                                              traits->name, " need more bytes than the file's ",
                                              file_.size()));
