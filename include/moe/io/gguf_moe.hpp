@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "moe/activations.hpp"
+#include "moe/block.hpp"
 #include "moe/error.hpp"
 #include "moe/gating.hpp"
 #include "moe/io/gguf_moe_spec.hpp"
