@@ -402,6 +402,69 @@ TEST(GgufKQuants, LoadEqualsTheDequantisedWeightsAndHasTheFormatsError) {
   }
 }
 
+TEST(GgufDeepSeek2, SoftmaxGatingIsDeepSeekV2WithItsGroupsScaleAndDenseLead) {
+  // A deepseek2 file without expert_gating_func (DeepSeek-V2 files have none): softmax gating,
+  // groups and scale from the keys; layer 0 dense (leading_dense_block_count = 1), layer 1
+  // sparse with two shared experts of width 32 (one [64 x D] shared FFN).
+  const Index D = 32, F = 32, E = 8, Fs = 64;
+  std::mt19937 rng(23);
+  std::normal_distribution<float> g(0.0f, 0.2f);
+  auto draw = [&](Index r, Index c) {
+    RowMatrix<float> m(r, c);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = g(rng);
+    return m;
+  };
+  const RowMatrix<float> router = draw(E, D), gate = draw(E * F, D), up = draw(E * F, D),
+                         down = draw(E * D, F), sg = draw(Fs, D), su = draw(Fs, D),
+                         sd = draw(D, Fs);
+  for (bool norm : {false, true}) {
+    GgufWriter w;
+    w.set("general.architecture", "deepseek2");
+    w.set<std::uint32_t>("deepseek2.block_count", 2)
+        .set<std::uint32_t>("deepseek2.embedding_length", D);
+    w.set<std::uint32_t>("deepseek2.expert_count", E)
+        .set<std::uint32_t>("deepseek2.expert_used_count", 3);
+    w.set<std::uint32_t>("deepseek2.expert_feed_forward_length", F);
+    w.set<std::uint32_t>("deepseek2.leading_dense_block_count", 1);
+    w.set<std::uint32_t>("deepseek2.expert_shared_count", 2);
+    w.set<float>("deepseek2.expert_weights_scale", 16.0f)
+        .set("deepseek2.expert_weights_norm", norm);
+    w.set<std::uint32_t>("deepseek2.expert_group_count", 4);
+    w.set<std::uint32_t>("deepseek2.expert_group_used_count", 2);
+    add(w, "blk.1.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+    add(w, "blk.1.ffn_gate_exps.weight", gate, GgmlType::F32, {D, F, E});
+    add(w, "blk.1.ffn_up_exps.weight", up, GgmlType::F32, {D, F, E});
+    add(w, "blk.1.ffn_down_exps.weight", down, GgmlType::F32, {F, D, E});
+    add(w, "blk.1.ffn_gate_shexp.weight", sg, GgmlType::F32, {D, Fs});
+    add(w, "blk.1.ffn_up_shexp.weight", su, GgmlType::F32, {D, Fs});
+    add(w, "blk.1.ffn_down_shexp.weight", sd, GgmlType::F32, {Fs, D});
+    const auto f = GgufFile::from_buffer(w.to_bytes(), "v2.gguf");
+    const auto spec = moe::io::read_gguf_moe_spec(f);
+    EXPECT_EQ(spec.routing, moe::io::GgufRouting::deepseek_v2);
+    EXPECT_EQ(spec.leading_dense, 1);
+    EXPECT_EQ(spec.moe.shared_d_ff, Fs);
+    EXPECT_FALSE(moe::io::gguf_is_moe_layer(f, 0));
+    using V2 = moe::SparseMoeBlock<float, moe::gating::DeepSeekV2, moe::SwiGLU>;
+    // Hugging Face's DeepseekV2MoEGate: renormalised weights are not scaled; otherwise scaled.
+    auto o = moe::gating::DeepSeekV2::Options::deepseek_v2(4, 2, norm ? 1.0 : 16.0);
+    o.normalize = norm;
+    moe::MoeConfig cfg = spec.moe;
+    auto wt = moe::MoeWeights<float>::zeros(cfg);
+    wt.router = router;
+    for (Index e = 0; e < E; ++e) {
+      wt.experts.set_gated(e, gate.middleRows(F * e, F), up.middleRows(F * e, F),
+                           down.middleRows(D * e, D));
+    }
+    wt.shared.set_gated(0, sg, su, sd);
+    RowMatrix<float> x = draw(7, D);
+    moe::Workspace<float> ws;
+    RowMatrix<float> want(7, D), got(7, D);
+    V2(cfg, std::move(wt), o).forward(x, want, ws);
+    moe::io::load_gguf_moe_layer<V2>(f, spec, 1).forward(x, got, ws);
+    EXPECT_EQ(got, want) << "norm " << norm;
+  }
+}
+
 // ---- errors ----
 
 TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
