@@ -1,7 +1,7 @@
 // Tests of moe/kernels/ggml_blocks.hpp: each ggml block format decoded from hand-built blocks
 // (expected values written from the format's definition, with the packed 6-bit scales worked
-// out by hand), the half conversions against io/dtype.hpp's independent ones, and the encoders'
-// round trips (round-to-nearest and NMSE on seeded Gaussian data).
+// out by hand), the MXFP4 repack, and the encoders' round trips (round-to-nearest and NMSE on
+// seeded Gaussian data).
 #include "moe/kernels/ggml_blocks.hpp"
 
 #include <cmath>
@@ -12,8 +12,6 @@
 
 #include <gtest/gtest.h>
 
-#include "moe/io/dtype.hpp"
-
 namespace {
 
 namespace k = moe::kernels;
@@ -22,38 +20,6 @@ using moe::Index;
 void put_half(unsigned char* p, std::uint16_t h) { std::memcpy(p, &h, 2); }
 
 constexpr std::uint16_t kHalfOne = 0x3C00, kHalfHalf = 0x3800, kHalfQuarter = 0x3400;
-
-TEST(GgmlHalf, DecodesEveryPatternLikeTheIoConversion) {
-  for (std::uint32_t h = 0; h < 65536; ++h) {
-    const float a = k::ggml_detail::half_to_float(static_cast<std::uint16_t>(h));
-    const float b = moe::io::f16_to_float(static_cast<std::uint16_t>(h));
-    if (std::isnan(b)) {
-      EXPECT_TRUE(std::isnan(a)) << h;
-    } else {
-      EXPECT_EQ(a, b) << h;
-      EXPECT_EQ(std::signbit(a), std::signbit(b)) << h;
-      // Every non-NaN half survives a round trip through float.
-      EXPECT_EQ(k::ggml_detail::float_to_half(a), h) << h;
-    }
-  }
-}
-
-TEST(GgmlHalf, EncodesLikeTheIoConversion) {
-  std::mt19937 rng(7);
-  std::uniform_int_distribution<std::uint32_t> bits;
-  int checked = 0;
-  for (int i = 0; i < 200000; ++i) {
-    // Random floats near the half range (exponents 2^-30 .. 2^17), incl. subnormals and ties.
-    std::uint32_t u = bits(rng);
-    u = (u & 0x807FFFFFu) | ((97u + (u >> 23) % 48u) << 23);
-    if (i % 4 == 0) u &= 0xFFFFF000u;  // many exact ties at the 13 dropped bits
-    float f;
-    std::memcpy(&f, &u, 4);
-    EXPECT_EQ(k::ggml_detail::float_to_half(f), moe::io::float_to_f16(f)) << f;
-    ++checked;
-  }
-  EXPECT_EQ(checked, 200000);
-}
 
 TEST(GgmlBlocks, Q8_0DecodesScaleTimesCode) {
   unsigned char block[34];

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "moe/kernels/float_formats.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::kernels {
@@ -45,51 +46,16 @@ inline constexpr std::size_t ggml_q8_0_bytes = 34, ggml_q4_0_bytes = 18, ggml_mx
 
 namespace ggml_detail {
 
-/// IEEE binary16 bits to float (exact).
-inline float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000) << 16;
-  const std::uint32_t exp = (h >> 10) & 0x1F;
-  const std::uint32_t mant = h & 0x3FF;
-  std::uint32_t bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else {
-    const float v = std::ldexp(static_cast<float>(mant), -24);  // subnormal or zero: exact
-    return sign ? -v : v;
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/// float to IEEE binary16 bits, round to nearest even; overflow gives infinity.
-inline std::uint16_t float_to_half(float f) {
-  std::uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
-  const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000);
-  const std::uint32_t ax = x & 0x7FFFFFFFu;
-  if (ax >= 0x7F800000u) return sign | (ax > 0x7F800000u ? 0x7E00 : 0x7C00);  // NaN, inf
-  if (ax >= 0x477FF000u) return sign | 0x7C00;   // rounds to >= 65520: infinity
-  if (ax < 0x38800000u) {                        // below 2^-14: subnormal half, units of 2^-24
-    const float a = std::fabs(f) * 16777216.0f;  // exact (power-of-two scaling)
-    return sign | static_cast<std::uint16_t>(std::nearbyint(a));  // default mode: ties to even
-  }
-  const std::uint32_t mant = ax & 0x1FFF;  // the 13 bits dropped
-  std::uint32_t h = ((ax >> 13) - (112u << 10));
-  if (mant > 0x1000 || (mant == 0x1000 && (h & 1))) ++h;  // carries into the exponent correctly
-  return sign | static_cast<std::uint16_t>(h);
-}
-
+/// The f16 at p (unaligned), as float.
 inline float load_half(const unsigned char* p) {
   std::uint16_t h;
   std::memcpy(&h, p, 2);
-  return half_to_float(h);
+  return f16_to_float(h);
 }
 
+/// v rounded to f16 (nearest even), stored at p.
 inline void store_half(unsigned char* p, float v) {
-  const std::uint16_t h = float_to_half(v);
+  const std::uint16_t h = float_to_f16(v);
   std::memcpy(p, &h, 2);
 }
 
