@@ -300,6 +300,44 @@ INSTANTIATE_TEST_SUITE_P(Families, GgufGolden,
                          ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                                            "deepseek_v3"));
 
+TEST(GgufGoldenV2, DeepSeekV2FromHfFusedTensorsReproducesTheCase) {
+  // The v2 DeepSeek-V2 case (HF 5.17 state_dict: experts.gate_up_proj [E, 2F, D] gate rows first,
+  // experts.down_proj [E, D, F]) written as llama.cpp would: ffn_gate_up_exps [D, 2F, E], softmax
+  // gating (no expert_gating_func key), topk_method greedy = no group keys, scale 2.5, no norm.
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/deepseek_v2.safetensors");
+  const RowMatrix<float> router = c.read_matrix<float>("hf.gate.weight");
+  const RowMatrix<float> gate_up = c.read_matrix<float>("hf.experts.gate_up_proj");  // [E*2F x D]
+  const RowMatrix<float> down = c.read_matrix<float>("hf.experts.down_proj");        // [E*D x F]
+  const RowMatrix<float> sg = c.read_matrix<float>("hf.shared_experts.gate_proj.weight");
+  const RowMatrix<float> su = c.read_matrix<float>("hf.shared_experts.up_proj.weight");
+  const RowMatrix<float> sd = c.read_matrix<float>("hf.shared_experts.down_proj.weight");
+  const Index E = router.rows(), D = router.cols(), F = down.cols(), Fs = sg.rows();
+  GgufWriter w;
+  w.set("general.architecture", "deepseek2");
+  w.set<std::uint32_t>("deepseek2.block_count", 1)
+      .set<std::uint32_t>("deepseek2.embedding_length", D);
+  w.set<std::uint32_t>("deepseek2.expert_count", E);
+  w.set<std::uint32_t>("deepseek2.expert_used_count", std::stoi(c.metadata().at("k")));
+  w.set<std::uint32_t>("deepseek2.expert_feed_forward_length", F);
+  w.set<std::uint32_t>("deepseek2.expert_shared_count", 1);
+  w.set<float>("deepseek2.expert_weights_scale", 2.5f).set("deepseek2.expert_weights_norm", false);
+  add(w, "blk.0.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+  add(w, "blk.0.ffn_gate_up_exps.weight", gate_up, GgmlType::F32, {D, 2 * F, E});
+  add(w, "blk.0.ffn_down_exps.weight", down, GgmlType::F32, {F, D, E});
+  add(w, "blk.0.ffn_gate_shexp.weight", sg, GgmlType::F32, {D, Fs});
+  add(w, "blk.0.ffn_up_shexp.weight", su, GgmlType::F32, {D, Fs});
+  add(w, "blk.0.ffn_down_shexp.weight", sd, GgmlType::F32, {Fs, D});
+  const auto f = GgufFile::from_buffer(w.to_bytes(), "v2.gguf");
+  using V2 = moe::SparseMoeBlock<double, moe::gating::DeepSeekV2, moe::SwiGLU>;
+  const V2 block = moe::io::load_gguf_moe_layer<V2>(f, 0);
+  const RowMatrix<double> x = c.read_matrix<double>("input");
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  RowMatrix<double> y(x.rows(), x.cols());
+  moe::Workspace<double> ws;
+  block.forward(x, y, ws);
+  EXPECT_LE((y - hf).cwiseAbs().maxCoeff(), 1e-6 * (1 + hf.cwiseAbs().maxCoeff()));
+}
+
 // ---- K-quants: a Qwen3-MoE layer with d_model = d_ff = 256 ----
 
 struct Layer {
