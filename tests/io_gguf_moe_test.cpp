@@ -503,6 +503,69 @@ TEST(GgufDeepSeek2, SoftmaxGatingIsDeepSeekV2WithItsGroupsScaleAndDenseLead) {
   }
 }
 
+using Bf16Block = moe::SparseMoeBlock<float, moe::gating::SoftmaxTopK, moe::SwiGLU,
+                                      moe::CompactExperts<moe::Bf16>>;
+
+TEST(GgufCompact, Bf16ExpertsAreViewedInPlaceByABf16Block) {
+  // The Mixtral case in BF16: a CompactExperts<Bf16> block views the file's codes (no copy). Its
+  // output equals, bit for bit, the Bf16 block the constructor quantises from the same values
+  // decoded to fp32 (bf16 -> fp32 -> bf16 is exact, so the codes are the same), in every layout.
+  const moe::golden::Case c(data_dir() + "mixtral.safetensors");
+  const RowMatrix<float> x = c.mat<float>("input");
+  for (Layout layout : {Layout::stacked, Layout::fused, Layout::per_expert}) {
+    const auto f = GgufFile::from_buffer(gguf_from_case(c, GgmlType::BF16, layout), "bf16.gguf");
+    const auto spec = moe::io::read_gguf_moe_spec(f);
+    ASSERT_TRUE(moe::io::gguf_experts_are_bf16(f, spec, 0));
+    const Bf16Block viewed = moe::io::load_gguf_moe_layer<Bf16Block>(f, spec, 0);
+    EXPECT_EQ(viewed.weights().experts.num_experts(), 0);  // no fp32 copy of the experts
+    moe::gating::SoftmaxTopK::Options o;
+    const Bf16Block quantised(spec.moe, moe::io::load_gguf_moe_weights<float>(f, spec, 0), o);
+    RowMatrix<float> a(x.rows(), x.cols()), b(x.rows(), x.cols());
+    moe::Workspace<float> ws;
+    viewed.forward(x, a, ws);
+    quantised.forward(x, b, ws);
+    EXPECT_EQ(a, b) << static_cast<int>(layout);
+    EXPECT_LT(nmse(a.cast<double>(), c.mat("output")), 1e-3);
+  }
+}
+
+TEST(GgufCompact, KQuantsIntoABf16BlockAddAlmostNothing) {
+  // Q6_K experts are not BF16: the Bf16 block decodes them to fp32 and quantises to bf16.
+  const Layer l = random_layer();
+  const auto f = GgufFile::from_buffer(gguf_of(l, GgmlType::Q6_K, GgmlType::Q6_K), "q6k.gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_FALSE(moe::io::gguf_experts_are_bf16(f, spec, 0));
+  std::mt19937 rng(8);
+  std::normal_distribution<float> g;
+  RowMatrix<float> x(31, 256);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  const RowMatrix<float> native = forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 0), x);
+  const Bf16Block compact = moe::io::load_gguf_moe_layer<Bf16Block>(f, spec, 0);
+  RowMatrix<float> y(x.rows(), x.cols());
+  moe::Workspace<float> ws;
+  compact.forward(x, y, ws);
+  const double e = nmse(y.cast<double>(), native.cast<double>());
+  std::printf("[ measure  ] Q6_K experts as Bf16 vs as fp32: output NMSE %.3g\n", e);
+  EXPECT_GT(e, 0.0);
+  EXPECT_LT(e, 1e-4);  // bf16 keeps 8 significant bits: 2^-18 relative per weight
+  EXPECT_EQ(error_of([&] { (void)moe::io::view_gguf_bf16_experts(f, spec, 0); }),
+            "moe: q6k.gguf: layer 0: the routed experts are not all BF16, cannot view them");
+}
+
+TEST(GgufCompact, NonFiniteBf16IsRefusedWhenViewed) {
+  const moe::golden::Case c(data_dir() + "qwen3_moe.safetensors");
+  auto bytes = gguf_from_case(c, GgmlType::BF16, Layout::stacked);
+  auto f = GgufFile::from_buffer(bytes, "nan.gguf");
+  const auto& up = f.tensor("blk.0.ffn_up_exps.weight");
+  const std::size_t at = f.data_section_offset() + up.offset + 2 * (5 * 32 + 3);  // row 5, col 3
+  bytes[at] = 0xC0;
+  bytes[at + 1] = 0x7F;  // bf16 0x7FC0: NaN
+  f = GgufFile::from_buffer(bytes, "nan.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Bf16Block>(f, 0); }),
+            "moe: nan.gguf: tensor 'blk.0.ffn_up_exps.weight' has a non-finite value at row 5, "
+            "column 3");
+}
+
 // ---- errors ----
 
 TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
@@ -538,8 +601,8 @@ TEST(GgufMoeErrors, TensorsLayersAndGatingAreChecked) {
   auto wrong = spec;
   wrong.moe.d_ff = 128;
   EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_weights<float>(f, wrong, 0); }),
-            "moe: m.gguf: tensor 'blk.0.ffn_down_exps.weight' has dims [256, 256, 4], expected "
-            "[128, 256, 4] [n_ff_exp, n_embd, n_expert]");
+            "moe: m.gguf: tensor 'blk.0.ffn_gate_exps.weight' has dims [256, 256, 4], expected "
+            "[256, 128, 4] [n_embd, n_ff_exp, n_expert]");
   auto two = spec;
   two.num_layers = 2;
   EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_weights<float>(f, two, 1); }),
