@@ -19,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include "moe/io/gguf.hpp"
+#include "moe/io/gguf_any.hpp"
 #include "moe/io/gguf_moe.hpp"
 #include "moe/moe.hpp"
 
@@ -252,6 +253,14 @@ TEST_P(GgufGolden, F32ReproducesTheCaseInEveryLayout) {
     EXPECT_LE((d - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
     EXPECT_LE((s - hf).cwiseAbs().maxCoeff(), 1e-5 * scale);
   }
+}
+
+TEST_P(GgufGolden, AnyMoeBlockPicksTheArchsPolicy) {
+  const moe::golden::Case c(data_dir() + GetParam() + ".safetensors");
+  const auto f = GgufFile::from_buffer(gguf_from_case(c, GgmlType::F32, Layout::stacked), "a.gguf");
+  const moe::io::AnyMoeBlock<double> any = moe::io::load_gguf_any_moe_layer<double>(f, 0);
+  EXPECT_EQ(any.index(), GetParam() == std::string("deepseek_v3") ? 2u : 0u);
+  EXPECT_EQ(any.forward(c.mat("input")), run_case<double>(c));
 }
 
 TEST(GgufGoldenGlm, Glm4MoeRoutesLikeDeepSeekV3WithSigmoidByDefault) {
