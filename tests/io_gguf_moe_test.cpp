@@ -561,6 +561,53 @@ TEST(GgufCompact, KQuantsIntoABf16BlockAddAlmostNothing) {
             "moe: q6k.gguf: layer 0: the routed experts are not all BF16, cannot view them");
 }
 
+template <class Format, moe::CompactMode Mode>
+using QuantBlock = moe::SparseMoeBlock<float, moe::gating::SoftmaxTopK, moe::SwiGLU,
+                                       moe::CompactExperts<Format, Mode>>;
+
+TEST(GgufCompact, Q8_0AndQ4_0GoStraightIntoTheQuantFormats) {
+  // Q8_0 / Q4_0 experts taken as Q8 / Q4 blocks (no fp32 on the way): the exact mode computes on
+  // the dequantised weights, so it matches the fp32 block loaded from the same file to rounding;
+  // the fast mode adds its activation quantisation.
+  const Layer l = random_layer();
+  std::mt19937 rng(4);
+  std::normal_distribution<float> g;
+  RowMatrix<float> x(31, 256);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0}) {
+    const auto f = GgufFile::from_buffer(gguf_of(l, type, type), "q.gguf");
+    const auto spec = moe::io::read_gguf_moe_spec(f);
+    const RowMatrix<double> native =
+        forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 0), x).cast<double>();
+    RowMatrix<float> exact(x.rows(), x.cols()), fast(x.rows(), x.cols());
+    moe::Workspace<float> ws;
+    if (type == GgmlType::Q8_0) {
+      moe::io::load_gguf_moe_layer<QuantBlock<moe::Q8, moe::CompactMode::exact>>(f, spec, 0)
+          .forward(x, exact, ws);
+      moe::io::load_gguf_moe_layer<QuantBlock<moe::Q8, moe::CompactMode::fast>>(f, spec, 0)
+          .forward(x, fast, ws);
+    } else {
+      moe::io::load_gguf_moe_layer<QuantBlock<moe::Q4, moe::CompactMode::exact>>(f, spec, 0)
+          .forward(x, exact, ws);
+      moe::io::load_gguf_moe_layer<QuantBlock<moe::Q4, moe::CompactMode::fast>>(f, spec, 0)
+          .forward(x, fast, ws);
+    }
+    const double e_exact = nmse(exact.cast<double>(), native),
+                 e_fast = nmse(fast.cast<double>(), native);
+    std::printf("[ measure  ] %s experts as quant blocks vs fp32: exact NMSE %.3g, fast %.3g\n",
+                moe::io::ggml_type_name(type), e_exact, e_fast);
+    EXPECT_LT(e_exact, 1e-10) << moe::io::ggml_type_name(type);
+    EXPECT_LT(e_fast, 1e-3) << moe::io::ggml_type_name(type);
+  }
+  const auto f = GgufFile::from_buffer(gguf_of(l, GgmlType::Q8_0, GgmlType::Q8_0), "q8.gguf");
+  using Q4Stack = QuantBlock<moe::Q4, moe::CompactMode::fast>::CompactStack;
+  EXPECT_EQ(error_of([&] {
+              (void)moe::io::view_gguf_quant_experts<moe::Q4, Q4Stack>(
+                  f, moe::io::read_gguf_moe_spec(f), 0);
+            }),
+            "moe: q8.gguf: layer 0: the routed experts are not all Q4_0");
+}
+
 TEST(GgufCompact, NonFiniteBf16IsRefusedWhenViewed) {
   const moe::golden::Case c(data_dir() + "qwen3_moe.safetensors");
   auto bytes = gguf_from_case(c, GgmlType::BF16, Layout::stacked);

@@ -18,6 +18,7 @@
 #include "moe/block.hpp"
 #include "moe/error.hpp"
 #include "moe/experts/compact_expert_stack.hpp"
+#include "moe/experts/quant_matrix.hpp"
 #include "moe/gating.hpp"
 #include "moe/io/gguf_moe_spec.hpp"
 #include "moe/io/gguf_moe_weights.hpp"
@@ -77,10 +78,16 @@ typename G::Options gguf_gating_options(const GgufMoeSpec& spec, const std::stri
   }
 }
 
+/// True when every routed-expert tensor of `layer` has ggml type `type`.
+inline bool gguf_experts_are(const GgufFile& file, const GgufMoeSpec& spec, Index layer,
+                             GgmlType type) {
+  detail::gguf_check_moe_layer(file, spec, layer);
+  return detail::GgufRoutedExperts(file, spec.moe, layer).all_of_type(type);
+}
+
 /// True when every routed-expert tensor of `layer` is BF16 (then view_gguf_bf16_experts works).
 inline bool gguf_experts_are_bf16(const GgufFile& file, const GgufMoeSpec& spec, Index layer) {
-  detail::gguf_check_moe_layer(file, spec, layer);
-  return detail::GgufRoutedExperts(file, spec.moe, layer).all_of_type(GgmlType::BF16);
+  return gguf_experts_are(file, spec, layer, GgmlType::BF16);
 }
 
 /// Zero-copy Bf16 views of layer `layer`'s routed experts (BF16 tensors, stacked, fused or per
@@ -117,9 +124,61 @@ inline CompactExpertStack<Bf16> view_gguf_bf16_experts(const GgufFile& file,
   return stack;
 }
 
+/// The ggml type whose blocks are Format's bytes: Q8_0 for Q8, Q4_0 for Q4.
+template <class Format>
+constexpr GgmlType gguf_type_of_quant() {
+  static_assert(std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4>,
+                "moe::io: only Q8 and Q4 share ggml's block bytes (Q8_0, Q4_0)");
+  return std::is_same_v<Format, Q8> ? GgmlType::Q8_0 : GgmlType::Q4_0;
+}
+
+/// Layer `layer`'s routed experts as a quantised stack (Stack: QuantExpertStack<Q8 | Q4, layout>)
+/// built from the file's Q8_0 / Q4_0 blocks without passing through fp32: each projection is a
+/// zero-copy view of the file's bytes, which a panels stack repacks (lossless) and a stored
+/// stack keeps as a view (then it must not outlive `file`). Every block's f16 scale is checked
+/// finite. Throws io_error when a routed-expert tensor is of another type, its data are not
+/// 2-byte aligned in memory, or a scale is NaN / infinite.
+template <class Format, class Stack>
+Stack view_gguf_quant_experts(const GgufFile& file, const GgufMoeSpec& spec, Index layer) {
+  using Block = std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
+  constexpr GgmlType type = gguf_type_of_quant<Format>();
+  detail::gguf_check_moe_layer(file, spec, layer);
+  const detail::GgufRoutedExperts experts(file, spec.moe, layer);
+  if (!experts.all_of_type(type)) {
+    throw io_error(moe::detail::concat("moe: ", file.path(), ": layer ", layer,
+                                       ": the routed experts are not all ", ggml_type_name(type)));
+  }
+  auto view = [&](detail::GgufRows r, Index rows, Index cols) {
+    const unsigned char* p =
+        file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * sizeof(Block);
+    if (reinterpret_cast<std::uintptr_t>(p) % alignof(Block) != 0) {
+      throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
+                                         "' is not 2-byte aligned in memory"));
+    }
+    const auto* blocks = reinterpret_cast<const Block*>(p);
+    for (Index b = 0; b < rows * (cols / 32); ++b) {
+      if ((blocks[b].d & 0x7C00u) == 0x7C00u) {  // f16 exponent all ones: infinity or NaN
+        throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
+                                           "' has a non-finite scale in row ",
+                                           r.row0 + b / (cols / 32)));
+      }
+    }
+    return QuantMatrix<Format>::view(kernels::QuantView<Format>{blocks, rows, cols});
+  };
+  const Index D = spec.moe.d_model, F = spec.moe.d_ff;
+  Stack stack(spec.moe.num_experts, D, F, /*gated=*/true);
+  for (Index e = 0; e < spec.moe.num_experts; ++e) {
+    stack.set_gated(e, view(experts.gate(e), F, D), view(experts.up(e), F, D),
+                    view(experts.down(e), D, F));
+  }
+  return stack;
+}
+
 /// Sparse layer `layer` of `file` as Block: a SparseMoeBlock with SwiGLU experts and the arch's
 /// gating policy, native (weights converted to T) or compact. CompactExperts<Bf16> with BF16
-/// expert tensors views them in the file (zero-copy: the block must not outlive `file`); any
+/// expert tensors views them in the file (zero-copy: the block must not outlive `file`);
+/// CompactExperts<Q8 | Q4> with Q8_0 / Q4_0 experts takes their blocks without fp32 (fast mode
+/// repacks them into panels, exact mode views them in the file); any
 /// other compact case decodes the experts to fp32 and the block quantises them (a K-quant into
 /// Bf16 adds NMSE 2.7e-6, docs/gguf.md). Throws config_error when the gating policy is not the
 /// arch's or the layer is out of range or dense, plus the io_errors of load_gguf_moe_weights.
@@ -130,10 +189,18 @@ Block load_gguf_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index l
   using T = typename Block::Scalar;
   auto options = gguf_gating_options<typename Block::GatingPolicy>(spec, file.path());
   if constexpr (Block::compact) {
-    if constexpr (std::is_same_v<typename Block::ExpertStorage::format, Bf16>) {
+    using Format = typename Block::ExpertStorage::format;
+    if constexpr (std::is_same_v<Format, Bf16>) {
       if (gguf_experts_are_bf16(file, spec, layer)) {
         return Block(spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
                      view_gguf_bf16_experts(file, spec, layer), options);
+      }
+    } else if constexpr (std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4>) {
+      if (gguf_experts_are(file, spec, layer, gguf_type_of_quant<Format>())) {
+        return Block(
+            spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
+            view_gguf_quant_experts<Format, typename Block::CompactStack>(file, spec, layer),
+            options);
       }
     }
   }
