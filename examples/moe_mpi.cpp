@@ -11,8 +11,6 @@
 // here is the MoE layer); each MoE layer runs on an even slice of the tokens per rank, its experts
 // sharded by the placement, and the slices' outputs are all-gathered before the residual add.
 // Each rank keeps only its experts' weights (today the loader still reads all of them first).
-#include <mpi.h>
-
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -20,8 +18,10 @@
 #include <string>
 #include <vector>
 
-#include "mixtral_model.hpp"
 #include "moe/distributed/mpi.hpp"
+
+#include "mixtral_model.hpp"
+#include <mpi.h>
 
 namespace {
 

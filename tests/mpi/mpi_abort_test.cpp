@@ -2,11 +2,11 @@
 // rank 0 already waits in the next collective. The job must end (MPI_Abort), not hang, and say
 // why: ctest passes on the message "moe: rank 1 of 2 aborts the job: moe: injected failure"
 // within the test's TIMEOUT.
-#include <mpi.h>
-
 #include <cstdio>
 
 #include "moe/distributed/agree.hpp"
+
+#include <mpi.h>
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);

@@ -2,8 +2,6 @@
 // batch (cheap at test sizes) and checks that its own rows of the expert-parallel result are the
 // same bits. Every test calls the same collectives on every rank in the same order; comparisons
 // use EXPECT (never an early return) so that a failing rank keeps up with the others.
-#include <mpi.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -15,7 +13,9 @@
 #include <gtest/gtest.h>
 
 #include "moe/distributed/mpi.hpp"
+
 #include "reference/golden_case.hpp"
+#include <mpi.h>
 
 namespace {
 
@@ -90,8 +90,8 @@ MoeWeights<T> shard(const MoeWeights<T>& full, const ExpertPlacement& p, int ran
   w.shared_gate = full.shared_gate;
   const auto& mine = p.experts_of(rank);
   const auto& ex = full.experts;
-  w.experts = moe::ExpertStack<T>(static_cast<Index>(mine.size()), ex.d_model(), ex.d_ff(),
-                                  ex.gated());
+  w.experts =
+      moe::ExpertStack<T>(static_cast<Index>(mine.size()), ex.d_model(), ex.d_ff(), ex.gated());
   for (std::size_t i = 0; i < mine.size(); ++i) {
     w.experts.w_in(Index(i)) = ex.w_in(mine[i]);
     w.experts.w_out(Index(i)) = ex.w_out(mine[i]);
@@ -130,13 +130,14 @@ void check_bitwise(const std::string& what, const MoeConfig& config, const MoeWe
       block.forward(x, y, ws);
       const RowMatrix<T> expected = y_full.middleRows(offset, mine);
       EXPECT_TRUE(same_bits(y, expected))
-          << what << ", placement " << pname << ", split " << split_name(split) << ", rank "
-          << me << " of " << R << ": max abs diff "
+          << what << ", placement " << pname << ", split " << split_name(split) << ", rank " << me
+          << " of " << R << ": max abs diff "
           << (mine > 0 ? (y - expected).cwiseAbs().maxCoeff() : T(0));
       const RowMatrix<std::int32_t> e_expected =
           ws_single.routing().experts().middleRows(offset, mine);
       const RowMatrix<std::int32_t> e_got = ws.routing().experts();
-      const RowMatrix<std::uint8_t> k_expected = ws_single.routing().kept().middleRows(offset, mine);
+      const RowMatrix<std::uint8_t> k_expected =
+          ws_single.routing().kept().middleRows(offset, mine);
       const RowMatrix<std::uint8_t> k_got = ws.routing().kept();
       EXPECT_TRUE(e_got == e_expected && k_got == k_expected)
           << what << ": routing differs, placement " << pname << ", rank " << me;
@@ -191,10 +192,9 @@ void run_golden(const std::string& file) {
     const bool normalize = c.meta_bool_or("norm_topk_prob", true);
     ASSERT_TRUE(c.has("router.bias"));
     using G = moe::gating::GroupLimitedTopK;
-    check_bitwise<T, G, moe::SwiGLU>(file, config, c.weights<T>(config, true, true),
-                                     G::Options::deepseek_v3(n_group, topk_group, scaling,
-                                                             normalize),
-                                     x);
+    check_bitwise<T, G, moe::SwiGLU>(
+        file, config, c.weights<T>(config, true, true),
+        G::Options::deepseek_v3(n_group, topk_group, scaling, normalize), x);
   } else if (family == "switch") {
     const std::string rule = c.meta_or("capacity_rule", "none in effect");
     const Index capacity = c.meta_int_or("capacity", 0);
@@ -465,8 +465,8 @@ TEST(ExpertParallel, RanksThatDisagreeOnThePlacementFail) {
   const MoeConfig c = config_of(s);
   const auto full = random_weights<float>(c, true, false, false, 8);
   // Rank 0 places contiguously, the others round robin (different maps for 2, 3 and 4 ranks).
-  const auto placement = me == 0 ? ExpertPlacement::contiguous(6, R)
-                                 : ExpertPlacement::round_robin(6, R);
+  const auto placement =
+      me == 0 ? ExpertPlacement::contiguous(6, R) : ExpertPlacement::round_robin(6, R);
   EXPECT_THROW(
       {
         try {

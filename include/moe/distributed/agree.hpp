@@ -2,13 +2,13 @@
 // collective that a failed rank never enters.
 #pragma once
 
-#include <mpi.h>
-
 #include <cstdio>
 #include <exception>
 #include <string>
 
 #include "moe/error.hpp"
+
+#include <mpi.h>
 
 namespace moe::distributed {
 

@@ -3,8 +3,6 @@
 // Opt-in (not in moe/moe.hpp): link the CMake target moe::mpi, which exists when CMake finds MPI.
 #pragma once
 
-#include <mpi.h>
-
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -14,106 +12,13 @@
 
 #include "moe/block.hpp"
 #include "moe/distributed/agree.hpp"
+#include "moe/distributed/exchange.hpp"
 #include "moe/distributed/local_experts.hpp"
 #include "moe/distributed/placement.hpp"
-#include "moe/io/dtype.hpp"
+
+#include <mpi.h>
 
 namespace moe::distributed {
-
-/// How rows travel.
-struct ExchangeOptions {
-  /// Send token rows and expert outputs as bfloat16 (round to nearest even) instead of T: half the
-  /// bytes of a float block. Results are then NOT bitwise those of the single-process block (the
-  /// experts see rounded inputs, the combine rounded outputs: relative error ~2^-8 per value).
-  bool bf16_rows = false;
-};
-
-/// What the last forward exchanged (this rank's view). "Remote" rows cross to another rank;
-/// rows for this rank's own experts are copied locally and counted apart.
-struct ExchangeStats {
-  Index tokens = 0;           ///< this rank's tokens
-  Index global_tokens = 0;    ///< tokens of all ranks
-  Index remote_slots = 0;     ///< kept slots of this rank's tokens whose expert is elsewhere
-  Index local_slots = 0;      ///< kept slots whose expert is on this rank
-  Index received_rows = 0;    ///< rows other ranks sent to this rank's experts
-  Index bytes_per_value = 0;  ///< bytes of one transported value (sizeof(T), or 2 for bf16)
-  /// Bytes this rank's tokens sent out and got back: 2 * remote_slots * d_model * bytes_per_value
-  /// (the formula 2 k d_model bytes_per_value per token, minus the slots routed locally).
-  std::int64_t token_bytes = 0;
-};
-
-/// Scratch and results of ExpertParallelBlock::forward, one per calling thread, grow-only: once
-/// warm, a forward allocates nothing of ours (MPI and Eigen's GEMM may allocate internally).
-template <class T>
-class ExpertParallelWorkspace {
- public:
-  using RouteS = RouteScalar<T>;
-  /// The routing of this rank's tokens in the last forward ([tokens x slots], the same values as
-  /// the single-process block gives for these rows of the concatenated batch).
-  const Routing<RouteS>& routing() const { return *routing_; }
-  const ExchangeStats& stats() const { return stats_; }
-  std::size_t bytes() const {
-    return local_.bytes() + global_.bytes() + mine_.bytes() + send_.bytes() + recv_.bytes() +
-           x_rows_.bytes() + y_rows_.bytes() + back_.bytes() + shared_y_.bytes() +
-           experts_.bytes() + (counts_.capacity() + slot_row_.capacity()) * sizeof(std::int64_t);
-  }
-
- private:
-  template <class, class, class, class>
-  friend class ExpertParallelBlock;
-
-  Workspace<T> local_;       ///< the router's workspace (this rank's tokens)
-  Routing<RouteS> global_;   ///< the whole batch's routing (batch-dependent families only)
-  Routing<RouteS> mine_;     ///< this rank's rows of global_
-  const Routing<RouteS>* routing_ = &mine_;
-  moe::detail::GrowBuffer<unsigned char> send_, recv_;  ///< wire buffers (T or bf16 rows)
-  moe::detail::GrowBuffer<T> x_rows_, y_rows_, back_, shared_y_;
-  detail::LocalExpertScratch<T> experts_;
-  std::vector<std::int64_t> counts_;    ///< tokens per rank, then exchange counts and offsets
-  std::vector<std::int64_t> slot_row_;  ///< [tokens x slots] row of the slot in the send order
-  std::vector<int> mpi_ints_;           ///< Alltoallv counts and displacements
-  ExchangeStats stats_;
-};
-
-namespace detail {
-
-template <class G>
-bool routes_per_token(const G&) {
-  return true;
-}
-inline bool routes_per_token(const gating::CapacityTopK& g) {
-  return g.options.capacity == gating::CapacityTopK::Capacity::unlimited;
-}
-inline bool routes_per_token(const gating::ExpertChoice&) { return false; }
-
-template <class V>
-MPI_Datatype mpi_type() {
-  if constexpr (sizeof(V) == 2) return MPI_UINT16_T;
-  if constexpr (sizeof(V) == 4) return MPI_FLOAT;
-  if constexpr (sizeof(V) == 8) return MPI_DOUBLE;
-}
-
-/// A contiguous MPI datatype of n values of V, freed with the guard.
-struct RowType {
-  MPI_Datatype type = MPI_DATATYPE_NULL;
-  RowType(int n, MPI_Datatype value) {
-    MPI_Type_contiguous(n, value, &type);
-    MPI_Type_commit(&type);
-  }
-  ~RowType() { MPI_Type_free(&type); }
-  RowType(const RowType&) = delete;
-  RowType& operator=(const RowType&) = delete;
-};
-
-inline int to_int(std::int64_t v, const char* what) {
-  if (v > INT_MAX) {
-    throw config_error(moe::detail::concat("moe: ", what, " = ", v,
-                                           " exceeds MPI's int count limit ", INT_MAX));
-  }
-  return static_cast<int>(v);
-}
-
-}  // namespace detail
 
 /// An expert-parallel sparse MoE layer: the same math as SparseMoeBlock<T, Gating, Ffn, Storage>
 /// on the concatenation of every rank's tokens (rank order), with each routed expert stored on
@@ -176,8 +81,7 @@ class ExpertParallelBlock {
                                                config_.num_experts));
       }
       if (placement_.num_ranks() != num_ranks_) {
-        throw config_error(moe::detail::concat("moe: the placement is for ",
-                                               placement_.num_ranks(),
+        throw config_error(moe::detail::concat("moe: the placement is for ", placement_.num_ranks(),
                                                " ranks, the communicator has ", num_ranks_));
       }
       const Index mine = static_cast<Index>(placement_.experts_of(rank_).size());
@@ -203,9 +107,9 @@ class ExpertParallelBlock {
       experts_ = CompactExpertStack<Format>::from(ex);
       weights_.experts = ExpertStack<T>();
     } else {
-      experts_ = ex.num_experts() > 0 ? std::move(weights_.experts)
-                                      : ExpertStack<T>(0, config_.d_model, config_.d_ff,
-                                                       Ffn::gated);
+      experts_ = ex.num_experts() > 0
+                     ? std::move(weights_.experts)
+                     : ExpertStack<T>(0, config_.d_model, config_.d_ff, Ffn::gated);
     }
   }
 
@@ -235,8 +139,9 @@ class ExpertParallelBlock {
       moe::detail::check_shape("x", xr.rows(), xr.cols(), xr.rows(), config_.d_model);
       moe::detail::check_shape("y", y.rows(), y.cols(), xr.rows(), config_.d_model);
       if (ws.local_.training()) {
-        throw config_error("moe: ExpertParallelBlock is inference only; the workspace is in "
-                           "training mode");
+        throw config_error(
+            "moe: ExpertParallelBlock is inference only; the workspace is in "
+            "training mode");
       }
     });
     or_abort(comm_, [&] { forward_impl(xr, y, ws, executor); });
@@ -279,8 +184,7 @@ class ExpertParallelBlock {
                    ws.global_.logits().data(), ints.data(), ints.data() + num_ranks_,
                    logit_row.type, comm_);
     RouteContext<RouteS> ctx;
-    std::vector<Index> scratch(static_cast<std::size_t>(E));
-    ctx.scratch = scratch.data();
+    ctx.scratch = ws.gating_scratch_.ensure(E);
     ctx.scratch_size = E;
     if constexpr (Gating::uses_bias) ctx.selection_bias = weights_.router_bias.data();
     router_.gating().route(config_, ctx, ws.global_);
@@ -303,16 +207,18 @@ class ExpertParallelBlock {
     const Index d = config_.d_model, T_mine = x.rows(), L = placement_.max_local();
     const Index num_local = static_cast<Index>(placement_.experts_of(rank_).size());
     // counts_ layout: [R] tokens per rank | [R*L] sent per (dest, expert) | [R*L] received per
-    // (source, expert) | [R*L + 1] send offsets | [R*L + 1] receive offsets | [L + 1] expert rows.
+    // (source, expert) | [R*L + 1] send offsets | [R*L + 1] receive offsets | [L + 1] expert
+    // offsets | [R*L] next free send row. Grow-only (assign reuses the capacity).
     std::vector<std::int64_t>& c = ws.counts_;
     const std::size_t RL = static_cast<std::size_t>(R * L);
-    c.assign(std::size_t(R) + 4 * RL + 2 + std::size_t(L) + 1, 0);
+    c.assign(std::size_t(R) + 5 * RL + 2 + std::size_t(L) + 1, 0);
     std::int64_t* tokens_of = c.data();
     std::int64_t* sent = tokens_of + R;
     std::int64_t* recvd = sent + RL;
     std::int64_t* send_off = recvd + RL;
     std::int64_t* recv_off = send_off + RL + 1;
     std::int64_t* expert_off = recv_off + RL + 1;
+    std::int64_t* fill = expert_off + L + 1;
 
     const std::int64_t mine = T_mine;
     MPI_Allgather(&mine, 1, MPI_INT64_T, tokens_of, 1, MPI_INT64_T, comm_);
@@ -338,16 +244,14 @@ class ExpertParallelBlock {
     for (std::size_t i = 0; i < RL; ++i) send_off[i + 1] = send_off[i] + sent[i];
     const Index num_send = send_off[RL];
     ws.slot_row_.resize(static_cast<std::size_t>(T_mine * slots));
-    {
-      std::vector<std::int64_t> fill(send_off, send_off + RL);  // small: R * L
-      for (Index t = 0; t < T_mine; ++t) {
-        for (Index j = 0; j < slots; ++j) {
-          std::int64_t& row = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
-          row = -1;
-          if (!kept(t, j)) continue;
-          const Index e = experts(t, j);
-          row = fill[static_cast<std::size_t>(placement_.owner(e) * L + placement_.local_index(e))]++;
-        }
+    std::copy(send_off, send_off + RL, fill);
+    for (Index t = 0; t < T_mine; ++t) {
+      for (Index j = 0; j < slots; ++j) {
+        std::int64_t& row = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
+        row = -1;
+        if (!kept(t, j)) continue;
+        const Index e = experts(t, j);
+        row = fill[placement_.owner(e) * L + placement_.local_index(e)]++;
       }
     }
     MPI_Alltoall(sent, static_cast<int>(L), MPI_INT64_T, recvd, static_cast<int>(L), MPI_INT64_T,
@@ -386,8 +290,10 @@ class ExpertParallelBlock {
         std::memcpy(dst, src, row_bytes);
       }
     };
-    unsigned char* send = ws.send_.ensure(static_cast<Index>(std::max(num_send, num_recv) * row_bytes));
-    unsigned char* recv = ws.recv_.ensure(static_cast<Index>(std::max(num_send, num_recv) * row_bytes));
+    unsigned char* send =
+        ws.send_.ensure(static_cast<Index>(std::max(num_send, num_recv) * row_bytes));
+    unsigned char* recv =
+        ws.recv_.ensure(static_cast<Index>(std::max(num_send, num_recv) * row_bytes));
     for (Index t = 0; t < T_mine; ++t) {
       for (Index j = 0; j < slots; ++j) {
         const std::int64_t row = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
@@ -423,23 +329,27 @@ class ExpertParallelBlock {
       }
     };
     for_each_block([&](std::int64_t wire, std::int64_t grouped, std::int64_t n) {
-      for (std::int64_t k = 0; k < n; ++k) decode(recv + (wire + k) * row_bytes, x_rows + (grouped + k) * d);
+      for (std::int64_t k = 0; k < n; ++k)
+        decode(recv + (wire + k) * row_bytes, x_rows + (grouped + k) * d);
     });
-    std::vector<Index> counts(static_cast<std::size_t>(num_local)), offs(std::size_t(num_local) + 1);
+    std::vector<Index>& expert_rows = ws.expert_rows_;
+    expert_rows.assign(2 * static_cast<std::size_t>(num_local) + 1, 0);
+    Index* counts = expert_rows.data();
+    Index* offs = counts + num_local;
     for (Index i = 0; i < num_local; ++i) {
-      counts[std::size_t(i)] = expert_off[i + 1] - expert_off[i];
-      offs[std::size_t(i)] = expert_off[i];
+      counts[i] = expert_off[i + 1] - expert_off[i];
+      offs[i] = expert_off[i];
     }
-    offs[std::size_t(num_local)] = expert_off[num_local];
+    offs[num_local] = expert_off[num_local];
     const bool has_shared = config_.shared_d_ff > 0;
     T* shared_y = has_shared ? ws.shared_y_.ensure(T_mine * d) : nullptr;
-    detail::run_local_experts<Ffn, T, Format>(experts_, counts.data(), offs.data(), num_local,
-                                              x_rows, y_rows, weights_.shared, x, shared_y,
-                                              ws.experts_, executor);
+    detail::run_local_experts<Ffn, T, Format>(experts_, counts, offs, num_local, x_rows, y_rows,
+                                              weights_.shared, x, shared_y, ws.experts_, executor);
 
     // Results travel back the same way, in the order they came.
     for_each_block([&](std::int64_t wire, std::int64_t grouped, std::int64_t n) {
-      for (std::int64_t k = 0; k < n; ++k) encode(y_rows + (grouped + k) * d, recv + (wire + k) * row_bytes);
+      for (std::int64_t k = 0; k < n; ++k)
+        encode(y_rows + (grouped + k) * d, recv + (wire + k) * row_bytes);
     });
     MPI_Alltoallv(recv, rcount, rdispl, wire_row.type, send, scount, sdispl, wire_row.type, comm_);
     T* back = ws.back_.ensure(num_send * d);
@@ -470,7 +380,8 @@ class ExpertParallelBlock {
     s.remote_slots = num_send - s.local_slots;
     s.received_rows = num_recv - (recv_off[(rank_ + 1) * L] - recv_off[rank_ * L]);
     s.bytes_per_value = static_cast<Index>(value_bytes);
-    s.token_bytes = 2 * static_cast<std::int64_t>(s.remote_slots) * static_cast<std::int64_t>(row_bytes);
+    s.token_bytes =
+        2 * static_cast<std::int64_t>(s.remote_slots) * static_cast<std::int64_t>(row_bytes);
   }
 
   MPI_Comm comm_;

@@ -54,7 +54,7 @@ class ExpertPlacement {
     for (std::size_t e = 0; e < owner.size(); ++e) {
       if (owner[e] < 0 || owner[e] >= num_ranks) {
         throw config_error(moe::detail::concat("moe: expert ", e, " is placed on rank ", owner[e],
-                                          ", outside [0, ", num_ranks, ")"));
+                                               ", outside [0, ", num_ranks, ")"));
       }
     }
     return ExpertPlacement(std::move(owner), num_ranks);
@@ -90,8 +90,8 @@ class ExpertPlacement {
   }
   static void check_sizes(Index num_experts, int num_ranks) {
     if (num_experts <= 0) {
-      throw config_error(
-          moe::detail::concat("moe: placement of num_experts = ", num_experts, " must be positive"));
+      throw config_error(moe::detail::concat("moe: placement of num_experts = ", num_experts,
+                                             " must be positive"));
     }
     if (num_ranks <= 0) {
       throw config_error(
