@@ -40,6 +40,9 @@ struct ExchangeStats {
   /// Bytes this rank's tokens sent out and got back: 2 * remote_slots * d_model * bytes_per_value
   /// (the formula 2 k d_model bytes_per_value per token, minus the slots routed locally).
   std::int64_t token_bytes = 0;
+  /// Wall time of the last forward's exchanges (the count all-to-all and both row all-to-alls,
+  /// waiting for slower ranks included), seconds.
+  double exchange_seconds = 0;
 };
 
 /// Scratch and results of ExpertParallelBlock::forward, one per calling thread, grow-only: once

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -254,8 +255,11 @@ class ExpertParallelBlock {
         row = fill[placement_.owner(e) * L + placement_.local_index(e)]++;
       }
     }
+    using Clock = std::chrono::steady_clock;
+    auto t0 = Clock::now();
     MPI_Alltoall(sent, static_cast<int>(L), MPI_INT64_T, recvd, static_cast<int>(L), MPI_INT64_T,
                  comm_);
+    double exchange = std::chrono::duration<double>(Clock::now() - t0).count();
     for (std::size_t i = 0; i < RL; ++i) recv_off[i + 1] = recv_off[i] + recvd[i];
     const Index num_recv = recv_off[RL];
     for (Index i = 0; i < num_local; ++i) {
@@ -313,7 +317,9 @@ class ExpertParallelBlock {
       rcount[r] = detail::to_int(recv_off[(r + 1) * L] - recv_off[r * L], "rows from one rank");
       rdispl[r] = detail::to_int(recv_off[r * L], "rows received");
     }
+    t0 = Clock::now();
     MPI_Alltoallv(send, scount, sdispl, wire_row.type, recv, rcount, rdispl, wire_row.type, comm_);
+    exchange += std::chrono::duration<double>(Clock::now() - t0).count();
 
     // Group the received rows by expert: expert i's rows from rank 0, then rank 1, ...
     T* x_rows = ws.x_rows_.ensure(num_recv * d);
@@ -351,7 +357,9 @@ class ExpertParallelBlock {
       for (std::int64_t k = 0; k < n; ++k)
         encode(y_rows + (grouped + k) * d, recv + (wire + k) * row_bytes);
     });
+    t0 = Clock::now();
     MPI_Alltoallv(recv, rcount, rdispl, wire_row.type, send, scount, sdispl, wire_row.type, comm_);
+    exchange += std::chrono::duration<double>(Clock::now() - t0).count();
     T* back = ws.back_.ensure(num_send * d);
     for (Index r = 0; r < num_send; ++r) decode(send + r * row_bytes, back + r * d);
 
@@ -380,6 +388,7 @@ class ExpertParallelBlock {
     s.remote_slots = num_send - s.local_slots;
     s.received_rows = num_recv - (recv_off[(rank_ + 1) * L] - recv_off[rank_ * L]);
     s.bytes_per_value = static_cast<Index>(value_bytes);
+    s.exchange_seconds = exchange;
     s.token_bytes =
         2 * static_cast<std::int64_t>(s.remote_slots) * static_cast<std::int64_t>(row_bytes);
   }
