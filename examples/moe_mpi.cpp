@@ -10,7 +10,9 @@
 // Every rank runs attention, norms and the LM head on the whole sequence (replicated: the point
 // here is the MoE layer); each MoE layer runs on an even slice of the tokens per rank, its experts
 // sharded by the placement, and the slices' outputs are all-gathered before the residual add.
-// Each rank keeps only its experts' weights (today the loader still reads all of them first).
+// Loading: every rank reads the whole checkpoint through examples/mixtral_model.hpp's loader and
+// copies its own experts into its ExpertParallelBlock; the loader's blocks stay resident too. Once
+// the loader takes io's LoadOptions::experts, each rank will read and keep only its experts.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
