@@ -53,7 +53,7 @@ class ExpertParallelWorkspace {
   using RouteS = RouteScalar<T>;
   /// The routing of this rank's tokens in the last forward ([tokens x slots], the same values as
   /// the single-process block gives for these rows of the concatenated batch).
-  const Routing<RouteS>& routing() const { return *routing_; }
+  const Routing<RouteS>& routing() const { return whole_batch_ ? mine_ : local_.routing(); }
   const ExchangeStats& stats() const { return stats_; }
   std::size_t bytes() const {
     return local_.bytes() + global_.bytes() + mine_.bytes() + send_.bytes() + recv_.bytes() +
@@ -70,7 +70,7 @@ class ExpertParallelWorkspace {
   Workspace<T> local_;      ///< the router's workspace (this rank's tokens)
   Routing<RouteS> global_;  ///< the whole batch's routing (batch-dependent families only)
   Routing<RouteS> mine_;    ///< this rank's rows of global_
-  const Routing<RouteS>* routing_ = &mine_;
+  bool whole_batch_ = false;  ///< the last call routed the whole batch (mine_ holds the rows)
   moe::detail::GrowBuffer<unsigned char> send_, recv_;  ///< wire buffers (T or bf16 rows)
   moe::detail::GrowBuffer<T> x_rows_, y_rows_, back_, shared_y_;
   detail::LocalExpertScratch<T> experts_;

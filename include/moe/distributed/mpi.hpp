@@ -168,7 +168,7 @@ class ExpertParallelBlock {
              ExpertParallelWorkspace<T>& ws) const {
     router_.route(config_, x, weights_, ws.local_);
     if (detail::routes_per_token(router_.gating())) {
-      ws.routing_ = &ws.local_.routing();
+      ws.whole_batch_ = false;
       return;
     }
     const Index E = config_.num_experts, T_mine = x.rows(), slots = router_.gating().slots(config_);
@@ -199,7 +199,7 @@ class ExpertParallelBlock {
     copy_rows(ws.global_.experts(), mine.experts());
     copy_rows(ws.global_.weights(), mine.weights());
     copy_rows(ws.global_.kept(), mine.kept());
-    ws.routing_ = &mine;
+    ws.whole_batch_ = true;
   }
 
   void forward_impl(const MatrixRef<T>& x, MatrixMut<T> y, ExpertParallelWorkspace<T>& ws,
@@ -229,7 +229,7 @@ class ExpertParallelBlock {
       total += tokens_of[r];
     }
     route(x, offset, total, tokens_of, ws);
-    const Routing<RouteS>& routing = *ws.routing_;
+    const Routing<RouteS>& routing = ws.routing();
     const Index slots = routing.slots();
     const auto experts = routing.experts();
     const auto kept = routing.kept();
