@@ -11,7 +11,7 @@
 #include "moe/distributed/local_experts.hpp"
 #include "moe/error.hpp"
 #include "moe/gating.hpp"
-#include "moe/io/dtype.hpp"
+#include "moe/kernels/float_formats.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 #include "moe/workspace.hpp"
@@ -58,26 +58,26 @@ class ExpertParallelWorkspace {
   std::size_t bytes() const {
     return local_.bytes() + global_.bytes() + mine_.bytes() + send_.bytes() + recv_.bytes() +
            x_rows_.bytes() + y_rows_.bytes() + back_.bytes() + shared_y_.bytes() +
-           experts_.bytes() + gating_scratch_.bytes() +
-           (counts_.capacity() + slot_row_.capacity()) * sizeof(std::int64_t) +
-           expert_rows_.capacity() * sizeof(Index) + mpi_ints_.capacity() * sizeof(int);
+           experts_.bytes() + gating_scratch_.bytes() + counts_.capacity() * sizeof(std::int64_t) +
+           back_plan_.bytes() + expert_rows_.capacity() * sizeof(Index) +
+           mpi_ints_.capacity() * sizeof(int);
   }
 
  private:
   template <class, class, class, class>
   friend class ExpertParallelBlock;
 
-  Workspace<T> local_;      ///< the router's workspace (this rank's tokens)
-  Routing<RouteS> global_;  ///< the whole batch's routing (batch-dependent families only)
-  Routing<RouteS> mine_;    ///< this rank's rows of global_
+  Workspace<T> local_;        ///< the router's workspace (this rank's tokens)
+  Routing<RouteS> global_;    ///< the whole batch's routing (batch-dependent families only)
+  Routing<RouteS> mine_;      ///< this rank's rows of global_
   bool whole_batch_ = false;  ///< the last call routed the whole batch (mine_ holds the rows)
   moe::detail::GrowBuffer<unsigned char> send_, recv_;  ///< wire buffers (T or bf16 rows)
   moe::detail::GrowBuffer<T> x_rows_, y_rows_, back_, shared_y_;
   detail::LocalExpertScratch<T> experts_;
-  std::vector<std::int64_t> counts_;    ///< tokens per rank, then exchange counts and offsets
-  std::vector<std::int64_t> slot_row_;  ///< [tokens x slots] row of the slot in the send order
-  std::vector<int> mpi_ints_;           ///< Alltoallv counts and displacements
-  std::vector<Index> expert_rows_;      ///< [local experts] rows, then [local experts + 1] offsets
+  std::vector<std::int64_t> counts_;  ///< tokens per rank, then exchange counts and offsets
+  DispatchPlan back_plan_;          ///< slots and slot_row: [tokens x slots] row of a slot's result
+  std::vector<int> mpi_ints_;       ///< Alltoallv counts and displacements
+  std::vector<Index> expert_rows_;  ///< [local experts] rows, then [local experts + 1] offsets
   moe::detail::GrowBuffer<Index> gating_scratch_;  ///< [E] counters (whole-batch routing)
   ExchangeStats stats_;
 };

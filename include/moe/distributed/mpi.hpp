@@ -44,9 +44,10 @@ namespace moe::distributed {
 template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU,
           class Storage = NativeExperts>
 class ExpertParallelBlock {
-  using StorageTraits = moe::detail::expert_storage<Storage>;
-  using Format = typename StorageTraits::format;
-  static constexpr bool compact = StorageTraits::compact;
+  static_assert(is_storage_policy_v<Storage>,
+                "moe: ExpertParallelBlock's fourth argument must be NativeExperts or "
+                "CompactExperts<Format>");
+  static constexpr bool compact = Storage::compact;
   static_assert(!compact || std::is_same_v<T, float>, "moe: compact expert storage needs float");
 
  public:
@@ -54,7 +55,8 @@ class ExpertParallelBlock {
   using RouteS = RouteScalar<T>;
   using Options = typename Gating::Options;
   using SingleProcessBlock = SparseMoeBlock<T, Gating, Ffn, Storage>;
-  using LocalStack = std::conditional_t<compact, CompactExpertStack<Format>, ExpertStack<T>>;
+  /// This rank's experts as stored: ExpertStack<T>, or CompactExpertStack<Format>.
+  using LocalStack = typename Storage::template stack<T>;
 
   /// Collective. `weights` holds the replicated tensors (router, bias, shared expert and gate) and
   /// in weights.experts ONLY this rank's experts, placement.experts_of(rank) in that order (an
@@ -105,7 +107,7 @@ class ExpertParallelBlock {
     check_same_everywhere();
     const ExpertStack<T>& ex = weights_.experts;
     if constexpr (compact) {
-      experts_ = CompactExpertStack<Format>::from(ex);
+      experts_ = LocalStack::from(ex);
       weights_.experts = ExpertStack<T>();
     } else {
       experts_ = ex.num_experts() > 0
@@ -244,11 +246,16 @@ class ExpertParallelBlock {
     }
     for (std::size_t i = 0; i < RL; ++i) send_off[i + 1] = send_off[i] + sent[i];
     const Index num_send = send_off[RL];
-    ws.slot_row_.resize(static_cast<std::size_t>(T_mine * slots));
+    DispatchPlan& back_plan = ws.back_plan_;  // slot -> row of the returned results
+    back_plan.num_tokens = T_mine;
+    back_plan.slots = slots;
+    if (back_plan.slot_row.size() < static_cast<std::size_t>(T_mine * slots)) {
+      back_plan.slot_row.resize(static_cast<std::size_t>(T_mine * slots));
+    }
     std::copy(send_off, send_off + RL, fill);
     for (Index t = 0; t < T_mine; ++t) {
       for (Index j = 0; j < slots; ++j) {
-        std::int64_t& row = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
+        Index& row = back_plan.slot_row[static_cast<std::size_t>(t * slots + j)];
         row = -1;
         if (!kept(t, j)) continue;
         const Index e = experts(t, j);
@@ -276,7 +283,7 @@ class ExpertParallelBlock {
     auto encode = [&](const T* src, unsigned char* dst) {
       if (bf16) {
         for (Index i = 0; i < d; ++i) {
-          const std::uint16_t b = io::float_to_bf16(static_cast<float>(src[i]));
+          const std::uint16_t b = kernels::float_to_bf16(static_cast<float>(src[i]));
           std::memcpy(dst + 2 * i, &b, 2);
         }
       } else {
@@ -288,7 +295,7 @@ class ExpertParallelBlock {
         for (Index i = 0; i < d; ++i) {
           std::uint16_t b;
           std::memcpy(&b, src + 2 * i, 2);
-          dst[i] = static_cast<T>(io::bf16_to_float(b));
+          dst[i] = static_cast<T>(kernels::bf16_to_float(b));
         }
       } else {
         std::memcpy(dst, src, row_bytes);
@@ -300,7 +307,7 @@ class ExpertParallelBlock {
         ws.recv_.ensure(static_cast<Index>(std::max(num_send, num_recv) * row_bytes));
     for (Index t = 0; t < T_mine; ++t) {
       for (Index j = 0; j < slots; ++j) {
-        const std::int64_t row = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
+        const Index row = back_plan.slot_row[static_cast<std::size_t>(t * slots + j)];
         if (row >= 0) encode(x.data() + t * x.outerStride(), send + row * row_bytes);
       }
     }
@@ -349,8 +356,8 @@ class ExpertParallelBlock {
     offs[num_local] = expert_off[num_local];
     const bool has_shared = config_.shared_d_ff > 0;
     T* shared_y = has_shared ? ws.shared_y_.ensure(T_mine * d) : nullptr;
-    detail::run_local_experts<Ffn, T, Format>(experts_, counts, offs, num_local, x_rows, y_rows,
-                                              weights_.shared, x, shared_y, ws.experts_, executor);
+    detail::run_local_experts<Ffn>(experts_, counts, offs, x_rows, y_rows, weights_.shared, x,
+                                   shared_y, ws.experts_, executor);
 
     // Results travel back the same way, in the order they came.
     for_each_block([&](std::int64_t wire, std::int64_t grouped, std::int64_t n) {
@@ -363,23 +370,12 @@ class ExpertParallelBlock {
     T* back = ws.back_.ensure(num_send * d);
     for (Index r = 0; r < num_send; ++r) decode(send + r * row_bytes, back + r * d);
 
-    // Combine per token in slot order, then the shared expert: SparseMoeBlock's expressions.
-    const auto weights = routing.weights();
-    for (Index t = 0; t < T_mine; ++t) {
-      auto yr = y.row(t);
-      yr.setZero();
-      for (Index j = 0; j < slots; ++j) {
-        const std::int64_t r = ws.slot_row_[static_cast<std::size_t>(t * slots + j)];
-        if (r < 0) continue;
-        yr += static_cast<T>(weights(t, j)) * ConstMap<T>(back + r * d, 1, d);
-      }
-      if (has_shared) {
-        const T gate = config_.shared_expert_gate
-                           ? kernels::sigmoid<T>(x.row(t).dot(weights_.shared_gate.row(0)))
-                           : T(1);
-        yr += gate * ConstMap<T>(shared_y + t * d, 1, d);
-      }
-    }
+    // Combine per token in slot order, then the shared expert: the block's own combine.
+    const T* shared_scale = has_shared
+                                ? detail::shared_scales(x, weights_.shared_gate,
+                                                        config_.shared_expert_gate, ws.experts_)
+                                : nullptr;
+    combine_expert_outputs(back_plan, routing.weights(), back, shared_y, shared_scale, y, executor);
 
     ExchangeStats& s = ws.stats_;
     s.tokens = T_mine;
