@@ -10,9 +10,10 @@
 // Every rank runs attention, norms and the LM head on the whole sequence (replicated: the point
 // here is the MoE layer); each MoE layer runs on an even slice of the tokens per rank, its experts
 // sharded by the placement, and the slices' outputs are all-gathered before the residual add.
-// Loading: every rank reads the whole checkpoint through examples/mixtral_model.hpp's loader and
-// copies its own experts into its ExpertParallelBlock; the loader's blocks stay resident too. Once
-// the loader takes io's LoadOptions::experts, each rank will read and keep only its experts.
+// Loading: the MoE layers' shards come from moe::io::load_moe_shard (each rank reads only its
+// experts); the rest of the model (attention, norms, embeddings) from examples/mixtral_model.hpp's
+// loader, which also builds full single-process blocks (used by --single; a real deployment would
+// load the non-MoE weights alone).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -157,21 +158,22 @@ int run(int argc, char** argv) {
             : moe::distributed::ExpertPlacement::round_robin(c.num_experts, num_ranks);
     moe::distributed::ExchangeOptions exchange;
     exchange.bf16_rows = args.bf16_rows;
-    const auto& mine = placement.experts_of(rank);
-    for (example::LayerWeights& layer : model.layers) {
-      const auto& full = layer.moe.weights();
-      moe::MoeWeights<float> w;
-      w.router = full.router;
-      w.shared = full.shared;
-      w.shared_gate = full.shared_gate;
-      w.experts = moe::ExpertStack<float>(static_cast<Index>(mine.size()), c.hidden_size,
-                                          c.intermediate_size, true);
-      for (std::size_t i = 0; i < mine.size(); ++i) {
-        w.experts.w_in(Index(i)) = full.experts.w_in(mine[i]);
-        w.experts.w_out(Index(i)) = full.experts.w_out(mine[i]);
+    // This rank's shard of every MoE layer: replicated router / shared expert, and only the
+    // experts the placement gives it, read from the checkpoint (io's LoadOptions::experts).
+    moe::io::LoadOptions load;
+    load.experts = placement.experts_of(rank);
+    // Reading is local (no collective inside agree()); building the blocks is collective.
+    std::vector<moe::io::MoeShard<float>> shards;
+    moe::distributed::agree(MPI_COMM_WORLD, [&] {
+      const moe::io::ModelCheckpoint ckpt = moe::io::ModelCheckpoint::open(args.checkpoint);
+      for (Index l = 0; l < c.num_layers; ++l) {
+        shards.push_back(moe::io::load_moe_shard<float>(ckpt, l, load));
       }
-      layers.emplace_back(MPI_COMM_WORLD, layer.moe.config(), placement, std::move(w),
-                          layer.moe.gating().options, exchange);
+    });
+    for (auto& shard : shards) {
+      const auto options = shard.gating_options<moe::gating::Mixtral>();
+      layers.emplace_back(MPI_COMM_WORLD, shard.config(), placement, std::move(shard.weights),
+                          options, exchange);
     }
     const Index S = static_cast<Index>(args.tokens.size());
     std::vector<int> rows_of(static_cast<std::size_t>(num_ranks));

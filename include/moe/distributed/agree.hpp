@@ -33,7 +33,8 @@ enum class ErrorKind : int { none = 0, config, shape, value, io, other };
 
 }  // namespace detail
 
-/// Runs `f()` on every rank of `comm` (collective: every rank must call it), then agrees on the
+/// Runs `f()` on every rank of `comm` (collective: every rank must call it; f itself must not
+/// call collectives, or a rank that threw early would pair them wrongly), then agrees on the
 /// outcome with one MPI_Allreduce of the lowest failing rank: when no rank threw, returns; when
 /// some rank threw, every rank throws the same exception type (config_error, shape_error,
 /// value_error, io_error, else moe::error) with the message of the lowest failing rank followed
