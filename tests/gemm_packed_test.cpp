@@ -144,10 +144,15 @@ TYPED_TEST(GemmPacked, BitwiseIndependentOfColumnSplitThreadsAndRows) {
       EXPECT_TRUE(bitwise_equal(split, whole)) << parts << " parts, " << ex->num_workers();
     }
   }
-  // Each row alone, and through the prepacked entry.
+  // Each row alone, the first few rows (the few-row path), and through the prepacked entry.
   for (Index r : {Index(0), Index(5), n - 1}) {
     const RowMatrix<T> row = x.row(r);
     EXPECT_TRUE(bitwise_equal(packed_product(row, p), RowMatrix<T>(whole.row(r)))) << "row " << r;
+  }
+  for (Index rows : {2, 3, 4, 5, 8, 9}) {
+    const RowMatrix<T> top = x.topRows(rows);
+    EXPECT_TRUE(bitwise_equal(packed_product(top, p), RowMatrix<T>(whole.topRows(rows))))
+        << rows << " rows";
   }
   Buffer<T> xpack(std::size_t(kernels::gemm_packed_x_size<T>(n, k)));
   kernels::gemm_packed_pack_x(x.data(), n, k, k, xpack.data());

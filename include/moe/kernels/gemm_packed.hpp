@@ -173,34 +173,38 @@ inline void gemm_packed_pin(Packet& p) {
 // c[r, j] (+)= sum_i a[i mr + r] * b[i nr + j] for r < mr, j < nr: one register tile over a k
 // block. a: packed x micro-panel [kc][mr]; b: packed W panel run [kc][nr]; c: accumulator tile
 // (row stride ldc). Not inlined: GCC 12 then keeps the accumulator array in registers.
-template <class T, class Packet, bool accumulate>
+// rows < mr computes only the first rows of the micro-panel and panels = 2 two adjacent W panels
+// (b and b + panel_stride, into c and c + nr) at once: the few-row products (see
+// gemm_packed_block). a keeps its mr-row layout.
+template <class T, class Packet, bool accumulate, int rows = GemmPackedShape<T>::mr,
+          int panels = 1>
 EIGEN_DONT_INLINE void gemm_packed_tile(Index kc, const T* __restrict a, const T* __restrict b,
-                                        T* __restrict c, Index ldc) {
+                                        T* __restrict c, Index ldc, Index panel_stride = 0) {
   using Shape = GemmPackedShape<T>;
-  constexpr Index mr = Shape::mr, nr = Shape::nr;
+  constexpr Index stride = Shape::mr, mr = rows, nr = Shape::nr;
   constexpr Index lanes = Eigen::internal::packet_traits<T>::size;
-  constexpr Index nv = nr / lanes;
+  constexpr Index nv = nr / lanes, nw = panels * nv;
   using namespace Eigen::internal;
-  Packet acc[mr][nv];
+  Packet acc[mr][nw];
   for (Index r = 0; r < mr; ++r) {
-    for (Index v = 0; v < nv; ++v) {
+    for (Index v = 0; v < nw; ++v) {
       acc[r][v] = accumulate ? ploadu<Packet>(c + r * ldc + v * lanes) : pset1<Packet>(T(0));
     }
   }
   for (Index i = 0; i < kc; ++i) {
-    Packet bv[nv];
-    for (Index v = 0; v < nv; ++v) {
-      bv[v] = ploadu<Packet>(b + i * nr + v * lanes);
+    Packet bv[nw];
+    for (Index v = 0; v < nw; ++v) {
+      bv[v] = ploadu<Packet>(b + (v / nv) * panel_stride + i * nr + (v % nv) * lanes);
       gemm_packed_pin(bv[v]);
     }
     for (Index r = 0; r < mr; ++r) {
-      Packet av = pset1<Packet>(a[i * mr + r]);
+      Packet av = pset1<Packet>(a[i * stride + r]);
       gemm_packed_pin(av);
-      for (Index v = 0; v < nv; ++v) acc[r][v] = pmadd(av, bv[v], acc[r][v]);
+      for (Index v = 0; v < nw; ++v) acc[r][v] = pmadd(av, bv[v], acc[r][v]);
     }
   }
   for (Index r = 0; r < mr; ++r) {
-    for (Index v = 0; v < nv; ++v) pstoreu(c + r * ldc + v * lanes, acc[r][v]);
+    for (Index v = 0; v < nw; ++v) pstoreu(c + r * ldc + v * lanes, acc[r][v]);
   }
 }
 
@@ -297,6 +301,42 @@ void gemm_packed_block(const T* xpack, Index r0, Index rows, PackedPanels<T> w, 
   constexpr Index mr = Shape::mr, nr = Shape::nr, kc = Shape::kc, nc = Shape::nc;
   const Index k = w.k;
   const Index rows_padded = (rows + mr - 1) / mr * mr;
+  if constexpr (Isa == GemmIsa::native && mr == 8) {
+    if (rows <= mr && k > 0) {
+      // Decode and few-row products are bound by reading W: a tile of 1, 2 or 4 rows runs down
+      // two whole panels at a time (two streams of k nr contiguous values, which the hardware
+      // prefetcher follows), and no FMA is spent on padding rows. The same FMA chain per element
+      // as the blocked loop (which stores and reloads between k blocks): bitwise the same results.
+      using Packet = typename Shape::Packet;
+      for (Index j0 = c0; j0 < c1; j0 += nc) {
+        const Index cols = std::min(nc, c1 - j0);
+        for (Index j = 0; j < cols; j += 2 * nr) {
+          const T* b = w.data + (j0 + j) / nr * k * nr;
+          T* c = acc + j;
+          if (rows > 4) {  // a full tile, one panel at a time
+            gemm_packed_tile<T, Packet, false>(k, xpack, b, c, nc);
+            if (j + nr < cols) gemm_packed_tile<T, Packet, false>(k, xpack, b + k * nr, c + nr, nc);
+          } else if (j + nr >= cols) {  // one panel left
+            if (rows == 1) {
+              gemm_packed_tile<T, Packet, false, 1>(k, xpack, b, c, nc);
+            } else if (rows == 2) {
+              gemm_packed_tile<T, Packet, false, 2>(k, xpack, b, c, nc);
+            } else {
+              gemm_packed_tile<T, Packet, false, 4>(k, xpack, b, c, nc);
+            }
+          } else if (rows == 1) {
+            gemm_packed_tile<T, Packet, false, 1, 2>(k, xpack, b, c, nc, k * nr);
+          } else if (rows == 2) {
+            gemm_packed_tile<T, Packet, false, 2, 2>(k, xpack, b, c, nc, k * nr);
+          } else {
+            gemm_packed_tile<T, Packet, false, 4, 2>(k, xpack, b, c, nc, k * nr);
+          }
+        }
+        epilogue(static_cast<const T*>(acc), nc, r0, rows, j0, cols);
+      }
+      return;
+    }
+  }
   for (Index j0 = c0; j0 < c1; j0 += nc) {
     const Index cols = std::min(nc, c1 - j0);
     if (k == 0) std::fill(acc, acc + Shape::mc * nc, T(0));
