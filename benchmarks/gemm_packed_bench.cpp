@@ -89,19 +89,23 @@ void bm_gemm(benchmark::State& state, ExpertShape shape, std::string product, bo
         }
         return;
       }
-      if (swiglu) {  // the block's unfused path: gate block, up block, activation
+      // Eigen's GEMM on a column block of W, as the block's experts compute above the streaming
+      // threshold (DenseOperand).
+      auto eigen_block = [&](Index c0, Index c1) {
+        using Strided = Eigen::Map<RowMatrix<float>, 0, Eigen::OuterStride<>>;
+        Strided om(out.data() + c0, rows, c1 - c0, Eigen::OuterStride<>(c));
+        om.noalias() = x * w.middleRows(c0, c1 - c0).transpose();
+      };
+      if (swiglu) {  // the unfused path: gate block, up block, the activation pass
         const auto [a, b] = moe::block_range(f, threads, task, 16);
-        moe::detail::ffn_product_block(x.data(), rows, k, w.data(), k, a, b, out.data(), c,
-                                       false);
-        moe::detail::ffn_product_block(x.data(), rows, k, w.data(), k, f + a, f + b, out.data(),
-                                       c, false);
+        eigen_block(a, b);
+        eigen_block(f + a, f + b);
         moe::detail::apply_activation_cols<moe::SwiGLU>(out.data(), c, rows, f, a, b, out.data(),
                                                         c);
         return;
       }
       const auto [c0, c1] = moe::block_range(c, threads, task, 16);
-      moe::detail::ffn_product_block(x.data(), rows, k, w.data(), k, c0, c1, out.data(), c,
-                                     false);
+      eigen_block(c0, c1);
     });
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();

@@ -23,7 +23,9 @@
 // Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|q8_exact|q4_exact|
 // mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
 // SparseMoeBlock<float, Mixtral, SwiGLU, CompactExperts<Format, Mode>> (the router stays fp32),
-// for mixtral_quarter, olmoe and qwen3 (1, 8, 64, 512 tokens) and mixtral_8x7b (1, 8, 16, 32). Compact weights are generated expert by expert (fp32 one matrix at a
+// for mixtral_quarter, olmoe and qwen3 (1, 8, 64, 512 tokens) and mixtral_8x7b (1, 8, 16, 32);
+// fp32_packed: the fp32 block with PackedExperts (issue 16), also at 2048 tokens with fp32.
+// Compact weights are generated expert by expert (fp32 one matrix at a
 // time, quantised, freed), never as a whole fp32 layer. Counters as above, GB/s counting the
 // experts' bytes as stored (codes + scales), plus weights_MiB (resident routed-expert bytes of one
 // weight set, CompactExpertStack::bytes / ExpertStack::bytes) and bytes/weight.
@@ -410,6 +412,11 @@ DtypeSet make_set(const Config& c, const std::string& dtype, std::uint64_t seed)
   auto w = moe::MoeWeights<float>::zeros(moe_config(c));
   fill(w.router, seed + 2, 3.0f / std::sqrt(float(c.d_model)));
   fill_ffn(w.experts, seed + 3);
+  if (dtype == "fp32_packed") {
+    using Packed =
+        moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU, moe::PackedExperts>;
+    return erase(std::make_shared<Packed>(moe_config(c), std::move(w)));
+  }
   return erase(std::make_shared<moe::SparseMoeBlock<float>>(moe_config(c), std::move(w)));
 }
 
@@ -495,6 +502,24 @@ const bool registered = [] {
       }
     }
   }
+  // Packed experts (issue 16): the fp32 block against the same block with PackedExperts, at
+  // prefill token counts, on the three expert shapes.
+  for (const Config& c : configs()) {
+    if (c.name != "mixtral_quarter" && c.name != "olmoe" && c.name != "qwen3") continue;
+    for (const std::string dtype : {"fp32", "fp32_packed"}) {
+      for (Index t : {2048}) {  // the loop below has 1, 8, 64, 512
+        for (Index threads : {1, 2}) {
+          const std::string name = "sparse/" + c.name + "/dtype:" + dtype +
+                                   "/tokens:" + std::to_string(t) +
+                                   "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(name.c_str(), bm_dtype, &c, dtype, t, threads)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond)
+              ->MinTime(0.3);
+        }
+      }
+    }
+  }
   for (const Config& c : configs()) {
     if (c.name != "mixtral_quarter" && c.name != "mixtral_8x7b" && c.name != "olmoe" &&
         c.name != "qwen3") {
@@ -502,8 +527,9 @@ const bool registered = [] {
     }
     const std::vector<Index> tokens = c.name == "mixtral_8x7b" ? std::vector<Index>{1, 8, 16, 32}
                                                                : std::vector<Index>{1, 8, 64, 512};
-    for (const std::string dtype : {"fp32", "bf16", "int8", "fp8", "q8", "q4", "mxfp4",
-                                    "q8_exact", "q4_exact", "mxfp4_exact"}) {
+    for (const std::string dtype : {"fp32", "fp32_packed", "bf16", "int8", "fp8", "q8", "q4",
+                                    "mxfp4", "q8_exact", "q4_exact", "mxfp4_exact"}) {
+      if (c.name == "mixtral_8x7b" && dtype == std::string("fp32_packed")) continue;
       for (Index t : tokens) {
         for (Index threads : {1, 2}) {
           const std::string name = "sparse/" + c.name + "/dtype:" + dtype +

@@ -29,7 +29,8 @@ namespace moe {
 /// Template parameters: T the scalar (float or double), Gating the routing policy (gating.hpp),
 /// Ffn the expert kind (SwiGLU, GeGLU, ReluMlp...), Storage the routed experts' storage
 /// (NativeExperts: ExpertStack<T>; CompactExperts<Bf16 | Int8 | Fp8E4M3>: compact weights, float
-/// blocks only, see docs/compact.md). Sizes live in MoeConfig, the gating's numbers in
+/// blocks only, see docs/compact.md; PackedExperts: fp32 weights packed for the packed GEMM at
+/// construction, float blocks, inference only). Sizes live in MoeConfig, the gating's numbers in
 /// Gating::Options; both are validated in the constructor.
 ///
 /// forward() groups the tokens of each expert into one contiguous matrix (counting sort), runs
@@ -54,7 +55,7 @@ class SparseMoeBlock {
                 "FFN kind (SwiGLU, GeGLU, ReluMlp, Gated<A>, Plain<A>)");
   static_assert(is_storage_policy_v<Storage>,
                 "moe: SparseMoeBlock<T, Gating, Ffn, Storage>: the fourth argument (Storage) must "
-                "be NativeExperts or CompactExperts<Format>");
+                "be NativeExperts, CompactExperts<Format> or PackedExperts");
   static_assert(!Storage::compact || std::is_same_v<T, float>,
                 "moe: compact expert storage needs a float block");
 

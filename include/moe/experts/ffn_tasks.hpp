@@ -4,7 +4,10 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "moe/activations.hpp"
 #include "moe/experts/operand.hpp"
@@ -49,14 +52,52 @@ inline constexpr bool prepares_input_v = prepares_input<Operand>::value;
 
 /// Granule of the input phase's column blocks: also a whole number of the down operand's
 /// conversion blocks, so that each task converts the activation columns it computed.
+/// Column granule of an operand's tasks: Operand::granule when it has one (the packed operand:
+/// whole panels and gate/up pairs), else ffn_granule.
+template <class Operand, class = void>
+struct operand_granule {
+  static constexpr Index value = ffn_granule;
+};
+template <class Operand>
+struct operand_granule<Operand, std::void_t<decltype(Operand::granule)>> {
+  static constexpr Index value = Operand::granule;
+};
+
+/// Whether an operand's products are split-invariant (a row's result does not depend on how its
+/// columns are split into tasks): then tasks may be sized from the number of workers.
+template <class Operand, class = void>
+struct operand_split_invariant : std::false_type {};
+template <class Operand>
+struct operand_split_invariant<Operand, std::void_t<decltype(Operand::split_invariant)>>
+    : std::bool_constant<Operand::split_invariant> {};
+
+/// Whether an operand computes the input product with the activation fused (fused_input).
+template <class Ffn, class T, class Operand, class = void>
+struct has_fused_input : std::false_type {};
+template <class Ffn, class T, class Operand>
+struct has_fused_input<Ffn, T, Operand,
+                       std::void_t<decltype(std::declval<const Operand&>().template fused_input<Ffn>(
+                           std::declval<const T*>(), Index(), Index(), Index(), Index(), Index(),
+                           std::declval<T*>(), Index(), std::declval<T*>()))>> : std::true_type {};
+
 template <class Operand>
 constexpr Index ffn_up_granule() {
   if constexpr (prepares_input_v<Operand>) {
     return std::max(ffn_granule, Operand::granule);
   } else {
-    return ffn_granule;
+    return operand_granule<Operand>::value;
   }
 }
+/// Granule of the output phase's column blocks.
+template <class Operand>
+constexpr Index ffn_down_granule() {
+  if constexpr (prepares_input_v<Operand>) {
+    return ffn_granule;
+  } else {
+    return operand_granule<Operand>::value;
+  }
+}
+
 
 /// Columns per task for a product whose weight rows are `row_bytes` long: about 1 MiB of weights
 /// per task on the streaming path (fine tasks balance two cores), 256 columns on the GEMM path
@@ -84,8 +125,21 @@ Index ffn_up_parts(const FfnJob<T, Operand>& job) {
 template <class T, class Operand>
 Index ffn_down_parts(const FfnJob<T, Operand>& job) {
   if (job.n == 0) return 0;
-  return ffn_parts(job.d, job.f * job.down.weight_bytes(), job.down.streams(job.n));
+  return ffn_parts(job.d, job.f * job.down.weight_bytes(), job.down.streams(job.n),
+                   ffn_down_granule<Operand>());
 }
+
+/// Tasks of a phase of a job with split-invariant operands when the phase has too few tasks for
+/// the workers: the job's share (work / total_work) of 2 tasks per worker, at most one per granule.
+/// Results stay independent of the number of threads, because such products do not depend on
+/// the split.
+inline Index ffn_parts_for_workers(Index shape_parts, Index cols, Index granule, double work,
+                                   double total_work, Index workers) {
+  if (shape_parts == 0 || total_work <= 0) return shape_parts;
+  const Index share = static_cast<Index>(std::ceil(2.0 * double(workers) * work / total_work));
+  return std::max(shape_parts, std::min(share, (cols + granule - 1) / granule));
+}
+
 
 /// act[:, a:b] = the Ffn's activation of hidden's columns [a, b) (and [f + a, f + b) for the up
 /// half of a gated FFN); SwiGLU on its vectorised kernel. act may alias hidden's gate columns.
@@ -100,13 +154,19 @@ inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, I
   }
 }
 
-/// Input-phase task `part` of a job: hidden's gate (and up) columns of one block of d_ff, then
-/// the activation of that block, in place when act aliases hidden.
+/// Input-phase task `part` of `parts` of a job: hidden's gate (and up) columns of one block of
+/// d_ff, then the activation of that block, in place when act aliases hidden; or, for an operand
+/// with fused_input (packed weights, inference), the activations of the block straight from the
+/// product's epilogue (hidden is not written).
 template <class Ffn, class T, class Operand>
-void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
-  const Index parts = ffn_up_parts<Ffn>(job);
+void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index worker = 0) {
   const auto [a, b] = block_range(job.f, parts, part, ffn_up_granule<Operand>());
   T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
+  if constexpr (has_fused_input<Ffn, T, Operand>::value) {
+    job.gate.template fused_input<Ffn>(job.x, job.n, job.ldx, a, b, job.f, job.act, job.ld_act,
+                                       scratch);
+    return;
+  }
   job.gate.product(job.x, job.n, job.ldx, a, b, job.hidden, job.in, scratch, job.scratch_stride);
   if constexpr (Ffn::gated) {
     job.up.product(job.x, job.n, job.ldx, a, b, job.hidden + job.f, job.in, scratch,
@@ -127,11 +187,10 @@ void ffn_prepare_task(const FfnJob<T, Operand>& job) {
   }
 }
 
-/// Output-phase task `part` of a job: one block of y's d_model columns.
+/// Output-phase task `part` of `parts` of a job: one block of y's d_model columns.
 template <class T, class Operand>
-void ffn_down_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) {
-  const Index parts = ffn_down_parts(job);
-  const auto [c0, c1] = block_range(job.d, parts, part, ffn_granule);
+void ffn_down_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index worker = 0) {
+  const auto [c0, c1] = block_range(job.d, parts, part, ffn_down_granule<Operand>());
   T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
   job.down.product(job.act, job.n, job.ld_act, c0, c1, job.y, job.d, scratch, job.scratch_stride);
 }
@@ -141,7 +200,9 @@ void ffn_down_task(const FfnJob<T, Operand>& job, Index part, Index worker = 0) 
 /// through the executor as (job, column-block) tasks in two phases: input projection +
 /// activation, then (after the barrier between the two run() calls) the output projection.
 /// task_begin: caller-owned scratch of num_first + num_second + 1 indices (no allocation here).
-/// The task list depends on the shapes only: bitwise identical results for every executor.
+/// The task list depends on the shapes only, except that jobs on split-invariant operands (packed
+/// weights) are split further when a phase has fewer than two tasks per worker, which changes no
+/// result: bitwise identical results for every executor.
 /// Eigen's GEMM (non-streaming products) may allocate its packing buffers; streaming allocates
 /// nothing.
 template <class Ffn, class FirstAt, class SecondAt>
@@ -153,13 +214,44 @@ void run_ffn_jobs(Index num_first, const FirstAt& first_at, Index num_second,
                               task_begin) -
            1;
   };
-  auto up_parts = [&](Index j) {
-    return j < num_first ? ffn_up_parts<Ffn>(first_at(j))
-                         : ffn_up_parts<Ffn>(second_at(j - num_first));
+  const Index workers = executor.num_workers();
+  // Tasks of a phase: from the shapes; jobs on split-invariant operands get more when the phase
+  // has fewer than two tasks per worker (one hot expert on 16 workers).
+  auto plan_phase = [&](auto&& parts_of, auto&& cols_of, auto&& work_of) {
+    task_begin[0] = 0;
+    double total_work = 0;
+    for (Index j = 0; j < num_jobs; ++j) {
+      task_begin[j + 1] = task_begin[j] + parts_of(j);
+      total_work += work_of(j);
+    }
+    if (task_begin[num_jobs] >= 2 * workers) return;
+    Index begin = 0;
+    for (Index j = 0; j < num_jobs; ++j) {
+      Index parts = task_begin[j + 1] - begin;
+      begin = task_begin[j + 1];
+      const auto [cols, granule, invariant] = cols_of(j);
+      if (invariant) {
+        parts = ffn_parts_for_workers(parts, cols, granule, work_of(j), total_work, workers);
+      }
+      task_begin[j + 1] = task_begin[j] + parts;
+    }
   };
-  auto down_parts = [&](Index j) {
-    return j < num_first ? ffn_down_parts(first_at(j)) : ffn_down_parts(second_at(j - num_first));
+  auto up_info = [&](const auto& job) {
+    using Op = std::decay_t<decltype(job.gate)>;
+    return std::tuple<Index, Index, bool>(job.f, ffn_up_granule<Op>(),
+                                          operand_split_invariant<Op>::value);
   };
+  auto down_info = [&](const auto& job) {
+    using Op = std::decay_t<decltype(job.down)>;
+    return std::tuple<Index, Index, bool>(job.d, ffn_down_granule<Op>(),
+                                          operand_split_invariant<Op>::value);
+  };
+  auto work = [&](const auto& job) { return double(job.n) * double(job.d) * double(job.f); };
+  auto at = [&](Index j, auto&& f) {
+    return j < num_first ? f(first_at(j)) : f(second_at(j - num_first));
+  };
+  plan_phase([&](Index j) { return at(j, [](const auto& job) { return ffn_up_parts<Ffn>(job); }); },
+             [&](Index j) { return at(j, up_info); }, [&](Index j) { return at(j, work); });
   // Operands that read converted inputs: one task per job converts its x first (gate and up
   // share it). A separate run: every column block of the input phase reads all of it.
   using FirstOperand = decltype(first_at(0).gate);
@@ -173,23 +265,24 @@ void run_ffn_jobs(Index num_first, const FirstAt& first_at, Index num_second,
       }
     });
   }
-  task_begin[0] = 0;
-  for (Index j = 0; j < num_jobs; ++j) task_begin[j + 1] = task_begin[j] + up_parts(j);
   executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
     const Index j = job_of_task(task);
+    const Index part = task - task_begin[j], parts = task_begin[j + 1] - task_begin[j];
     if (j < num_first) {
-      ffn_up_task<Ffn>(first_at(j), task - task_begin[j], worker);
+      ffn_up_task<Ffn>(first_at(j), part, parts, worker);
     } else {
-      ffn_up_task<Ffn>(second_at(j - num_first), task - task_begin[j], worker);
+      ffn_up_task<Ffn>(second_at(j - num_first), part, parts, worker);
     }
   });
-  for (Index j = 0; j < num_jobs; ++j) task_begin[j + 1] = task_begin[j] + down_parts(j);
+  plan_phase([&](Index j) { return at(j, [](const auto& job) { return ffn_down_parts(job); }); },
+             [&](Index j) { return at(j, down_info); }, [&](Index j) { return at(j, work); });
   executor.run(task_begin[num_jobs], [&](Index task, Index worker) {
     const Index j = job_of_task(task);
+    const Index part = task - task_begin[j], parts = task_begin[j + 1] - task_begin[j];
     if (j < num_first) {
-      ffn_down_task(first_at(j), task - task_begin[j], worker);
+      ffn_down_task(first_at(j), part, parts, worker);
     } else {
-      ffn_down_task(second_at(j - num_first), task - task_begin[j], worker);
+      ffn_down_task(second_at(j - num_first), part, parts, worker);
     }
   });
 }

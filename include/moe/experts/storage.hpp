@@ -12,6 +12,7 @@
 #include "moe/experts/operand.hpp"
 #include "moe/experts/quant_expert_stack.hpp"
 #include "moe/experts/quant_operand.hpp"
+#include "moe/experts/packed_expert_stack.hpp"
 #include "moe/kernels/gemm_small.hpp"
 #include "moe/tensor.hpp"
 
@@ -64,6 +65,37 @@ struct CompactExperts {
   using stack = typename detail::CompactStackOf<Format, Mode>::type;
   static constexpr bool compact = true;
 };
+
+/// Storage policy of a block's routed experts: fp32 weights packed once, at construction, into
+/// the packed GEMM's panel layout (PackedExpertStack<float>, experts/packed_expert_stack.hpp):
+/// prefill near the FMA peak with the activation fused into the input product, decode at the
+/// streaming kernel's rate. The fp32 stack is freed after packing. Like compact storage, the
+/// block converts and owns the stack (hence compact = true), float blocks only, inference only.
+struct PackedExperts {
+  template <class T>
+  using stack = PackedExpertStack<T>;
+  static constexpr bool compact = true;
+};
+
+/// The operands of expert e of a packed stack: gate holds the whole input projection (gate/up
+/// pairs when gated; its fused_input computes the activations), down the output projection.
+template <class T>
+ExpertOperands<PackedOperand<T>> expert_operands(const PackedExpertStack<T>& s, Index e) {
+  ExpertOperands<PackedOperand<T>> ops;
+  ops.gate = {s.w_in(e), s.gated()};
+  ops.up = {s.w_in(e), s.gated()};
+  ops.down = {s.w_out(e), false};
+  return ops;
+}
+
+/// Per-worker scratch of a packed stack's products of up to max_rows rows (packed x rows and
+/// the accumulator block of the wider inner dimension).
+template <class T>
+Index decode_scratch_floats(const PackedExpertStack<T>& s, Index max_rows) {
+  if (s.empty() || max_rows <= 0) return 0;
+  const PackedOperand<T> in{s.w_in(0), s.gated()}, out{s.w_out(0), false};
+  return std::max(in.scratch_floats(max_rows), out.scratch_floats(max_rows));
+}
 
 /// The operands of expert e of an fp32 (or double) stack: gate and up are row ranges of the
 /// fused input projection w_in(e), down is w_out(e).
