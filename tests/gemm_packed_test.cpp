@@ -3,7 +3,9 @@
 // counts, row counts and the prepacked entry, the scalar fallback, and every epilogue.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -40,13 +42,19 @@ Packed<T> pack(const RowMatrix<T>& w) {
   return p;
 }
 
-// out = x * W^T on the packed kernel, all columns in one call.
+// out = x * W^T on the packed kernel, all columns in one call, with exactly the scratch
+// gemm_packed_scratch_size(n, k) asks for, followed by guard values that must stay untouched.
 template <class T, kernels::GemmIsa Isa = kernels::GemmIsa::native>
 RowMatrix<T> packed_product(const RowMatrix<T>& x, Packed<T>& p) {
   RowMatrix<T> out = RowMatrix<T>::Constant(x.rows(), p.view.cols, T(-7));
   kernels::StoreEpilogue<T> store{out.data(), out.cols()};
+  const Index size = kernels::gemm_packed_scratch_size<T>(x.rows(), x.cols());
+  constexpr Index kGuard = 64;
+  Buffer<T> scratch(std::size_t(size + kGuard), T(12345));
   kernels::gemm_packed_nt<T, kernels::StoreEpilogue<T>, Isa>(
-      x.data(), x.rows(), x.cols(), p.view, 0, p.view.cols, store, p.scratch.data());
+      x.data(), x.rows(), x.cols(), p.view, 0, p.view.cols, store, scratch.data());
+  EXPECT_TRUE(std::all_of(scratch.begin() + size, scratch.end(), [](T v) { return v == T(12345); }))
+      << "scratch overrun, " << x.rows() << " x " << x.cols();
   return out;
 }
 

@@ -103,10 +103,7 @@ struct PackedOperand {
   /// the weights at the streaming kernel's rate).
   bool streams(Index n) const { return n <= kernels::small_batch_rows; }
   /// Per-worker scratch: the packed rows of x (up to one row block) and the accumulator block.
-  Index scratch_floats(Index n) const {
-    const Index rows = std::min(Shape::mc, (n + Shape::mr - 1) / Shape::mr * Shape::mr);
-    return rows * w.k + kernels::gemm_packed_acc_size<T>();
-  }
+  Index scratch_floats(Index n) const { return kernels::gemm_packed_scratch_size<T>(n, w.k); }
   /// out[:, c0:c1] = x * W[c0:c1, :]^T (plain packing only).
   void product(const T* x, Index n, Index ldx, Index c0, Index c1, T* out, Index ldo, T* scratch,
                Index scratch_size) const {
