@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -480,8 +481,27 @@ void bm_dtype(benchmark::State& state, const Config* c, std::string dtype, Index
   set_label(state);
 }
 
+// Thread counts of every benchmark: 1 and 2 (the 2-core development machine), or the list in
+// MOE_BENCH_THREADS (e.g. "1,2,4,8,16" on a server: docs/benchmarks.md's scaling table).
+std::vector<Index> bench_threads() {
+  std::vector<Index> list;
+  if (const char* env = std::getenv("MOE_BENCH_THREADS")) {
+    const std::string text = env;
+    std::size_t start = 0;
+    while (start < text.size()) {
+      const std::size_t end = std::min(text.find(',', start), text.size());
+      const long n = std::strtol(text.substr(start, end - start).c_str(), nullptr, 10);
+      if (n > 0) list.push_back(Index(n));
+      start = end + 1;
+    }
+  }
+  if (list.empty()) list = {1, 2};
+  return list;
+}
+
 const bool registered = [] {
-  for (Index threads : {1, 2}) {
+  const std::vector<Index> thread_counts = bench_threads();
+  for (Index threads : thread_counts) {
     benchmark::RegisterBenchmark(("peak/gemm/threads:" + std::to_string(threads)).c_str(),
                                  bm_peak_gemm, threads)
         ->UseRealTime()
@@ -491,7 +511,7 @@ const bool registered = [] {
   for (const Config& c : configs()) {
     for (const std::string& kind : c.kinds) {
       for (Index tokens : c.tokens) {
-        for (Index threads : {1, 2}) {
+        for (Index threads : thread_counts) {
           const std::string name = kind + "/" + c.name + "/tokens:" + std::to_string(tokens) +
                                    "/threads:" + std::to_string(threads);
           benchmark::RegisterBenchmark(name.c_str(), bm_model, &c, kind, tokens, threads)
@@ -508,7 +528,7 @@ const bool registered = [] {
     if (c.name != "mixtral_quarter" && c.name != "olmoe" && c.name != "qwen3") continue;
     for (const std::string dtype : {"fp32", "fp32_packed"}) {
       for (Index t : {2048}) {  // the loop below has 1, 8, 64, 512
-        for (Index threads : {1, 2}) {
+        for (Index threads : thread_counts) {
           const std::string name = "sparse/" + c.name + "/dtype:" + dtype +
                                    "/tokens:" + std::to_string(t) +
                                    "/threads:" + std::to_string(threads);
@@ -531,7 +551,7 @@ const bool registered = [] {
                                     "mxfp4", "q8_exact", "q4_exact", "mxfp4_exact"}) {
       if (c.name == "mixtral_8x7b" && dtype == std::string("fp32_packed")) continue;
       for (Index t : tokens) {
-        for (Index threads : {1, 2}) {
+        for (Index threads : thread_counts) {
           const std::string name = "sparse/" + c.name + "/dtype:" + dtype +
                                    "/tokens:" + std::to_string(t) +
                                    "/threads:" + std::to_string(threads);
