@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -167,9 +168,13 @@ Model& model_for(const Config& c, const std::string& kind) {
   return m;
 }
 
+// One pool per thread count, made on first use and kept for the whole run.
 const moe::Executor& executor(Index threads) {
-  static moe::ThreadPool pool(2);
-  return threads == 1 ? moe::serial_executor() : pool;
+  if (threads <= 1) return moe::serial_executor();
+  static std::map<Index, std::unique_ptr<moe::ThreadPool>> pools;
+  auto& pool = pools[threads];
+  if (!pool) pool = std::make_unique<moe::ThreadPool>(threads);
+  return *pool;
 }
 
 void set_label(benchmark::State& state) {
