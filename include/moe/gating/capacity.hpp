@@ -157,9 +157,4 @@ struct CapacityTopK {
   Options options;
 };
 
-/// Switch Transformers (top_k = 1, CapacityTopK::Options::switch_transformers(capacity)).
-using SwitchTop1 = CapacityTopK;
-/// GShard (top_k = 2, CapacityTopK::Options::gshard(capacity_factor)).
-using GShardTop2 = CapacityTopK;
-
 }  // namespace moe::gating

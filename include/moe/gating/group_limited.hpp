@@ -204,11 +204,8 @@ struct BasicGroupLimitedTopK {
   Options options;
 };
 
-/// DeepSeek-V3 routing (Options::deepseek_v3), with the selection bias.
+/// Group-limited top-k with the selection bias (generic Options; the family types DeepSeekV3 and
+/// DeepSeekV2 in gating/family.hpp carry their families' defaults).
 using GroupLimitedTopK = BasicGroupLimitedTopK<true>;
-/// Alias of GroupLimitedTopK.
-using DeepSeekV3 = GroupLimitedTopK;
-/// DeepSeek-V2 routing (Options::deepseek_v2): group-limited, no selection bias.
-using DeepSeekV2 = BasicGroupLimitedTopK<false>;
 
 }  // namespace moe::gating
