@@ -13,14 +13,19 @@
 //
 // Generic policies (their Options default to the plainest behaviour; users who mix set them):
 //   SoftmaxTopK              softmax, top-k, optional renormalisation     (gating/softmax_topk.hpp)
-//   BasicGroupLimitedTopK    group-limited top-k (DeepSeek), GroupLimitedTopK with the bias
-//                                                                         (gating/group_limited.hpp)
+//   BasicScoredTopK          scores (softmax / sigmoid / sqrt-softplus), optional selection bias
+//                            and group limit, top-k or a token table, renormalisation variants,
+//                            scaling, HF's float32 steps: ScoredTopK, BiasedScoredTopK
+//                            (gating/scored_topk.hpp; BasicGroupLimitedTopK / GroupLimitedTopK are
+//                            its first names, gating/group_limited.hpp)
+//   Sparsemixer              PhiMoE's deterministic sparsemixer            (gating/sparsemixer.hpp)
 //   CapacityTopK             top-k with expert capacity (Switch, GShard)  (gating/capacity.hpp)
 //   NoisyTopK                Shazeer et al. 2017                          (gating/noisy.hpp)
 //   ExpertChoice             Zhou et al. 2022 (not causal) (gating/expert_choice.hpp)
-// Family types (gating/family.hpp): one type per model family, deriving from a generic policy,
-// whose default-constructed Options are the family's published behaviour: Mixtral, Qwen2Moe,
-// Qwen3Moe, Olmoe, DeepSeekV2, DeepSeekV3, SwitchTop1, GShardTop2. docs/families.md has the table.
+// Family types: one type per model family, deriving from a generic policy, whose
+// default-constructed Options are the family's published behaviour: Mixtral, Qwen2Moe, Qwen3Moe,
+// Olmoe, DeepSeekV2, DeepSeekV3, SwitchTop1, GShardTop2 (gating/family.hpp) and the Hugging Face
+// 5.17 families of issue 12 (gating/families.hpp). docs/families.md has the table.
 //
 // Conventions shared by every top-k policy: slots hold the chosen experts in descending weight,
 // ties going to the lower expert index; a policy never writes an expert outside [0, E) into a
@@ -30,7 +35,10 @@
 #include "moe/gating/capacity.hpp"       // IWYU pragma: export
 #include "moe/gating/common.hpp"         // IWYU pragma: export
 #include "moe/gating/expert_choice.hpp"  // IWYU pragma: export
+#include "moe/gating/families.hpp"       // IWYU pragma: export
 #include "moe/gating/family.hpp"         // IWYU pragma: export
 #include "moe/gating/group_limited.hpp"  // IWYU pragma: export
 #include "moe/gating/noisy.hpp"          // IWYU pragma: export
+#include "moe/gating/scored_topk.hpp"    // IWYU pragma: export
 #include "moe/gating/softmax_topk.hpp"   // IWYU pragma: export
+#include "moe/gating/sparsemixer.hpp"    // IWYU pragma: export

@@ -118,8 +118,7 @@ struct CapacityTopK {
   /// O(T E k); uses num_experts entries of ctx.scratch (load counters).
   template <class S>
   void route(const MoeConfig& config, const RouteContext<S>& ctx, Routing<S>& routing) const {
-    detail::softmax_top_k(config.top_k, options.renormalize == Renormalize::before_drop,
-                          routing);
+    detail::softmax_top_k(config.top_k, options.renormalize == Renormalize::before_drop, routing);
     const Index T = routing.num_tokens(), E = routing.num_experts(), k = config.top_k;
     auto experts = routing.experts();
     auto weights = routing.weights();

@@ -31,6 +31,12 @@ struct RouteContext {
   /// own (one allocation per call).
   Index* scratch = nullptr;
   Index scratch_size = 0;
+  /// [T] token ids of the batch (the block's input_ids), or null. Policies that select from a
+  /// token table (DeepSeek-V4 hash layers) need them.
+  const std::int64_t* token_ids = nullptr;
+  /// [expert_table_rows x top_k] experts of each token id (DeepSeek-V4 gate.tid2eid), or null.
+  const std::int64_t* expert_table = nullptr;
+  Index expert_table_rows = 0;
 };
 
 namespace gating::detail {

@@ -3,6 +3,8 @@
 // SparseMoeBlock<float, gating::Olmoe>(cfg, w) routes as OLMoE does with no further argument.
 #pragma once
 
+#include <type_traits>
+
 #include "moe/gating/capacity.hpp"
 #include "moe/gating/group_limited.hpp"
 #include "moe/gating/softmax_topk.hpp"
@@ -19,6 +21,9 @@ namespace moe::gating {
 /// statistics) applies to it.
 template <class Policy, class Name>
 struct FamilyPolicy : Policy {
+  /// The generic policy this family configures.
+  using Generic = Policy;
+
   /// Policy::Options, default-constructed to the family's published behaviour.
   struct Options : Policy::Options {
     Options() : Policy::Options(Name::defaults()) {}
@@ -30,6 +35,19 @@ struct FamilyPolicy : Policy {
   FamilyPolicy() : Policy(Options()) {}
   explicit FamilyPolicy(const Options& o) : Policy(o) {}
 };
+
+/// The generic policy of G: FamilyPolicy's Policy for a family type, G itself otherwise. Code that
+/// dispatches on the policy kind (a loader filling Options) matches generic_policy_t<G>.
+template <class G, class = void>
+struct generic_policy {
+  using type = G;
+};
+template <class G>
+struct generic_policy<G, std::void_t<typename G::Generic>> {
+  using type = typename G::Generic;
+};
+template <class G>
+using generic_policy_t = typename generic_policy<G>::type;
 
 /// Mixtral (HF MixtralSparseMoeBlock): softmax over E, top-k, always renormalised.
 struct Mixtral : FamilyPolicy<SoftmaxTopK, Mixtral> {
@@ -63,11 +81,14 @@ struct Olmoe : FamilyPolicy<SoftmaxTopK, Olmoe> {
 /// by their largest probability, the best topk_group kept, top-k, no renormalisation, weights
 /// x routed_scaling_factor. Defaults: the released DeepSeek-V2 (236B) config, n_group 8,
 /// topk_group 3, routed_scaling_factor 16. DeepSeek-V2-Lite routes greedily: n_group = 1,
-/// topk_group = 1, routed_scaling_factor 1 (what the loader fills from config.json).
+/// topk_group = 1, routed_scaling_factor 1 (what the loader fills from config.json). The router
+/// steps run in float32, as HF's (float32 = true; the backward pass treats them as exact).
 struct DeepSeekV2 : FamilyPolicy<BasicGroupLimitedTopK<false>, DeepSeekV2> {
   using FamilyPolicy::FamilyPolicy;
   static BasicGroupLimitedTopK<false>::Options defaults() {
-    return BasicGroupLimitedTopK<false>::Options::deepseek_v2(8, 3, 16.0);
+    auto o = BasicGroupLimitedTopK<false>::Options::deepseek_v2(8, 3, 16.0);
+    o.float32 = true;
+    return o;
   }
 };
 
@@ -75,11 +96,14 @@ struct DeepSeekV2 : FamilyPolicy<BasicGroupLimitedTopK<false>, DeepSeekV2> {
 /// selection bias e_score_correction_bias (MoeWeights::router_bias), groups scored by the sum of
 /// their two largest biased scores, the best topk_group kept (others -inf), top-k, weights the
 /// unbiased scores / (sum + 1e-20) x routed_scaling_factor. Defaults: DeepseekV3Config and the
-/// released V3, n_group 8, topk_group 4, routed_scaling_factor 2.5, norm_topk_prob true.
+/// released V3, n_group 8, topk_group 4, routed_scaling_factor 2.5, norm_topk_prob true; the
+/// router steps in float32 as HF's (float32 = true).
 struct DeepSeekV3 : FamilyPolicy<BasicGroupLimitedTopK<true>, DeepSeekV3> {
   using FamilyPolicy::FamilyPolicy;
   static BasicGroupLimitedTopK<true>::Options defaults() {
-    return BasicGroupLimitedTopK<true>::Options::deepseek_v3(8, 4, 2.5, true);
+    auto o = BasicGroupLimitedTopK<true>::Options::deepseek_v3(8, 4, 2.5, true);
+    o.float32 = true;
+    return o;
   }
 };
 

@@ -594,13 +594,16 @@ typename G::Options gating_options(const ModelSpec& s, const LoadOptions& lo) {
                                             " routes with ", gating_name(s.family),
                                             "; the block type uses ", have));
   };
-  if constexpr (std::is_same_v<G, gating::SoftmaxTopK>) {
+  using P = gating::generic_policy_t<G>;  // family types (gating::Olmoe, ...) fill as their policy
+  if constexpr (std::is_same_v<P, gating::SoftmaxTopK>) {
     if (s.family != Family::mixtral && s.family != Family::qwen2_moe &&
         s.family != Family::qwen3_moe && s.family != Family::olmoe) {
       throw mismatch("gating::SoftmaxTopK");
     }
-    return typename G::Options{s.norm_topk_prob};
-  } else if constexpr (std::is_same_v<G, gating::GroupLimitedTopK>) {
+    typename P::Options o;
+    o.normalize = s.norm_topk_prob;
+    return o;
+  } else if constexpr (std::is_same_v<P, gating::GroupLimitedTopK>) {
     if (s.family != Family::deepseek_v3) throw mismatch("gating::GroupLimitedTopK");
     return G::Options::deepseek_v3(s.n_group, s.topk_group, s.routed_scaling_factor,
                                    s.norm_topk_prob);
@@ -611,7 +614,7 @@ typename G::Options gating_options(const ModelSpec& s, const LoadOptions& lo) {
                                      s.norm_topk_prob ? 1.0 : s.routed_scaling_factor);
     o.normalize = s.norm_topk_prob;
     return o;
-  } else if constexpr (std::is_same_v<G, gating::CapacityTopK>) {
+  } else if constexpr (std::is_same_v<P, gating::CapacityTopK>) {
     if (s.family != Family::switch_transformers) throw mismatch("gating::CapacityTopK");
     return lo.switch_dropless ? G::Options::dropless()
                               : G::Options::switch_transformers(s.expert_capacity);
