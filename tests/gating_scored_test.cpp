@@ -406,5 +406,120 @@ TEST(Sparsemixer, ValidationMessages) {
                              "moe: jitter_eps = -0.5 must be finite and >= 0");
 }
 
+// ---- backward: central finite differences in double ------------------------------------------
+
+/// L(z) = sum over kept slots of C[t, expert] * w: a cotangent keyed by expert, so a reordering of
+/// slots does not change L. Returns L and fills dweights = dL/dw for the routing.
+template <class G>
+double slot_loss(const G& g, const MoeConfig& c, const std::vector<double>& z, Index T,
+                 const std::vector<double>& C, const std::vector<double>* bias,
+                 const std::vector<std::int64_t>* ids, const std::vector<std::int64_t>* table,
+                 Index rows, Routing<double>* out = nullptr,
+                 std::vector<double>* dweights = nullptr) {
+  const auto r = route(g, c, z, T, bias ? bias->data() : nullptr, ids, table, rows);
+  const Index E = r.num_experts(), k = r.slots();
+  double L = 0;
+  if (dweights) dweights->assign(static_cast<std::size_t>(T * k), 0.0);
+  for (Index t = 0; t < T; ++t) {
+    for (Index j = 0; j < k; ++j) {
+      if (!r.kept()(t, j)) continue;
+      const double cj = C[static_cast<std::size_t>(t * E + r.experts()(t, j))];
+      L += cj * r.weights()(t, j);
+      if (dweights) (*dweights)[static_cast<std::size_t>(t * k + j)] = cj;
+    }
+  }
+  if (out) *out = r;
+  return L;
+}
+
+template <class G>
+void expect_backward_matches_fd(const G& g, const MoeConfig& c, Index T, Index E_scored,
+                                std::uint64_t seed, const std::vector<double>* bias = nullptr,
+                                const std::vector<std::int64_t>* ids = nullptr,
+                                const std::vector<std::int64_t>* table = nullptr, Index rows = 0) {
+  auto z = random_logits(T * E_scored, seed, 1.0);
+  const auto C = random_logits(T * E_scored, seed + 1, 1.0);
+  Routing<double> r;
+  std::vector<double> dweights;
+  slot_loss(g, c, z, T, C, bias, ids, table, rows, &r, &dweights);
+  std::vector<double> dz(static_cast<std::size_t>(T * E_scored), 0.0);
+  g.backward(c, r, dweights.data(), dz.data());
+  const double h = 1e-6;
+  double worst = 0;
+  for (std::size_t i = 0; i < z.size(); ++i) {
+    const double z0 = z[i];
+    z[i] = z0 + h;
+    const double up = slot_loss(g, c, z, T, C, bias, ids, table, rows);
+    z[i] = z0 - h;
+    const double down = slot_loss(g, c, z, T, C, bias, ids, table, rows);
+    z[i] = z0;
+    const double fd = (up - down) / (2 * h);
+    worst = std::max(worst, std::abs(fd - dz[i]) / (1e-3 + std::abs(fd)));
+    EXPECT_NEAR(dz[i], fd, 1e-6 * (1 + std::abs(fd))) << "logit " << i;
+  }
+  EXPECT_LT(worst, 1e-5);
+}
+
+TEST(ScoredTopKBackward, EveryVariantMatchesFiniteDifferences) {
+  const Index T = 7, E = 16, k = 4;
+  const MoeConfig c = config_of(E, k);
+  const auto b = random_logits(E, 3, 0.1);
+  // DeepSeek-V3 style: sigmoid, bias, top-2-sum groups, + 1e-20, scaled.
+  expect_backward_matches_fd(BiasedScoredTopK(BiasedScoredTopK::Options::deepseek_v3(4, 2, 2.5)), c,
+                             T, E, 1, &b);
+  BiasedScoredTopK::Options o;
+  // ERNIE: softmax scores, bias, clamp of the denominator (active for a large minimum).
+  o.scoring = Scoring::softmax;
+  o.normalize_epsilon = 0;
+  for (double minimum : {1e-12, 0.9}) {
+    o.normalize_min = minimum;
+    expect_backward_matches_fd(BiasedScoredTopK(o), c, T, E, 2, &b);
+  }
+  // DeepSeek-V4: sqrt(softplus), bias, + 1e-20, x 1.5; LFM2: sigmoid, + 1e-6.
+  o = {};
+  o.scoring = Scoring::sqrt_softplus;
+  o.routed_scaling_factor = 1.5;
+  expect_backward_matches_fd(BiasedScoredTopK(o), c, T, E, 3, &b);
+  o = {};
+  o.normalize_epsilon = 1e-6;
+  expect_backward_matches_fd(BiasedScoredTopK(o), c, T, E, 4, &b);
+  // DBRX: L_p renormalisation, p = 1 and 2, softmax, no bias.
+  for (double p : {1.0, 2.0, 3.5}) {
+    ScoredTopK::Options d;
+    d.scoring = Scoring::softmax;
+    d.normalize_p = p;
+    d.normalize_epsilon = 0;
+    expect_backward_matches_fd(ScoredTopK(d), c, T, E, 5, nullptr);
+  }
+  // gpt-oss / Granite (softmax of the chosen logits), Llama 4 (sigmoid of the chosen), Cohere2
+  // sigmoid renormalised.
+  for (Scoring scoring : {Scoring::softmax, Scoring::sigmoid}) {
+    for (bool normalize : {false, true}) {
+      ScoredTopK::Options l;
+      l.selection = Selection::logits;
+      l.scoring = scoring;
+      l.normalize = normalize;
+      l.normalize_epsilon = 0;
+      expect_backward_matches_fd(ScoredTopK(l), c, T, E, 6, nullptr);
+    }
+  }
+  // DeepSeek-V4 hash layers: the token table chooses, the scores weigh.
+  const std::vector<std::int64_t> table = {0, 5, 9, 15, 1, 2, 3, 4, 8, 7, 6, 14};
+  const std::vector<std::int64_t> ids = {0, 1, 2, 1, 0, 2, 2};
+  ScoredTopK::Options h;
+  h.scoring = Scoring::sqrt_softplus;
+  h.selection = Selection::token_table;
+  h.routed_scaling_factor = 1.5;
+  expect_backward_matches_fd(ScoredTopK(h), c, T, E, 7, nullptr, &ids, &table, 3);
+  // LongCat: softmax over E + Z, bias, no renormalisation.
+  BiasedScoredTopK::Options z;
+  z.scoring = Scoring::softmax;
+  z.normalize = false;
+  z.zero_experts = 3;
+  z.routed_scaling_factor = 2.5;
+  const auto bz = random_logits(E + 3, 8, 0.1);
+  expect_backward_matches_fd(BiasedScoredTopK(z), c, T, E + 3, 9, &bz);
+}
+
 }  // namespace
 }  // namespace moe

@@ -132,6 +132,17 @@ inline void require_positive_count(const char* name, Index v) {
   if (v <= 0) throw config_error(moe::detail::concat("moe: ", name, " = ", v, " must be positive"));
 }
 
+/// dz += VJP of p = softmax(z) for a sparse gradient dp (dv(j) at experts idx[0..k)):
+/// dz = p * (dp - <p, dp>). The accumulation is in double.
+template <class S, class DvFn>
+inline void softmax_vjp(const S* p, const std::int32_t* idx, Index k, Index E, DvFn&& dv, S* dz) {
+  double pdp = 0;
+  for (Index j = 0; j < k; ++j) pdp += static_cast<double>(p[idx[j]]) * dv(j);
+  for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(p[e]) * pdp);
+  for (Index j = 0; j < k; ++j)
+    dz[idx[j]] += static_cast<S>(static_cast<double>(p[idx[j]]) * dv(j));
+}
+
 /// The softmax-then-top-k step shared by SoftmaxTopK and CapacityTopK: scores = softmax(logits)
 /// over all E experts, the k best in descending order (ties to the lower index), weights = the k
 /// probabilities, divided by their sum when `normalize`; every slot kept. O(T E k).

@@ -3,6 +3,7 @@
 // weights: renormalised, scaled. One policy, every variant an Option (no per-family code).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,23 +13,11 @@
 #include "moe/config.hpp"
 #include "moe/error.hpp"
 #include "moe/gating/common.hpp"
+#include "moe/gating/scoring.hpp"
 #include "moe/kernels/topk.hpp"
 #include "moe/routing.hpp"
 
 namespace moe::gating {
-
-/// How a policy turns logits into per-expert scores.
-enum class Scoring {
-  softmax,        ///< softmax over all experts (scoring_func "softmax")
-  sigmoid,        ///< independent sigmoid per expert (scoring_func "sigmoid")
-  sqrt_softplus,  ///< sqrt(softplus(z)) per expert (DeepSeek-V4 scoring_func "sqrtsoftplus")
-};
-
-/// How group-limited selection scores a group of experts.
-enum class GroupScore {
-  max,       ///< the largest score in the group (DeepSeek-V2 "group_limited_greedy")
-  top2_sum,  ///< the sum of the two largest biased scores in the group (DeepSeek-V3 "noaux_tc")
-};
 
 /// What the k experts of a token are chosen from.
 enum class Selection {
@@ -198,50 +187,106 @@ struct BasicScoredTopK {
     route_as<S>(config, ctx, routing);
   }
 
-  Options options;
-
- private:
-  /// s[0..n) = scoring(z) computed in R, stored in S. R == S: the library's kernels (bitwise the
-  /// pre-float32 behaviour); R narrower: the logits rounded to R first, as HF's float32 router.
-  template <class R, class S>
-  static void score_row(Scoring scoring, const S* z, Index n, S* s) {
-    if (scoring == Scoring::softmax) {
-      if constexpr (std::is_same_v<R, S>) {
-        kernels::softmax(z, n, s);
-      } else {
-        R m = -std::numeric_limits<R>::infinity();
-        bool nan = false;
-        for (Index e = 0; e < n; ++e) {
-          const R v = static_cast<R>(z[e]);
-          nan = nan || std::isnan(v);
-          m = v > m ? v : m;
-        }
-        R sum = 0;
-        for (Index e = 0; e < n; ++e) {
-          const R p = std::exp(static_cast<R>(z[e]) - m);
-          s[e] = static_cast<S>(p);
-          sum += p;
-        }
-        const R inv = R(1) / sum;
-        for (Index e = 0; e < n; ++e) {
-          s[e] = nan ? std::numeric_limits<S>::quiet_NaN()
-                     : static_cast<S>(static_cast<R>(s[e]) * inv);
-        }
+  /// Backward: dlogits [T x E'] += dL/dz given dweights [T x k] = dL/d Routing::weights() (zero
+  /// on slots not executed). With v_j the unnormalised weight of slot j (s[i_j], or the scoring of
+  /// the chosen logits), D = max(norm(v) + normalize_epsilon, normalize_min):
+  ///   w_j = scale v_j / D (normalize) or scale v_j;
+  ///   dv_j = scale (dw_j / D - sum_l dw_l v_l / D^2 * dnorm/dv_j)   (normalize, D not clamped)
+  ///        = scale dw_j / D                                        (normalize, D = normalize_min)
+  ///        = scale dw_j                                            (no renormalisation)
+  ///   dnorm/dv_j = 1 (p = 1) or (v_j / norm)^(p - 1);
+  /// then the scoring's VJP: softmax dz = s (ds - <s, ds>), sigmoid dz = ds s (1 - s),
+  /// sqrt(softplus) dz = ds sigmoid(z) / (2 s); for Selection::logits the same over the k chosen
+  /// logits. The selection (top-k, groups, the bias, the token table) is piecewise constant: no
+  /// gradient, as in autograd; the selection bias gets none. float32 steps are differentiated as
+  /// if exact. O(T (E' + k)).
+  template <class S>
+  void backward(const MoeConfig&, const Routing<S>& routing, const S* dweights, S* dlogits) const {
+    const Index T = routing.num_tokens(), E = routing.num_experts(), k = routing.slots();
+    const auto logits = routing.logits();
+    const auto scores = routing.scores();
+    const auto experts = routing.experts();
+    const double scale = options.routed_scaling_factor, p = options.normalize_p;
+    const bool selected = options.selection == Selection::logits;
+    for (Index t = 0; t < T; ++t) {
+      const S* s = scores.data() + t * E;
+      const S* z = logits.data() + t * E;
+      const std::int32_t* idx = experts.data() + t * k;
+      const S* dw = dweights + t * k;
+      // The k chosen logits' softmax needs their maximum and partition function.
+      double zmax = -std::numeric_limits<double>::infinity(), partition = 0;
+      if (selected && options.scoring == Scoring::softmax) {
+        for (Index j = 0; j < k; ++j) zmax = std::max(zmax, static_cast<double>(z[idx[j]]));
+        for (Index j = 0; j < k; ++j) partition += std::exp(static_cast<double>(z[idx[j]]) - zmax);
       }
-    } else if (scoring == Scoring::sigmoid) {
-      for (Index e = 0; e < n; ++e) s[e] = static_cast<S>(kernels::sigmoid(static_cast<R>(z[e])));
-    } else {
-      for (Index e = 0; e < n; ++e) {
-        s[e] = static_cast<S>(std::sqrt(detail::softplus(static_cast<R>(z[e]))));
+      auto v = [&](Index j) -> double {
+        if (!selected) return static_cast<double>(s[idx[j]]);
+        const double x = static_cast<double>(z[idx[j]]);
+        switch (options.scoring) {
+          case Scoring::softmax:
+            return std::exp(x - zmax) / partition;
+          case Scoring::sigmoid:
+            return kernels::sigmoid(x);
+          case Scoring::sqrt_softplus:
+            break;
+        }
+        return std::sqrt(detail::softplus(x));
+      };
+      double D = options.normalize_epsilon, norm = 0, dot = 0;
+      for (Index j = 0; j < k; ++j) {
+        const double vj = v(j);
+        if (p == 1.0) {
+          D += vj;
+        } else {
+          norm += std::pow(std::fabs(vj), p);
+        }
+        dot += static_cast<double>(dw[j]) * vj;
+      }
+      if (p != 1.0) {
+        norm = std::pow(norm, 1.0 / p);
+        D += norm;
+      }
+      const bool clamped = D < options.normalize_min;
+      if (clamped) D = options.normalize_min;
+      auto dv = [&](Index j) -> double {
+        const double g = static_cast<double>(dw[j]);
+        if (!options.normalize) return scale * g;
+        if (clamped) return scale * (g / D);
+        if (p == 1.0) return scale * (g / D - dot / (D * D));
+        const double vj = v(j);
+        const double dnorm = (vj < 0 ? -1.0 : 1.0) * std::pow(std::fabs(vj) / norm, p - 1);
+        return scale * (g / D - dot / (D * D) * dnorm);
+      };
+      S* dz = dlogits + t * E;
+      if (selected && options.scoring == Scoring::softmax) {
+        double udv = 0;  // <u, du> over the k chosen, u = softmax of their logits
+        for (Index j = 0; j < k; ++j) udv += v(j) * dv(j);
+        for (Index j = 0; j < k; ++j) dz[idx[j]] += static_cast<S>(v(j) * (dv(j) - udv));
+      } else if (!selected && options.scoring == Scoring::softmax) {
+        detail::softmax_vjp<S>(s, idx, k, E, dv, dz);
+      } else if (options.scoring == Scoring::sigmoid) {
+        for (Index j = 0; j < k; ++j) {
+          const double sj = selected ? v(j) : static_cast<double>(s[idx[j]]);
+          dz[idx[j]] += static_cast<S>(dv(j) * sj * (1 - sj));
+        }
+      } else {
+        for (Index j = 0; j < k; ++j) {
+          const double sj = selected ? v(j) : static_cast<double>(s[idx[j]]);
+          const double x = static_cast<double>(z[idx[j]]);
+          dz[idx[j]] += static_cast<S>(dv(j) * kernels::sigmoid(x) / (2 * sj));
+        }
       }
     }
   }
 
+  Options options;
+
+ private:
   template <class R, class S>
   void route_as(const MoeConfig& config, const RouteContext<S>& ctx, Routing<S>& routing) const {
     using moe::detail::concat;
     const Index T = routing.num_tokens(), E = routing.num_experts(), k = config.top_k;
-    const Index G = options.n_group, per = E / G;
+    const Index G = options.n_group;
     const S* bias = nullptr;
     if constexpr (SelectionBias) {
       bias = ctx.selection_bias;
@@ -268,14 +313,14 @@ struct BasicScoredTopK {
     for (Index t = 0; t < T; ++t) {
       S* s = &scores(t, 0);
       const S* z = &logits(t, 0);
-      score_row<R>(options.scoring, z, E, s);
+      detail::score_row<R>(options.scoring, z, E, s);
       std::int32_t* idx = &experts(t, 0);
       S* w = &weights(t, 0);
       if (options.selection == Selection::logits) {
         kernels::top_k(z, E, k, idx);
         // The scoring over the k chosen logits only: softmax over them, or one value each.
         for (Index j = 0; j < k; ++j) w[j] = z[idx[j]];
-        score_row<R>(options.scoring, w, k, w);
+        detail::score_row<R>(options.scoring, w, k, w);
       } else {
         if (table) {
           const std::int64_t id = ctx.token_ids[t];
@@ -293,7 +338,8 @@ struct BasicScoredTopK {
             idx[j] = static_cast<std::int32_t>(e);
           }
         } else {
-          select_by_scores(s, bias, E, k, G, per, excluded, group_kept, idx);
+          detail::group_limited_top_k(s, bias, E, k, G, options.topk_group, options.group_score,
+                                      excluded, group_kept, idx);
         }
         for (Index j = 0; j < k; ++j) w[j] = s[idx[j]];
       }
@@ -317,48 +363,6 @@ struct BasicScoredTopK {
       }
       detail::sort_slots(idx, w, k);
     }
-  }
-
-  /// The k best experts by c = s + bias within the topk_group best groups (ties: lower group,
-  /// lower expert), into idx.
-  template <class S>
-  void select_by_scores(const S* s, const S* bias, Index E, Index k, Index G, Index per, S excluded,
-                        Index* group_kept, std::int32_t* idx) const {
-    auto choice = [&](Index e) -> S { return bias != nullptr ? s[e] + bias[e] : s[e]; };
-    if (G == 1) {
-      detail::top_k_by<S>(E, k, choice, idx);
-      return;
-    }
-    auto group_score = [&](Index g) -> S {
-      S first = choice(g * per), second = -std::numeric_limits<S>::infinity();
-      for (Index e = g * per + 1; e < (g + 1) * per; ++e) {
-        const S v = choice(e);
-        if (kernels::ranks_above(v, first)) {
-          second = first;
-          first = v;
-        } else if (kernels::ranks_above(v, second)) {
-          second = v;
-        }
-      }
-      return options.group_score == GroupScore::max ? first : first + second;
-    };
-    // Keep the topk_group best groups: repeated scans, the first (lowest) best group wins.
-    for (Index g = 0; g < G; ++g) group_kept[g] = 0;
-    for (Index r = 0; r < options.topk_group; ++r) {
-      Index best = -1;
-      S best_score = S(0);
-      for (Index g = 0; g < G; ++g) {
-        if (group_kept[g]) continue;
-        const S v = group_score(g);
-        if (best < 0 || kernels::ranks_above(v, best_score)) {
-          best = g;
-          best_score = v;
-        }
-      }
-      group_kept[best] = 1;
-    }
-    detail::top_k_by<S>(
-        E, k, [&](Index e) { return group_kept[e / per] ? choice(e) : excluded; }, idx);
   }
 };
 

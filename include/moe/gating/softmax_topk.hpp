@@ -44,6 +44,41 @@ struct SoftmaxTopK {
     detail::softmax_top_k(config.top_k, options.normalize, routing);
   }
 
+  /// Backward: dlogits [T x E] += dL/dz, given dweights [T x k] = dL/d Routing::weights() (zero
+  /// on slots not executed):
+  ///   p = softmax(z), v_j = p[i_j], w_j = v_j / sum_l v_l (normalize) or v_j;
+  ///   dv_j = (dw_j - sum_l dw_l w_l) / sum_l v_l   (normalize) or dw_j;
+  ///   dp = scatter(dv),  dz = p * (dp - <p, dp>).
+  /// The selection i is piecewise constant (no gradient), as in autograd. O(T (E + k)).
+  template <class S>
+  void backward(const MoeConfig&, const Routing<S>& routing, const S* dweights, S* dlogits) const {
+    const Index T = routing.num_tokens(), E = routing.num_experts(), k = routing.slots();
+    const auto scores = routing.scores();
+    const auto experts = routing.experts();
+    const auto weights = routing.weights();
+    for (Index t = 0; t < T; ++t) {
+      const S* dw = dweights + t * k;
+      double sum = 0, dot = 0;
+      for (Index j = 0; j < k; ++j) {
+        sum += static_cast<double>(scores(t, experts(t, j)));
+        dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
+      }
+      auto dv = [&](Index j) {
+        return options.normalize ? (static_cast<double>(dw[j]) - dot) / sum
+                                 : static_cast<double>(dw[j]);
+      };
+      double pdp = 0;  // <p, dp> = sum_j p[i_j] dv_j
+      for (Index j = 0; j < k; ++j) pdp += static_cast<double>(scores(t, experts(t, j))) * dv(j);
+      S* dz = dlogits + t * E;
+      for (Index e = 0; e < E; ++e)
+        dz[e] -= static_cast<S>(static_cast<double>(scores(t, e)) * pdp);
+      for (Index j = 0; j < k; ++j) {
+        const Index e = experts(t, j);
+        dz[e] += static_cast<S>(static_cast<double>(scores(t, e)) * dv(j));
+      }
+    }
+  }
+
   Options options;
 };
 
