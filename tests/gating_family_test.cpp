@@ -2,6 +2,7 @@
 // family's published behaviour, checked against the family's golden case (HF transformers 5.17
 // in float64; v1 cases in tests/data/reference, DeepSeek-V2 from the v2 set).
 #include <algorithm>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -13,6 +14,7 @@
 
 #include "reference/golden_case.hpp"
 #include "reference/golden_case_v2.hpp"
+#include "test_util.hpp"
 
 namespace moe {
 namespace {
@@ -252,6 +254,68 @@ TEST(GatingFamily, GShardTop2WithNoOptionsIsThePreset) {
   preset.forward(x, y2, ws);
   EXPECT_TRUE(y1 == y2);
   EXPECT_GT(ws.stats().dropped, 0);  // capacity 2 * 36 / 8 = 9 binds on this routing
+}
+
+// ---- every family type in a block, no Options -------------------------------------------------
+
+template <class G>
+class EveryFamily : public ::testing::Test {};
+using FamilyTypes = ::testing::Types<
+    gating::Mixtral, gating::Qwen2Moe, gating::Qwen3Moe, gating::Olmoe, gating::DeepSeekV2,
+    gating::DeepSeekV3, gating::SwitchTop1, gating::GShardTop2, gating::MiniMax, gating::Jamba,
+    gating::FlexOlmo, gating::Qwen3Next, gating::Qwen3_5Moe, gating::HunYuanV1Moe, gating::Gemma4,
+    gating::DeepSeekV32, gating::Dots1, gating::Glm4Moe, gating::Glm4MoeLite, gating::SolarOpen,
+    gating::ExaoneMoe, gating::MimoV2Flash, gating::NemotronH, gating::Mistral4, gating::DeepSeekV4,
+    gating::Afmoe, gating::HyV3, gating::MiniMaxM2, gating::Laguna, gating::Step3p7,
+    gating::Lfm2Moe, gating::Ernie4_5Moe, gating::LongcatFlash, gating::Dbrx, gating::GptOss,
+    gating::Llama4, gating::GraniteMoe, gating::JetMoe, gating::Cohere2Moe, gating::PhiMoe>;
+TYPED_TEST_SUITE(EveryFamily, FamilyTypes);
+
+// SparseMoeBlock<double, G>(cfg, w) with no Options constructs, forwards, and routes exactly as
+// the family's policy with default Options applied to the block's own logits.
+TYPED_TEST(EveryFamily, BlockWithNoOptionsRoutesAsTheDefaultPolicy) {
+  using G = TypeParam;
+  MoeConfig cfg;
+  cfg.d_model = 8;
+  cfg.d_ff = 5;
+  cfg.num_experts = 16;
+  cfg.top_k = 2;
+  std::mt19937_64 rng(42);
+  SparseMoeBlock<double, G> block(cfg, test::random_weights<double>(cfg, rng, true, G::uses_bias));
+  const RowMatrix<double> x = test::random_matrix<double>(31, cfg.d_model, rng);
+  RowMatrix<double> y(x.rows(), x.cols());
+  Workspace<double> ws;
+  block.forward(x, y, ws);
+  EXPECT_TRUE(y.allFinite());
+
+  const G policy;  // default Options: the family's
+  Routing<double> r;
+  r.resize(x.rows(), cfg.num_experts, policy.slots(cfg));
+  const auto logits = ws.routing().logits();
+  std::copy(logits.data(), logits.data() + logits.size(), r.logits().data());
+  RouteContext<double> ctx;
+  if constexpr (G::uses_bias) ctx.selection_bias = block.weights().router_bias.data();
+  policy.route(cfg, ctx, r);
+  EXPECT_TRUE(r.experts() == ws.routing().experts());
+  EXPECT_TRUE(r.weights() == ws.routing().weights());
+}
+
+// DeepSeek-V4 hash layers need the token ids: until the block passes them (RouteContext::token_ids)
+// a forward fails with a message that says so.
+TEST(GatingFamily, HashLayerWithoutTokenIdsFailsClearly) {
+  MoeConfig cfg;
+  cfg.d_model = 8;
+  cfg.d_ff = 5;
+  cfg.num_experts = 16;
+  cfg.top_k = 2;
+  std::mt19937_64 rng(1);
+  SparseMoeBlock<double, gating::DeepSeekV4Hash> block(cfg, test::random_weights<double>(cfg, rng));
+  const RowMatrix<double> x = test::random_matrix<double>(3, cfg.d_model, rng);
+  RowMatrix<double> y(x.rows(), x.cols());
+  Workspace<double> ws;
+  test::expect_error<config_error>([&] { block.forward(x, y, ws); },
+                                   "moe: Selection::token_table needs the token ids and the expert "
+                                   "table (RouteContext::token_ids, expert_table)");
 }
 
 }  // namespace
