@@ -355,6 +355,19 @@ TEST(ScoredTopK, ValidationMessages) {
       "moe: scored top-k needs a selection bias");
 }
 
+// The hooks the router and the block read, for any policy.
+TEST(ScoredTopK, RouterAndBlockHooks) {
+  EXPECT_EQ(gating::routed_output_scale(gating::Laguna()), 2.5);
+  EXPECT_EQ(gating::routed_output_scale(gating::Step3p7()), 2.5);
+  EXPECT_EQ(gating::routed_output_scale(gating::Mixtral()), 1.0);
+  EXPECT_EQ(gating::routed_output_scale(gating::SwitchTop1()), 1.0);
+  gating::LongcatFlash::Options o;
+  o.zero_experts = 2;
+  EXPECT_EQ(gating::zero_experts(gating::LongcatFlash(o)), 2);
+  EXPECT_EQ(gating::zero_experts(gating::LongcatFlash()), 0);
+  EXPECT_EQ(gating::zero_experts(gating::PhiMoe()), 0);
+}
+
 // ---- sparsemixer ------------------------------------------------------------------------------
 
 /// The plain version, written from the formula (FORMAT.md section 6, phimoe).

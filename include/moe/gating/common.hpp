@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -38,6 +40,46 @@ struct RouteContext {
   const std::int64_t* expert_table = nullptr;
   Index expert_table_rows = 0;
 };
+
+namespace gating {
+
+/// Hooks for the router and the block, whatever the policy: a policy whose Options has the field
+/// answers with it, any other the neutral value.
+template <class G, class = void>
+struct has_routed_output_scale : std::false_type {};
+template <class G>
+struct has_routed_output_scale<
+    G, std::void_t<decltype(std::declval<const G&>().options.routed_output_scale)>>
+    : std::true_type {};
+template <class G, class = void>
+struct has_zero_experts : std::false_type {};
+template <class G>
+struct has_zero_experts<G, std::void_t<decltype(std::declval<const G&>().options.zero_experts)>>
+    : std::true_type {};
+
+/// The factor the block multiplies the routed output by (Options::routed_output_scale: Laguna,
+/// Step-3.x), 1 for policies without it.
+template <class G>
+double routed_output_scale(const G& g) {
+  if constexpr (has_routed_output_scale<G>::value) {
+    return g.options.routed_output_scale;
+  } else {
+    return 1.0;
+  }
+}
+
+/// Identity experts after the routed ones (Options::zero_experts: LongCat-Flash), 0 for policies
+/// without them. The router scores num_experts + zero_experts experts.
+template <class G>
+Index zero_experts(const G& g) {
+  if constexpr (has_zero_experts<G>::value) {
+    return g.options.zero_experts;
+  } else {
+    return 0;
+  }
+}
+
+}  // namespace gating
 
 namespace gating::detail {
 
