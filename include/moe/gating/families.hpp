@@ -4,10 +4,11 @@
 // (n_group, topk_group, scaling factors, norm_topk_prob, eps) default to the family's released
 // model or HF config class and are filled from config.json by the loader.
 //
-// What lives elsewhere (the routing policy cannot express it): router bias on the logits
-// (gpt-oss), logit soft-capping (Laguna), router input norm and per-expert output scale
-// (Gemma 4) belong to the Router; routed_output_scale, zero experts (LongCat) and the weight
-// applied to the expert input (Llama 4) to the block.
+// What lives elsewhere (the routing policy cannot express it): the router's logit bias (gpt-oss:
+// MoeWeights::router_logit_bias), soft-capping (Laguna: MoeConfig::router_logit_softcap), input
+// norm and per-expert weight scale (Gemma 4: MoeWeights::router_input_scale,
+// expert_weight_scale) are applied by the Router; routed_output_scale, zero experts (LongCat) and
+// the weight applied to the expert input (Llama 4) belong to the block.
 #pragma once
 
 #include "moe/gating/family.hpp"
@@ -140,7 +141,8 @@ struct DeepSeekV4 : FamilyPolicy<BiasedScoredTopK, DeepSeekV4> {
   }
 };
 /// DeepSeek-V4 hash layers (mlp_layer_types "hash_moe"): the experts of a token are row
-/// input_id of gate.tid2eid (RouteContext::token_ids, expert_table); weights as DeepSeek-V4.
+/// input_id of gate.tid2eid (MoeWeights::expert_table; the ids: Workspace::set_token_ids before
+/// forward); weights as DeepSeek-V4.
 struct DeepSeekV4Hash : FamilyPolicy<ScoredTopK, DeepSeekV4Hash> {
   using FamilyPolicy::FamilyPolicy;
   static ScoredTopK::Options defaults() {
