@@ -93,7 +93,7 @@ TEST(GatingFamily, DefaultOptionsArePublishedBehaviour) {
   EXPECT_EQ(v2.n_group, 8);
   EXPECT_EQ(v2.topk_group, 3);
   EXPECT_EQ(v2.routed_scaling_factor, 16.0);
-  EXPECT_TRUE(v2.float32);
+  EXPECT_FALSE(v2.float32);
 
   const gating::DeepSeekV3::Options v3;
   EXPECT_EQ(v3.scoring, gating::Scoring::sigmoid);
@@ -103,7 +103,7 @@ TEST(GatingFamily, DefaultOptionsArePublishedBehaviour) {
   EXPECT_EQ(v3.topk_group, 4);
   EXPECT_EQ(v3.routed_scaling_factor, 2.5);
   EXPECT_FALSE(v3.hf_zero_group_mask);
-  EXPECT_TRUE(v3.float32);
+  EXPECT_FALSE(v3.float32);
   EXPECT_FALSE(gating::GroupLimitedTopK::Options().float32);
 
   const gating::SwitchTop1::Options sw;
@@ -202,8 +202,7 @@ TEST(GatingFamilyGolden, DeepSeekV3DefaultsWithTheCheckpointGroups) {
 
   // No Options at all: the published 8 groups / 4 kept, bitwise what the explicit preset gives.
   SparseMoeBlock<double, gating::DeepSeekV3> plain(cfg, c.weights<double>(cfg, true, true));
-  auto v3 = gating::GroupLimitedTopK::Options::deepseek_v3(8, 4, 2.5, true);
-  v3.float32 = true;
+  const auto v3 = gating::GroupLimitedTopK::Options::deepseek_v3(8, 4, 2.5, true);
   SparseMoeBlock<double, gating::GroupLimitedTopK> preset(cfg, c.weights<double>(cfg, true, true),
                                                           v3);
   const RowMatrix<double> x = c.mat("input");

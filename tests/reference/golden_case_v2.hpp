@@ -28,7 +28,7 @@ class Case {
     const std::string schema = meta("schema");
     if (schema != "moe-golden-v2") fail("schema '" + schema + "' is not moe-golden-v2");
     try {
-      config_ = nlohmann::json::parse(meta("hf_config_json"));
+      config_ = nlohmann::json::parse(strict_json(meta("hf_config_json")));
       const auto f32 = nlohmann::json::parse(meta_or("float32_tensors_in_hf", "[]"));
       for (const auto& name : f32) float32_in_hf_.insert(name.get<std::string>());
     } catch (const nlohmann::json::exception& e) {
@@ -156,6 +156,38 @@ class Case {
   }
 
  private:
+  /// Python's json.dumps writes the non-JSON literals Infinity, -Infinity and NaN (e.g.
+  /// NemotronH's time_step_limit); they become null outside strings.
+  static std::string strict_json(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    bool in_string = false;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+      const char ch = text[i];
+      if (in_string) {
+        out += ch;
+        if (ch == '\\' && i + 1 < text.size()) {
+          out += text[++i];
+        } else if (ch == '"') {
+          in_string = false;
+        }
+        continue;
+      }
+      if (ch == '"') in_string = true;
+      bool replaced = false;
+      for (const char* word : {"-Infinity", "Infinity", "NaN"}) {
+        const std::string w = word;
+        if (text.compare(i, w.size(), w) == 0) {
+          out += "null";
+          i += w.size() - 1;
+          replaced = true;
+          break;
+        }
+      }
+      if (!replaced) out += ch;
+    }
+    return out;
+  }
   Index meta_int(const std::string& key) const {
     const std::string v = meta(key);
     try {
