@@ -120,173 +120,6 @@ struct GatingBackward {
   const S* noise;    ///< the forward's Workspace::noise_ (noisy top-k), or null
 };
 
-/// Softmax over all experts, top-k, optional renormalisation (gating::SoftmaxTopK):
-///   p = softmax(z), v_j = p[i_j], w_j = v_j / sum_l v_l (normalize) or v_j;
-///   dv_j = (dw_j - sum_l dw_l w_l) / sum_l v_l   (normalize) or dw_j;
-///   dp = scatter(dv),  dz = p * (dp - <p, dp>).
-/// The selection i is piecewise constant (no gradient), as in autograd.
-template <class S>
-inline void gating_backward(const gating::SoftmaxTopK& g, const GatingBackward<S>& a) {
-  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
-  const auto scores = a.routing.scores();
-  const auto experts = a.routing.experts();
-  const auto weights = a.routing.weights();
-  for (Index t = 0; t < T; ++t) {
-    const S* dw = a.dweights + t * k;
-    double sum = 0, dot = 0;
-    for (Index j = 0; j < k; ++j) {
-      sum += static_cast<double>(scores(t, experts(t, j)));
-      dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
-    }
-    auto dv = [&](Index j) {
-      return g.options.normalize ? (static_cast<double>(dw[j]) - dot) / sum
-                                 : static_cast<double>(dw[j]);
-    };
-    double pdp = 0;  // <p, dp> = sum_j p[i_j] dv_j
-    for (Index j = 0; j < k; ++j) pdp += static_cast<double>(scores(t, experts(t, j))) * dv(j);
-    S* dz = a.dlogits + t * E;
-    for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(scores(t, e)) * pdp);
-    for (Index j = 0; j < k; ++j) {
-      const Index e = experts(t, j);
-      dz[e] += static_cast<S>(static_cast<double>(scores(t, e)) * dv(j));
-    }
-  }
-}
-
-/// dz += VJP of the scores for a sparse score gradient ds (entries dv[j] at experts idx[j]):
-///   softmax: dz = p * (ds - <p, ds>);   sigmoid: dz = ds * s * (1 - s).
-template <class S, class DvFn>
-inline void scores_vjp(bool softmax, const S* scores, const std::int32_t* idx, Index k, Index E,
-                       DvFn&& dv, S* dz) {
-  if (softmax) {
-    double pdp = 0;
-    for (Index j = 0; j < k; ++j) {
-      pdp += static_cast<double>(scores[idx[j]]) * dv(j);
-    }
-    for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(scores[e]) * pdp);
-    for (Index j = 0; j < k; ++j) {
-      dz[idx[j]] += static_cast<S>(static_cast<double>(scores[idx[j]]) * dv(j));
-    }
-  } else {
-    for (Index j = 0; j < k; ++j) {
-      const double sj = static_cast<double>(scores[idx[j]]);
-      dz[idx[j]] += static_cast<S>(dv(j) * sj * (1 - sj));
-    }
-  }
-}
-
-/// Group-limited top-k (DeepSeek-V2/V3, gating::BasicGroupLimitedTopK):
-///   s = softmax(z) or sigmoid(z), v_j = s[i_j] (the unbiased scores; the selection bias and
-///   the group mask only choose i), D = sum_l v_l + 1e-20,
-///   w_j = scale * v_j / D (normalize) or scale * v_j;
-///   dv_j = scale * (dw_j / D - sum_l dw_l v_l / D^2) (normalize) or scale * dw_j;
-///   then the score VJP (sigmoid: dz = dv s (1 - s)).
-template <bool B, class S>
-inline void gating_backward(const gating::BasicGroupLimitedTopK<B>& g, const GatingBackward<S>& a) {
-  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
-  const auto scores = a.routing.scores();
-  const auto experts = a.routing.experts();
-  const double scale = g.options.routed_scaling_factor;
-  const bool softmax = g.options.scoring == gating::Scoring::softmax;
-  for (Index t = 0; t < T; ++t) {
-    const S* s = scores.data() + t * E;
-    const std::int32_t* idx = experts.data() + t * k;
-    const S* dw = a.dweights + t * k;
-    double D = 1e-20, dot = 0;
-    for (Index j = 0; j < k; ++j) {
-      D += static_cast<double>(s[idx[j]]);
-      dot += static_cast<double>(dw[j]) * static_cast<double>(s[idx[j]]);
-    }
-    auto dv = [&](Index j) {
-      return g.options.normalize ? scale * (static_cast<double>(dw[j]) / D - dot / (D * D))
-                                 : scale * static_cast<double>(dw[j]);
-    };
-    scores_vjp<S>(softmax, s, idx, k, E, dv, a.dlogits + t * E);
-  }
-}
-
-/// Top-k with capacity (Switch / GShard, gating::CapacityTopK): p = softmax(z), v_j = p[i_j];
-///   none:        w_j = v_j,                          dv_j = dw_j
-///   before_drop: w_j = v_j / sum_all v,              dv_j = (dw_j - sum_l dw_l w_l) / sum_all v
-///   after_drop:  w_j = v_j / sum_kept v (kept j),    dv_j = (dw_j - sum_kept dw_l w_l) / sum_kept
-///   v
-/// A dropped slot contributes nothing to the output, so dw_j = 0 there and (after_drop) it is
-/// outside the normalisation: a dropped token's router gradient comes from the losses alone.
-template <class S>
-inline void gating_backward(const gating::CapacityTopK& g, const GatingBackward<S>& a) {
-  using R = gating::CapacityTopK::Renormalize;
-  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
-  const auto scores = a.routing.scores();
-  const auto experts = a.routing.experts();
-  const auto weights = a.routing.weights();
-  const auto kept = a.routing.kept();
-  const R mode = g.options.renormalize;
-  for (Index t = 0; t < T; ++t) {
-    const S* p = scores.data() + t * E;
-    const std::int32_t* idx = experts.data() + t * k;
-    const S* dw = a.dweights + t * k;
-    double sum = 0, dot = 0;
-    for (Index j = 0; j < k; ++j) {
-      const bool in = mode == R::before_drop || (mode == R::after_drop && kept(t, j));
-      if (!in) continue;
-      sum += static_cast<double>(p[idx[j]]);
-      dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
-    }
-    auto dv = [&](Index j) {
-      if (mode == R::none) return static_cast<double>(dw[j]);
-      if (mode == R::after_drop && !kept(t, j)) return 0.0;
-      return sum > 0 ? (static_cast<double>(dw[j]) - dot) / sum : 0.0;
-    };
-    scores_vjp<S>(true, p, idx, k, E, dv, a.dlogits + t * E);
-  }
-}
-
-/// Noisy top-k (Shazeer et al. 2017, gating::NoisyTopK): H = z + eps * std, std =
-/// softplus(n) + noise_epsilon with n = x W_noise^T, w = softmax of the k selected H:
-///   dH_{i_j} = w_j (dw_j - sum_l w_l dw_l);  dz += dH;  dn += dH eps sigmoid(n).
-/// The draws eps are the forward's (Workspace::noise_, after the noise logits).
-template <class S>
-inline void gating_backward(const gating::NoisyTopK&, const GatingBackward<S>& a) {
-  const Index T = a.routing.num_tokens(), E = a.routing.num_experts(), k = a.routing.slots();
-  const auto experts = a.routing.experts();
-  const auto weights = a.routing.weights();
-  const S* noise_logits = a.noise;
-  const S* draws = a.noise + T * E;
-  for (Index t = 0; t < T; ++t) {
-    const S* dw = a.dweights + t * k;
-    double dot = 0;
-    for (Index j = 0; j < k; ++j)
-      dot += static_cast<double>(weights(t, j)) * static_cast<double>(dw[j]);
-    for (Index j = 0; j < k; ++j) {
-      const Index e = experts(t, j);
-      const double dh = static_cast<double>(weights(t, j)) * (static_cast<double>(dw[j]) - dot);
-      a.dlogits[t * E + e] += static_cast<S>(dh);
-      a.dnoise_logits[t * E + e] +=
-          static_cast<S>(dh * static_cast<double>(draws[t * E + e]) *
-                         kernels::sigmoid(static_cast<double>(noise_logits[t * E + e])));
-    }
-  }
-}
-
-/// Expert choice (Zhou et al. 2022, gating::ExpertChoice): slot e of token t holds weight
-/// S[t, e] = softmax(z_t)_e when expert e chose t, so dS = dw (zero where not chosen) and
-/// dz = S * (dS - <S, dS>). The choice itself (top-c tokens per expert) has no gradient.
-template <class S>
-inline void gating_backward(const gating::ExpertChoice&, const GatingBackward<S>& a) {
-  const Index T = a.routing.num_tokens(), E = a.routing.num_experts();
-  const auto scores = a.routing.scores();
-  for (Index t = 0; t < T; ++t) {
-    const S* dw = a.dweights + t * E;
-    double dot = 0;
-    for (Index e = 0; e < E; ++e)
-      dot += static_cast<double>(scores(t, e)) * static_cast<double>(dw[e]);
-    for (Index e = 0; e < E; ++e) {
-      a.dlogits[t * E + e] +=
-          static_cast<S>(static_cast<double>(scores(t, e)) * (static_cast<double>(dw[e]) - dot));
-    }
-  }
-}
-
 /// Shazeer et al. 2017 importance and load losses of a noisy top-k routing (values into v, and
 /// with their coefficients: the importance gradient into dweights (it flows through the gating
 /// like the output's), the load gradient into dlogits and dnoise_logits). scratch: 6 T E.
@@ -387,8 +220,8 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
 /// ws.set_training(true) on this block (the workspace keeps pre-activations, activations,
 /// gathered inputs and expert outputs; see this header's comment for the memory). dy, dx
 /// [T x d_model]. The gradient flows through the routing weights into the logits with the
-/// gating's own rule (detail::gating_backward overloads), and through the logits into the router
-/// weight and x. Tokens dropped by capacity get no expert gradient.
+/// gating's own rule (the policy's backward member, in its gating/ header), and through the
+/// logits into the router weight and x. Tokens dropped by capacity get no expert gradient.
 ///
 /// Returns the raw loss values. Deterministic for any executor (fixed summation order).
 /// Throws shape_error / config_error before any work when the workspace was not filled in
@@ -433,6 +266,11 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
         num_tokens, " x ", E, " x ", slots, " (run forward on the same x and block first)"));
   }
   grads.check_like(W);
+  if (Router<T, Gating>::has_extras(config, W)) {
+    throw config_error(
+        "moe: block_backward does not differentiate the router extras yet (logit bias, "
+        "soft-capping, input norm, expert weight scale)");
+  }
   if (coeffs.token_mask && coeffs.aux_loss != AuxLoss::load_balancing) {
     throw config_error("moe: LossCoefficients::token_mask applies to AuxLoss::load_balancing only");
   }
@@ -520,7 +358,13 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
     detail::noisy_losses(block.gating(), gb, dweights, coeffs, values,
                          bws.aux_.ensure(6 * num_tokens * E));
   }
-  detail::gating_backward(block.gating(), gb);
+  // The gating's own backward lives next to the policy (gating/*.hpp): adding a family never
+  // edits this file.
+  if constexpr (Gating::uses_noise) {
+    block.gating().backward(config, routing, dweights, dlogits, gb.noise, dnoise);
+  } else {
+    block.gating().backward(config, routing, dweights, dlogits);
+  }
   const auto logits = routing.logits();
   switch (coeffs.aux_loss) {
     case AuxLoss::none:

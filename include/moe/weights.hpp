@@ -1,6 +1,8 @@
 // moe: all parameters of one sparse MoE layer, in checkpoint orientation.
 #pragma once
 
+#include <cstdint>
+
 #include "moe/config.hpp"
 #include "moe/experts/expert_stack.hpp"
 #include "moe/tensor.hpp"
@@ -17,6 +19,15 @@ struct MoeWeights {
   ExpertStack<T> experts;     ///< the E routed experts
   ExpertStack<T> shared;      ///< one expert of width shared_d_ff every token visits, or empty
   RowMatrix<T> shared_gate;   ///< [1 x d_model] Qwen2-MoE shared_expert_gate, or empty
+  // Router extras, each empty unless the family has it (the router applies what is present).
+  Vector<T> router_logit_bias;  ///< [E] added to the logits (gpt-oss router.bias), or empty
+  /// [d_model] the router sees x / rms(x) * scale * d_model^-1/2 (Gemma 4 router.scale; eps:
+  /// MoeConfig::router_norm_eps), or empty
+  Vector<T> router_input_scale;
+  Vector<T> expert_weight_scale;  ///< [E] multiplies expert e's routing weights (Gemma 4
+                                  ///< router.per_expert_scale), or empty
+  /// [rows x top_k] the experts of each token id (DeepSeek-V4 hash layers gate.tid2eid), or empty
+  RowMatrix<std::int64_t> expert_table;
 
   /// Zero weights shaped for `config` (gated experts when `gated`), with a bias / noise projection
   /// when asked. Fill them, then hand them to the block.
@@ -65,6 +76,24 @@ struct MoeWeights {
     if (check_experts) check_stack("routed experts", experts, E, config.d_ff);
     check_stack("shared experts", shared, config.shared_d_ff > 0 ? 1 : 0,
                 config.shared_d_ff > 0 ? config.shared_d_ff : shared.d_ff());
+    auto check_optional = [&](const char* what, const Vector<T>& v, Index n) {
+      if (v.size() == 0) return;
+      detail::check_shape(what, v.rows(), v.cols(), n, 1);
+      if (!v.allFinite())
+        throw value_error(detail::concat("moe: ", what, " has non-finite values"));
+    };
+    check_optional("router logit bias", router_logit_bias, E);
+    check_optional("router input scale", router_input_scale, d);
+    check_optional("expert weight scale", expert_weight_scale, E);
+    if (expert_table.size() != 0) {
+      if (expert_table.cols() != config.top_k) {
+        throw shape_error(detail::concat("moe: expert table has ", expert_table.cols(),
+                                         " columns, expected top_k = ", config.top_k));
+      }
+      if (expert_table.minCoeff() < 0 || expert_table.maxCoeff() >= E) {
+        throw value_error(detail::concat("moe: expert table names experts outside [0, ", E, ")"));
+      }
+    }
     if (config.shared_expert_gate) {
       detail::check_shape("shared expert gate weight", shared_gate.rows(), shared_gate.cols(), 1,
                           d);
@@ -76,8 +105,10 @@ struct MoeWeights {
   std::size_t bytes() const {
     return experts.bytes() + shared.bytes() +
            static_cast<std::size_t>(router.size() + router_bias.size() + router_noise.size() +
-                                    shared_gate.size()) *
-               sizeof(T);
+                                    shared_gate.size() + router_logit_bias.size() +
+                                    router_input_scale.size() + expert_weight_scale.size()) *
+               sizeof(T) +
+           static_cast<std::size_t>(expert_table.size()) * sizeof(std::int64_t);
   }
 };
 
