@@ -118,8 +118,7 @@ struct CapacityTopK {
   /// O(T E k); uses num_experts entries of ctx.scratch (load counters).
   template <class S>
   void route(const MoeConfig& config, const RouteContext<S>& ctx, Routing<S>& routing) const {
-    detail::softmax_top_k(config.top_k, options.renormalize == Renormalize::before_drop,
-                          routing);
+    detail::softmax_top_k(config.top_k, options.renormalize == Renormalize::before_drop, routing);
     const Index T = routing.num_tokens(), E = routing.num_experts(), k = config.top_k;
     auto experts = routing.experts();
     auto weights = routing.weights();
@@ -154,12 +153,44 @@ struct CapacityTopK {
     }
   }
 
+  /// Backward: dlogits [T x E] += dL/dz given dweights [T x k] (zero on slots not executed).
+  /// p = softmax(z), v_j = p[i_j];
+  ///   none:        w_j = v_j,                          dv_j = dw_j
+  ///   before_drop: w_j = v_j / sum_all v,              dv_j = (dw_j - sum_l dw_l w_l) / sum_all v
+  ///   after_drop:  w_j = v_j / sum_kept v (kept j),    dv_j = (dw_j - sum_kept dw_l w_l) /
+  ///   sum_kept
+  /// A dropped slot contributes nothing to the output, so dw_j = 0 there and (after_drop) it is
+  /// outside the normalisation: a dropped token's router gradient comes from the losses alone.
+  template <class S>
+  void backward(const MoeConfig&, const Routing<S>& routing, const S* dweights, S* dlogits) const {
+    using R = Renormalize;
+    const Index T = routing.num_tokens(), E = routing.num_experts(), k = routing.slots();
+    const auto scores = routing.scores();
+    const auto experts = routing.experts();
+    const auto weights = routing.weights();
+    const auto kept = routing.kept();
+    const R mode = options.renormalize;
+    for (Index t = 0; t < T; ++t) {
+      const S* p = scores.data() + t * E;
+      const std::int32_t* idx = experts.data() + t * k;
+      const S* dw = dweights + t * k;
+      double sum = 0, dot = 0;
+      for (Index j = 0; j < k; ++j) {
+        const bool in = mode == R::before_drop || (mode == R::after_drop && kept(t, j));
+        if (!in) continue;
+        sum += static_cast<double>(p[idx[j]]);
+        dot += static_cast<double>(dw[j]) * static_cast<double>(weights(t, j));
+      }
+      auto dv = [&](Index j) {
+        if (mode == R::none) return static_cast<double>(dw[j]);
+        if (mode == R::after_drop && !kept(t, j)) return 0.0;
+        return sum > 0 ? (static_cast<double>(dw[j]) - dot) / sum : 0.0;
+      };
+      detail::softmax_vjp<S>(p, idx, k, E, dv, dlogits + t * E);
+    }
+  }
+
   Options options;
 };
-
-/// Switch Transformers (top_k = 1, CapacityTopK::Options::switch_transformers(capacity)).
-using SwitchTop1 = CapacityTopK;
-/// GShard (top_k = 2, CapacityTopK::Options::gshard(capacity_factor)).
-using GShardTop2 = CapacityTopK;
 
 }  // namespace moe::gating

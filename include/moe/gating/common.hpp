@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -31,7 +33,53 @@ struct RouteContext {
   /// own (one allocation per call).
   Index* scratch = nullptr;
   Index scratch_size = 0;
+  /// [T] token ids of the batch (the block's input_ids), or null. Policies that select from a
+  /// token table (DeepSeek-V4 hash layers) need them.
+  const std::int64_t* token_ids = nullptr;
+  /// [expert_table_rows x top_k] experts of each token id (DeepSeek-V4 gate.tid2eid), or null.
+  const std::int64_t* expert_table = nullptr;
+  Index expert_table_rows = 0;
 };
+
+namespace gating {
+
+/// Hooks for the router and the block, whatever the policy: a policy whose Options has the field
+/// answers with it, any other the neutral value.
+template <class G, class = void>
+struct has_routed_output_scale : std::false_type {};
+template <class G>
+struct has_routed_output_scale<
+    G, std::void_t<decltype(std::declval<const G&>().options.routed_output_scale)>>
+    : std::true_type {};
+template <class G, class = void>
+struct has_zero_experts : std::false_type {};
+template <class G>
+struct has_zero_experts<G, std::void_t<decltype(std::declval<const G&>().options.zero_experts)>>
+    : std::true_type {};
+
+/// The factor the block multiplies the routed output by (Options::routed_output_scale: Laguna,
+/// Step-3.x), 1 for policies without it.
+template <class G>
+double routed_output_scale(const G& g) {
+  if constexpr (has_routed_output_scale<G>::value) {
+    return g.options.routed_output_scale;
+  } else {
+    return 1.0;
+  }
+}
+
+/// Identity experts after the routed ones (Options::zero_experts: LongCat-Flash), 0 for policies
+/// without them. The router scores num_experts + zero_experts experts.
+template <class G>
+Index zero_experts(const G& g) {
+  if constexpr (has_zero_experts<G>::value) {
+    return g.options.zero_experts;
+  } else {
+    return 0;
+  }
+}
+
+}  // namespace gating
 
 namespace gating::detail {
 
@@ -124,6 +172,17 @@ inline void require_positive_real(const char* name, double v) {
 /// Throws config_error("moe: <name> = <v> must be positive") unless v > 0.
 inline void require_positive_count(const char* name, Index v) {
   if (v <= 0) throw config_error(moe::detail::concat("moe: ", name, " = ", v, " must be positive"));
+}
+
+/// dz += VJP of p = softmax(z) for a sparse gradient dp (dv(j) at experts idx[0..k)):
+/// dz = p * (dp - <p, dp>). The accumulation is in double.
+template <class S, class DvFn>
+inline void softmax_vjp(const S* p, const std::int32_t* idx, Index k, Index E, DvFn&& dv, S* dz) {
+  double pdp = 0;
+  for (Index j = 0; j < k; ++j) pdp += static_cast<double>(p[idx[j]]) * dv(j);
+  for (Index e = 0; e < E; ++e) dz[e] -= static_cast<S>(static_cast<double>(p[e]) * pdp);
+  for (Index j = 0; j < k; ++j)
+    dz[idx[j]] += static_cast<S>(static_cast<double>(p[idx[j]]) * dv(j));
 }
 
 /// The softmax-then-top-k step shared by SoftmaxTopK and CapacityTopK: scores = softmax(logits)

@@ -85,6 +85,25 @@ struct ExpertChoice {
     }
   }
 
+  /// Backward: slot e of token t holds weight S[t, e] = softmax(z_t)_e when expert e chose t, so
+  /// dS = dw (zero where not chosen) and dz += S * (dS - <S, dS>). The choice itself (top-c
+  /// tokens per expert) has no gradient. dweights and dlogits are [T x E].
+  template <class S>
+  void backward(const MoeConfig&, const Routing<S>& routing, const S* dweights, S* dlogits) const {
+    const Index T = routing.num_tokens(), E = routing.num_experts();
+    const auto scores = routing.scores();
+    for (Index t = 0; t < T; ++t) {
+      const S* dw = dweights + t * E;
+      double dot = 0;
+      for (Index e = 0; e < E; ++e)
+        dot += static_cast<double>(scores(t, e)) * static_cast<double>(dw[e]);
+      for (Index e = 0; e < E; ++e) {
+        dlogits[t * E + e] +=
+            static_cast<S>(static_cast<double>(scores(t, e)) * (static_cast<double>(dw[e]) - dot));
+      }
+    }
+  }
+
   Options options;
 };
 

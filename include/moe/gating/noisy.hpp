@@ -89,6 +89,35 @@ struct NoisyTopK {
     }
   }
 
+  /// Backward: H = z + eps * std, std = softplus(n) + noise_epsilon with n = x W_noise^T,
+  /// w = softmax of the k selected H:
+  ///   dH_{i_j} = w_j (dw_j - sum_l w_l dw_l);  dlogits += dH;  dnoise_logits += dH eps sigmoid(n).
+  /// noise is the forward's [T x E] noise logits followed by the [T x E] draws eps (the
+  /// Workspace's noise buffer). dweights [T x k]; dlogits, dnoise_logits [T x E].
+  template <class S>
+  void backward(const MoeConfig&, const Routing<S>& routing, const S* dweights, S* dlogits,
+                const S* noise, S* dnoise_logits) const {
+    const Index T = routing.num_tokens(), E = routing.num_experts(), k = routing.slots();
+    const auto experts = routing.experts();
+    const auto weights = routing.weights();
+    const S* noise_logits = noise;
+    const S* draws = noise + T * E;
+    for (Index t = 0; t < T; ++t) {
+      const S* dw = dweights + t * k;
+      double dot = 0;
+      for (Index j = 0; j < k; ++j)
+        dot += static_cast<double>(weights(t, j)) * static_cast<double>(dw[j]);
+      for (Index j = 0; j < k; ++j) {
+        const Index e = experts(t, j);
+        const double dh = static_cast<double>(weights(t, j)) * (static_cast<double>(dw[j]) - dot);
+        dlogits[t * E + e] += static_cast<S>(dh);
+        dnoise_logits[t * E + e] +=
+            static_cast<S>(dh * static_cast<double>(draws[t * E + e]) *
+                           kernels::sigmoid(static_cast<double>(noise_logits[t * E + e])));
+      }
+    }
+  }
+
   Options options;
 };
 
