@@ -80,7 +80,10 @@ class SparseMoeBlock {
       : config_(config), weights_(std::move(weights)), router_(Gating(options)) {
     config_.validate();
     router_.gating().validate(config_);
-    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise);
+    check_ffn_numbers();
+    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise, true,
+                      router_.num_scored(config_));
+    router_.prepare(weights_);
     if constexpr (compact) {
       experts_ = CompactStack::from(weights_.experts);
       weights_.experts = ExpertStack<T>();
@@ -102,8 +105,10 @@ class SparseMoeBlock {
           "moe: a compact block takes its routed experts as a CompactExpertStack; pass an empty "
           "MoeWeights::experts");
     }
+    check_ffn_numbers();
     weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise,
-                      /*check_experts=*/false);
+                      /*check_experts=*/false, router_.num_scored(config_));
+    router_.prepare(weights_);
     if constexpr (compact) {
       if (experts.num_experts() != config_.num_experts || experts.d_model() != config_.d_model ||
           experts.d_ff() != config_.d_ff || experts.gated() != Ffn::gated) {
@@ -210,6 +215,8 @@ class SparseMoeBlock {
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
     gather_rows(x, plan, Access::x_rows(ws).data());
+    const auto weights = std::as_const(Access::routing(ws)).weights();
+    if (config_.weight_expert_input) scale_gathered_rows(plan, weights, Access::x_rows(ws).data());
     const SharedJob shared = shared_job(x, ws);
 
     // Jobs 0..E-1: the routed experts on their gathered rows; job E: the shared expert on the
@@ -217,13 +224,65 @@ class SparseMoeBlock {
     // (input projection + activation, then output projection); see detail::run_ffn_jobs.
     const auto& stack = experts();
     detail::run_ffn_jobs<Ffn>(
-        config_.num_experts, [&](Index e) { return detail::grouped_expert_job(stack, rows, e); },
+        config_.num_experts,
+        [&](Index e) {
+          auto job = detail::grouped_expert_job(stack, rows, e);
+          job.glu = config_.expert_glu;
+          return job;
+        },
         shared.present ? 1 : 0, [&](Index) { return shared.job; },
         Access::task_begin(ws).ensure(config_.num_experts + 2), executor);
+    copy_zero_expert_rows(plan, rows);
 
     const T* s_gate = shared.present ? shared_gates(x, ws) : nullptr;
-    combine_expert_outputs(plan, std::as_const(Access::routing(ws)).weights(), rows.y,
-                           shared.present ? shared.job.y : nullptr, s_gate, y, executor);
+    CombineOptions<T> combine;
+    combine.unit_weights = config_.weight_expert_input;
+    combine.routed_scale = static_cast<T>(gating::routed_output_scale(router_.gating()));
+    combine.routed_bias = weights_.output_bias.size() ? weights_.output_bias.data() : nullptr;
+    combine.shared_average = config_.shared_combine == SharedCombine::average;
+    combine.float32 = config_.combine_in_float32;
+    combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr, s_gate,
+                           y, executor, combine);
+  }
+
+  // Throws config_error for GLU numbers the Ffn kind cannot apply.
+  void check_ffn_numbers() const {
+    for (const GluOptions* g : {&config_.expert_glu, &config_.shared_glu}) {
+      if (!g->plain() && !Ffn::gated) {
+        throw config_error("moe: expert_glu / shared_glu clamps need a gated Ffn kind");
+      }
+      if (g->alpha != 1.0 && !std::is_same_v<typename Ffn::activation, Silu>) {
+        throw config_error(
+            detail::concat("moe: glu alpha = ", g->alpha, " needs Silu experts (gpt-oss)"));
+      }
+    }
+    if (compact && (!config_.expert_glu.plain() || config_.weight_expert_input)) {
+      throw config_error("moe: compact experts support the plain GLU and output weighting only");
+    }
+  }
+
+  // Llama 4: each gathered row is scaled by its slot's routing weight before the expert.
+  template <class W>
+  void scale_gathered_rows(const DispatchPlan& plan, const W& weights, T* x_rows) const {
+    const Index d = config_.d_model;
+    for (Index t = 0; t < plan.num_tokens; ++t) {
+      for (Index j = 0; j < plan.slots; ++j) {
+        const Index r = plan.slot_row[static_cast<std::size_t>(t * plan.slots + j)];
+        if (r < 0) continue;
+        const T w = static_cast<T>(weights(t, j));
+        for (T* v = x_rows + r * d; v != x_rows + (r + 1) * d; ++v) *v *= w;
+      }
+    }
+  }
+
+  // Zero (identity) experts after the E routed ones (LongCat): their rows' output is their input.
+  void copy_zero_expert_rows(const DispatchPlan& plan, const GroupedRows<T>& rows) const {
+    const Index d = config_.d_model;
+    for (Index e = config_.num_experts; e < plan.num_experts; ++e) {
+      const Index begin = plan.offsets[static_cast<std::size_t>(e)];
+      const Index n = plan.counts[static_cast<std::size_t>(e)];
+      std::copy(rows.x + begin * d, rows.x + (begin + n) * d, rows.y + begin * d);
+    }
   }
 
   // The grouped rows of this call in ws: inference applies the activation in place over the
@@ -264,6 +323,7 @@ class SparseMoeBlock {
     s.present = true;
     s.job = detail::expert_job(weights_.shared, 0, x.data(), x.outerStride(), n, hidden, act,
                                ld_act, out);
+    s.job.glu = config_.shared_glu;
     return s;
   }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <random>
 
 #include "moe/config.hpp"
@@ -57,6 +58,15 @@ class Workspace {
   bool training() const { return training_; }
   /// The generator noisy top-k draws from; seed it for reproducible training runs.
   std::mt19937_64& rng() { return rng_; }
+
+  /// The token ids of the next forward call's x ([num_tokens], not copied: valid until that call
+  /// returns), for policies that route by token id (DeepSeek-V4 hash layers); null: none.
+  void set_token_ids(const std::int64_t* ids, Index num_tokens) {
+    token_ids_ = ids;
+    num_token_ids_ = num_tokens;
+  }
+  const std::int64_t* token_ids() const { return token_ids_; }
+  Index num_token_ids() const { return num_token_ids_; }
 
   /// Bytes currently held by the workspace (the formula in the class comment, after growth).
   std::size_t bytes() const {
@@ -140,6 +150,8 @@ class Workspace {
   detail::GrowBuffer<T> compact_scratch_;
 
   bool training_ = false;
+  const std::int64_t* token_ids_ = nullptr;
+  Index num_token_ids_ = 0;
   std::mt19937_64 rng_{0x5eed};
 };
 
