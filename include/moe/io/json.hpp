@@ -102,7 +102,13 @@ inline nlohmann::json parse_untrusted_json(const char* begin, const char* end,
 /// config.json value of `key`, or nullptr when absent or JSON null (HF writes "head_dim": null).
 inline const nlohmann::json* find_key(const nlohmann::json& j, const std::string& key) {
   const auto it = j.find(key);
-  return (it == j.end() || it->is_null()) ? nullptr : &*it;
+  if (it != j.end()) return it->is_null() ? nullptr : &*it;
+  // A dotted key reads nested objects (DBRX "ffn_config.moe_top_k").
+  const std::size_t dot = key.find('.');
+  if (dot == std::string::npos) return nullptr;
+  const auto outer = j.find(key.substr(0, dot));
+  if (outer == j.end() || !outer->is_object()) return nullptr;
+  return find_key(*outer, key.substr(dot + 1));
 }
 
 }  // namespace moe::io::detail
