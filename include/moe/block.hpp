@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <utility>
 
@@ -215,6 +216,9 @@ class SparseMoeBlock {
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
     gather_rows(x, plan, Access::x_rows(ws).data());
+    if (weights_.expert_input_norm.size() != 0) {
+      rms_norm_rows(Access::x_rows(ws).data(), plan.num_rows, weights_.expert_input_norm.data());
+    }
     const auto weights = std::as_const(Access::routing(ws)).weights();
     if (config_.weight_expert_input) scale_gathered_rows(plan, weights, Access::x_rows(ws).data());
     const SharedJob shared = shared_job(x, ws);
@@ -243,6 +247,27 @@ class SparseMoeBlock {
     combine.float32 = config_.combine_in_float32;
     combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr, s_gate,
                            y, executor, combine);
+    if (weights_.expert_output_norm.size() != 0) {
+      for (Index t = 0; t < num_tokens; ++t) {
+        rms_norm_rows(&y(t, 0), 1, weights_.expert_output_norm.data());
+      }
+    }
+  }
+
+  // rows [n x d_model] (contiguous) = rmsnorm(row) * w, in float32 as HF's Gemma 4 norms:
+  // x * rsqrt(mean x^2 + eps) * w, then back to T.
+  void rms_norm_rows(T* rows, Index n, const T* w) const {
+    const Index d = config_.d_model;
+    const float eps = static_cast<float>(config_.router_norm_eps);
+    for (Index r = 0; r < n; ++r) {
+      T* row = rows + r * d;
+      float ms = 0;
+      for (Index c = 0; c < d; ++c) ms += static_cast<float>(row[c]) * static_cast<float>(row[c]);
+      const float inv = 1.0f / std::sqrt(ms / static_cast<float>(d) + eps);
+      for (Index c = 0; c < d; ++c) {
+        row[c] = static_cast<T>(static_cast<float>(row[c]) * inv * static_cast<float>(w[c]));
+      }
+    }
   }
 
   // Throws config_error for GLU numbers the Ffn kind cannot apply.

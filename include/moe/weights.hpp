@@ -29,6 +29,12 @@ struct MoeWeights {
   /// [rows x top_k] the experts of each token id (DeepSeek-V4 hash layers gate.tid2eid), or empty
   RowMatrix<std::int64_t> expert_table;
   Vector<T> output_bias;  ///< [d_model] added to the routed output (JetMoE moe bias), or empty
+  /// [d_model] RMSNorm weights around the routed experts (Gemma 4 decoder layer
+  /// pre_feedforward_layernorm_2 / post_feedforward_layernorm_2: the experts see
+  /// rmsnorm(x) * pre, their weighted sum becomes rmsnorm(sum) * post; the router sees x; float32
+  /// as HF; eps: MoeConfig::router_norm_eps), or empty
+  Vector<T> expert_input_norm;
+  Vector<T> expert_output_norm;
 
   /// Zero weights shaped for `config` (gated experts when `gated`), with a bias / noise projection
   /// when asked. Fill them, then hand them to the block.
@@ -90,6 +96,8 @@ struct MoeWeights {
     check_optional("router input scale", router_input_scale, d);
     check_optional("expert weight scale", expert_weight_scale, E);
     check_optional("output bias", output_bias, d);
+    check_optional("expert input norm", expert_input_norm, d);
+    check_optional("expert output norm", expert_output_norm, d);
     if (expert_table.size() != 0) {
       if (expert_table.cols() != config.top_k) {
         throw shape_error(detail::concat("moe: expert table has ", expert_table.cols(),
@@ -112,7 +120,8 @@ struct MoeWeights {
            static_cast<std::size_t>(router.size() + router_bias.size() + router_noise.size() +
                                     shared_gate.size() + router_logit_bias.size() +
                                     router_input_scale.size() + expert_weight_scale.size() +
-                                    output_bias.size()) *
+                                    output_bias.size() + expert_input_norm.size() +
+                                    expert_output_norm.size()) *
                sizeof(T) +
            static_cast<std::size_t>(expert_table.size()) * sizeof(std::int64_t);
   }

@@ -126,6 +126,10 @@ inline std::vector<FamilyRow> make_family_table() {
     r.hidden_act = "hidden_activation"; r.hidden_act_default = "gelu_pytorch_tanh";
     r.router = "router.proj.weight"; r.router_input_scale = "router.scale";
     r.expert_weight_scale = "router.per_expert_scale"; r.router_norm_eps_key = "rms_norm_eps";
+    // The MoE branch lives in Gemma4TextDecoderLayer: router, experts and its norms side by side.
+    r.sparse_prefix = r.dense_prefix = "model.layers.{L}.";
+    r.expert_input_norm = "pre_feedforward_layernorm_2.weight";
+    r.expert_output_norm = "post_feedforward_layernorm_2.weight";
     t.push_back(r);
   }
 

@@ -181,6 +181,10 @@ struct FamilyRow {
   /// Options of a hash layer (scored routing from expert_table), or nullptr.
   gating::ScoredTopK::Options (*hash_defaults)() = nullptr;
   const char* refused_key = nullptr;  ///< a config.json key whose non-null value is unsupported
+  /// [D] RMSNorm weights around the routed experts, read when present (Gemma 4 decoder layer
+  /// pre_feedforward_layernorm_2 / post_feedforward_layernorm_2), or nullptr
+  const char* expert_input_norm = nullptr;
+  const char* expert_output_norm = nullptr;
 };
 
 namespace detail {

@@ -199,6 +199,10 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   const bool input_scale = optional_vector(row.router_input_scale, H);
   const bool weight_scale = optional_vector(row.expert_weight_scale, E);
   const bool out_bias = optional_vector(row.output_bias, H);
+  const bool in_norm = row.expert_input_norm != nullptr && r.has(p + row.expert_input_norm) &&
+                       optional_vector(row.expert_input_norm, H);
+  const bool out_norm = row.expert_output_norm != nullptr && r.has(p + row.expert_output_norm) &&
+                        optional_vector(row.expert_output_norm, H);
   const bool table = row.expert_table != nullptr && s.is_hash_layer(layer);
   if (table && !r.has(p + row.expert_table)) {
     throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", layer, " (",
@@ -283,6 +287,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   if (input_scale) w.router_input_scale = read_vector(row.router_input_scale);
   if (weight_scale) w.expert_weight_scale = read_vector(row.expert_weight_scale);
   if (out_bias) w.output_bias = read_vector(row.output_bias);
+  if (in_norm) w.expert_input_norm = read_vector(row.expert_input_norm);
+  if (out_norm) w.expert_output_norm = read_vector(row.expert_output_norm);
   if (table) w.expert_table = m.tensors().read_matrix<std::int64_t>(p + row.expert_table);
   auto slice = [&](const std::string& name, Index first, Index rows, Index cols) {
     RowMatrix<T> a(rows, cols);

@@ -396,7 +396,8 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   ModelSpec s;
   s.source = where;
   try {
-    s.json = nlohmann::json::parse(text);  // duplicate keys: the last wins, as in Python's json
+    // Duplicate keys: the last wins, as in Python's json; Infinity / NaN literals read as null.
+    s.json = nlohmann::json::parse(detail::python_literals_to_null(text));
   } catch (const nlohmann::json::exception& e) {
     throw io_error("moe: " + where + " is not valid JSON: " + e.what());
   }
