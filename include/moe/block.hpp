@@ -13,6 +13,7 @@
 #include "moe/experts/grouped.hpp"
 #include "moe/experts/storage.hpp"
 #include "moe/gating.hpp"
+#include "moe/kernels/gemm_small.hpp"
 #include "moe/kernels/topk.hpp"
 #include "moe/router.hpp"
 #include "moe/routing.hpp"
@@ -215,7 +216,18 @@ class SparseMoeBlock {
     if (num_tokens == 0) return;
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
-    gather_rows(x, plan, Access::x_rows(ws).data());
+    // Nemotron-H latent experts: they see h = x W1^T [T x L]; their weighted sum is projected
+    // back by W2 after the combine. Both [T x L] halves live in one workspace buffer.
+    const Index L = config_.latent_dim;
+    T* latent = L > 0 ? Access::latent(ws).ensure(2 * num_tokens * L) : nullptr;
+    if (L > 0) {
+      kernels::gemm_small_nt<T>(x.data(), num_tokens, x.outerStride(), weights_.latent_in.data(),
+                                d, d, 0, L, latent, L);
+      gather_rows(MatrixRef<T>(ConstMap<T>(latent, num_tokens, L)), plan,
+                  Access::x_rows(ws).data());
+    } else {
+      gather_rows(x, plan, Access::x_rows(ws).data());
+    }
     if (weights_.expert_input_norm.size() != 0) {
       rms_norm_rows(Access::x_rows(ws).data(), plan.num_rows, weights_.expert_input_norm.data());
     }
@@ -245,8 +257,22 @@ class SparseMoeBlock {
     combine.routed_bias = weights_.output_bias.size() ? weights_.output_bias.data() : nullptr;
     combine.shared_average = config_.shared_combine == SharedCombine::average;
     combine.float32 = config_.combine_in_float32;
-    combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr, s_gate,
-                           y, executor, combine);
+    if (L > 0) {
+      T* routed = latent + num_tokens * L;
+      combine_expert_outputs(plan, weights, rows.y, static_cast<const T*>(nullptr),
+                             static_cast<const T*>(nullptr),
+                             MatrixMut<T>(MutMap<T>(routed, num_tokens, L)), executor, combine);
+      kernels::gemm_small_nt<T>(routed, num_tokens, L, weights_.latent_out.data(), L, L, 0, d,
+                                y.data(), y.outerStride());
+      if (shared.present) {
+        for (Index t = 0; t < num_tokens; ++t) {
+          y.row(t) += s_gate[t] * ConstMap<T>(shared.job.y + t * d, 1, d);
+        }
+      }
+    } else {
+      combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr,
+                             s_gate, y, executor, combine);
+    }
     if (weights_.expert_output_norm.size() != 0) {
       for (Index t = 0; t < num_tokens; ++t) {
         rms_norm_rows(&y(t, 0), 1, weights_.expert_output_norm.data());
@@ -281,15 +307,17 @@ class SparseMoeBlock {
             detail::concat("moe: glu alpha = ", g->alpha, " needs Silu experts (gpt-oss)"));
       }
     }
-    if (compact && (!config_.expert_glu.plain() || config_.weight_expert_input)) {
-      throw config_error("moe: compact experts support the plain GLU and output weighting only");
+    if (compact && (!config_.expert_glu.plain() || config_.weight_expert_input ||
+                    config_.latent_dim > 0)) {
+      throw config_error(
+          "moe: compact experts support the plain GLU, output weighting and no latent space");
     }
   }
 
   // Llama 4: each gathered row is scaled by its slot's routing weight before the expert.
   template <class W>
   void scale_gathered_rows(const DispatchPlan& plan, const W& weights, T* x_rows) const {
-    const Index d = config_.d_model;
+    const Index d = config_.expert_d_model();
     for (Index t = 0; t < plan.num_tokens; ++t) {
       for (Index j = 0; j < plan.slots; ++j) {
         const Index r = plan.slot_row[static_cast<std::size_t>(t * plan.slots + j)];
@@ -302,7 +330,7 @@ class SparseMoeBlock {
 
   // Zero (identity) experts after the E routed ones (LongCat): their rows' output is their input.
   void copy_zero_expert_rows(const DispatchPlan& plan, const GroupedRows<T>& rows) const {
-    const Index d = config_.d_model;
+    const Index d = config_.expert_d_model();
     for (Index e = config_.num_experts; e < plan.num_experts; ++e) {
       const Index begin = plan.offsets[static_cast<std::size_t>(e)];
       const Index n = plan.counts[static_cast<std::size_t>(e)];
@@ -314,7 +342,8 @@ class SparseMoeBlock {
   // gate columns; training keeps the pre-activation for the backward pass and writes the
   // activations separately. Compact prefill: per-worker scratch for one decoded weight tile.
   GroupedRows<T> grouped_rows(const DispatchPlan& plan, Workspace<T>& ws, Index workers) const {
-    const Index N = plan.num_rows, d = config_.d_model, in = experts().in_rows(), f = config_.d_ff;
+    const Index N = plan.num_rows, d = config_.expert_d_model(), in = experts().in_rows();
+    const Index f = config_.d_ff;
     GroupedRows<T> rows;
     rows.x = Access::x_rows(ws).ensure(N * d);
     rows.offsets = plan.offsets.data();

@@ -63,6 +63,12 @@ struct MoeConfig {
   /// hy_v3 fp32 combine (float64 blocks): the routed sum and the shared output are each rounded
   /// to float32 and added in float32, as HF's HYV3MoE does; off: added in T.
   bool combine_in_float32 = false;
+  /// Nemotron-H moe_latent_size: the routed experts work in a latent space of this width,
+  /// h = x W1^T (MoeWeights::latent_in [L x d_model]), y_routed = (sum_j w_j FFN_e(h)) W2^T
+  /// (latent_out [d_model x L]); the router and the shared expert see x. 0: none.
+  Index latent_dim = 0;
+  /// The routed experts' input width: latent_dim when set, else d_model.
+  Index expert_d_model() const { return latent_dim > 0 ? latent_dim : d_model; }
 
   /// Throws config_error naming the first field that is out of range.
   void validate() const {
@@ -82,6 +88,9 @@ struct MoeConfig {
     }
     if (shared_expert_gate && shared_d_ff == 0) {
       throw config_error("moe: shared_expert_gate is set but shared_d_ff = 0 (no shared expert)");
+    }
+    if (latent_dim < 0) {
+      throw config_error(detail::concat("moe: latent_dim = ", latent_dim, " must be >= 0"));
     }
     if (!(router_logit_softcap >= 0) || router_logit_softcap == HUGE_VAL) {
       throw config_error(detail::concat("moe: router_logit_softcap = ", router_logit_softcap,

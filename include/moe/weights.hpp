@@ -35,6 +35,8 @@ struct MoeWeights {
   /// as HF; eps: MoeConfig::router_norm_eps), or empty
   Vector<T> expert_input_norm;
   Vector<T> expert_output_norm;
+  RowMatrix<T> latent_in;   ///< [latent_dim x d_model] (Nemotron-H fc1_latent_proj), or empty
+  RowMatrix<T> latent_out;  ///< [d_model x latent_dim] (fc2_latent_proj), or empty
 
   /// Zero weights shaped for `config` (gated experts when `gated`), with a bias / noise projection
   /// when asked. Fill them, then hand them to the block.
@@ -45,7 +47,11 @@ struct MoeWeights {
     w.router = RowMatrix<T>::Zero(config.num_experts, config.d_model);
     if (with_bias) w.router_bias = Vector<T>::Zero(config.num_experts);
     if (with_noise) w.router_noise = RowMatrix<T>::Zero(config.num_experts, config.d_model);
-    w.experts = ExpertStack<T>(config.num_experts, config.d_model, config.d_ff, gated);
+    w.experts = ExpertStack<T>(config.num_experts, config.expert_d_model(), config.d_ff, gated);
+    if (config.latent_dim > 0) {
+      w.latent_in = RowMatrix<T>::Zero(config.latent_dim, config.d_model);
+      w.latent_out = RowMatrix<T>::Zero(config.d_model, config.latent_dim);
+    }
     if (config.shared_d_ff > 0) {
       w.shared = ExpertStack<T>(1, config.d_model, config.shared_d_ff, gated);
       if (config.shared_expert_gate) w.shared_gate = RowMatrix<T>::Zero(1, config.d_model);
@@ -74,7 +80,8 @@ struct MoeWeights {
     if (needs_noise) {
       detail::check_shape("router noise weight", router_noise.rows(), router_noise.cols(), E, d);
     }
-    auto check_stack = [&](const char* what, const ExpertStack<T>& s, Index n, Index f) {
+    auto check_stack = [&](const char* what, const ExpertStack<T>& s, Index n, Index f,
+                           Index d) {
       if (s.num_experts() != n || s.d_model() != (n ? d : s.d_model()) || s.d_ff() != f ||
           (n && s.gated() != gated)) {
         throw shape_error(detail::concat(
@@ -83,9 +90,15 @@ struct MoeWeights {
             " experts of d_model ", d, ", d_ff ", f, (gated ? " (gated)" : " (plain)")));
       }
     };
-    if (check_experts) check_stack("routed experts", experts, E, config.d_ff);
+    if (check_experts) check_stack("routed experts", experts, E, config.d_ff, config.expert_d_model());
+    if (config.latent_dim > 0) {
+      detail::check_shape("latent_in", latent_in.rows(), latent_in.cols(), config.latent_dim, d);
+      detail::check_shape("latent_out", latent_out.rows(), latent_out.cols(), d, config.latent_dim);
+    } else if (latent_in.size() != 0 || latent_out.size() != 0) {
+      throw config_error("moe: latent projections given, but config.latent_dim = 0");
+    }
     check_stack("shared experts", shared, config.shared_d_ff > 0 ? 1 : 0,
-                config.shared_d_ff > 0 ? config.shared_d_ff : shared.d_ff());
+                config.shared_d_ff > 0 ? config.shared_d_ff : shared.d_ff(), d);
     auto check_optional = [&](const char* what, const Vector<T>& v, Index n) {
       if (v.size() == 0) return;
       detail::check_shape(what, v.rows(), v.cols(), n, 1);
@@ -121,7 +134,8 @@ struct MoeWeights {
                                     shared_gate.size() + router_logit_bias.size() +
                                     router_input_scale.size() + expert_weight_scale.size() +
                                     output_bias.size() + expert_input_norm.size() +
-                                    expert_output_norm.size()) *
+                                    expert_output_norm.size() + latent_in.size() +
+                                    latent_out.size()) *
                sizeof(T) +
            static_cast<std::size_t>(expert_table.size()) * sizeof(std::int64_t);
   }

@@ -230,7 +230,9 @@ inline std::vector<FamilyRow> make_family_table() {
     r.expert_gate = "experts.{e}.up_proj.weight"; r.expert_up = nullptr;
     r.shared_width = SharedWidth::width; r.shared_key = {"moe_shared_expert_intermediate_size"};
     r.shared_gate = "shared_experts.up_proj.weight"; r.shared_up = nullptr;
-    r.refused_key = "moe_latent_size";
+    r.sparse_layers = SparseLayers::listed; r.layers_key = "layers_block_type";
+    r.latent_key = "moe_latent_size";
+    r.latent_in = "fc1_latent_proj.weight"; r.latent_out = "fc2_latent_proj.weight";
     t.push_back(r);
   }
   auto biased = [](Family f, const char* type, gating::BiasedScoredTopK::Options (*defaults)(),

@@ -77,6 +77,7 @@ enum class SparseLayers {
   qwen_step,       ///< not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
   deepseek_dense,  ///< layer >= first_k_dense_replace and layer % moe_layer_freq == 0
   switch_stacks,   ///< encoder then decoder blocks; i % step == 1 (or step == 1) in its stack
+  listed,          ///< layers_key lists every layer's type; "moe" / "hash_moe" / "sparse" are sparse
 };
 
 /// How config.json gives the shared expert's width.
@@ -185,6 +186,14 @@ struct FamilyRow {
   /// pre_feedforward_layernorm_2 / post_feedforward_layernorm_2), or nullptr
   const char* expert_input_norm = nullptr;
   const char* expert_output_norm = nullptr;
+  /// Nemotron-H latent experts: the width key (moe_latent_size; null or absent: none) and the
+  /// projections [L, D] / [D, L] around the routed experts.
+  /// SparseLayers::listed: the per-layer type list (Nemotron-H layers_block_type); its length is
+  /// the layer count when no num_layers key is present.
+  const char* layers_key = nullptr;
+  const char* latent_key = nullptr;
+  const char* latent_in = nullptr;
+  const char* latent_out = nullptr;
 };
 
 namespace detail {

@@ -167,6 +167,7 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   const FamilyRow& row = s.row();
   const MoeConfig& c = s.moe;
   const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff, S = c.shared_d_ff;
+  const std::int64_t He = c.expert_d_model(), L = c.latent_dim;  // the experts' input width
   const bool gated = row.gated_experts;
 
   // The prefix: the hub name, or the transformers v5 in-memory one when only that is present.
@@ -204,6 +205,10 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   const bool out_norm = row.expert_output_norm != nullptr && r.has(p + row.expert_output_norm) &&
                         optional_vector(row.expert_output_norm, H);
   const bool table = row.expert_table != nullptr && s.is_hash_layer(layer);
+  if (L > 0) {
+    r.check(p + row.latent_in, {L, H});
+    r.check(p + row.latent_out, {H, L});
+  }
   if (table && !r.has(p + row.expert_table)) {
     throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", layer, " (",
                                        family_name(s.family), "): missing tensor '", p,
@@ -228,35 +233,35 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   if (fused) {
     switch (layout) {
       case FusedLayout::out_in:
-        r.check(fused_in, {E_in, 2 * I, H});
-        r.check(fused_out, {E, H, I});
+        r.check(fused_in, {E_in, 2 * I, He});
+        r.check(fused_out, {E, He, I});
         break;
       case FusedLayout::in_out:
       case FusedLayout::in_out_interleaved:
-        r.check(fused_in, {E, H, 2 * I});
-        r.check(fused_out, {E, I, H});
+        r.check(fused_in, {E, He, 2 * I});
+        r.check(fused_out, {E, I, He});
         break;
       case FusedLayout::stacked_rows:
-        r.check(fused_in, {E * I, H});
-        r.check(p + row.fused_up, {E * I, H});
-        r.check(fused_out, {E * I, H});
+        r.check(fused_in, {E * I, He});
+        r.check(p + row.fused_up, {E * I, He});
+        r.check(fused_out, {E * I, He});
         break;
       case FusedLayout::plain_out_in:
-        r.check(fused_in, {E, I, H});
-        r.check(fused_out, {E, H, I});
+        r.check(fused_in, {E, I, He});
+        r.check(fused_out, {E, He, I});
         break;
     }
   } else {
     for (Index e : chosen) {
-      r.check(expert_name(row.expert_gate, e), {I, H});
-      if (gated) r.check(expert_name(row.expert_up, e), {I, H});
-      r.check(expert_name(row.expert_down, e), {H, I});
+      r.check(expert_name(row.expert_gate, e), {I, He});
+      if (gated) r.check(expert_name(row.expert_up, e), {I, He});
+      r.check(expert_name(row.expert_down, e), {He, I});
     }
   }
   const bool expert_biases = row.expert_in_bias != nullptr;
   if (expert_biases) {
     r.check(p + row.expert_in_bias, {E, (gated ? 2 : 1) * I});
-    r.check(p + row.expert_out_bias, {E, H});
+    r.check(p + row.expert_out_bias, {E, He});
   }
   // Shared expert(s); absent tensors mean none where the family allows it (Granite).
   const char* shared_in_name = row.shared_fused_in ? row.shared_fused_in : row.shared_gate;
@@ -275,7 +280,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   // Every shape agrees: allocate and read.
   // Sized for the chosen experts only: a rank's shard never holds the others, even briefly.
   MoeWeights<T> w;
-  w.experts = ExpertStack<T>(static_cast<Index>(chosen.size()), c.d_model, c.d_ff, gated);
+  w.experts =
+      ExpertStack<T>(static_cast<Index>(chosen.size()), c.expert_d_model(), c.d_ff, gated);
   if (expert_biases) w.experts.add_biases();
   if (shared) w.shared = ExpertStack<T>(1, c.d_model, c.shared_d_ff, gated);
   w.router = r.read<T>(router);
@@ -290,6 +296,10 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   if (in_norm) w.expert_input_norm = read_vector(row.expert_input_norm);
   if (out_norm) w.expert_output_norm = read_vector(row.expert_output_norm);
   if (table) w.expert_table = m.tensors().read_matrix<std::int64_t>(p + row.expert_table);
+  if (L > 0) {
+    w.latent_in = r.read<T>(p + row.latent_in);
+    w.latent_out = r.read<T>(p + row.latent_out);
+  }
   auto slice = [&](const std::string& name, Index first, Index rows, Index cols) {
     RowMatrix<T> a(rows, cols);
     r.read_rows_into<T>(name, first, MutMap<T>(a.data(), rows, cols));
@@ -299,7 +309,7 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
     const Index e = chosen[j], slot = static_cast<Index>(j);
     if (expert_biases) {
       const RowMatrix<T> b_in = slice(p + row.expert_in_bias, e, 1, (gated ? 2 : 1) * I);
-      w.experts.out_biases().row(slot) = slice(p + row.expert_out_bias, e, 1, H);
+      w.experts.out_biases().row(slot) = slice(p + row.expert_out_bias, e, 1, He);
       for (Index i = 0; i < (gated ? 2 : 1) * I; ++i) {
         // gpt-oss interleaves gate and up columns; ours are gate entries then up entries.
         const Index at = layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
@@ -315,29 +325,29 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
     switch (layout) {
       case FusedLayout::out_in:
         r.read_rows_into<T>(fused_in, e * 2 * I, w.experts.w_in(slot));
-        r.read_rows_into<T>(fused_out, e * H, w.experts.w_out(slot));
+        r.read_rows_into<T>(fused_out, e * He, w.experts.w_out(slot));
         break;
       case FusedLayout::in_out:
-        w.experts.w_in(slot) = slice(fused_in, e * H, H, 2 * I).transpose();
-        w.experts.w_out(slot) = slice(fused_out, e * I, I, H).transpose();
+        w.experts.w_in(slot) = slice(fused_in, e * He, He, 2 * I).transpose();
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();
         break;
       case FusedLayout::in_out_interleaved: {
-        const RowMatrix<T> in = slice(fused_in, e * H, H, 2 * I);  // [H x 2I], x W
+        const RowMatrix<T> in = slice(fused_in, e * He, He, 2 * I);  // [He x 2I], x W
         for (Index i = 0; i < I; ++i) {
           w.experts.gate(slot).row(i) = in.col(2 * i).transpose();
           w.experts.up(slot).row(i) = in.col(2 * i + 1).transpose();
         }
-        w.experts.w_out(slot) = slice(fused_out, e * I, I, H).transpose();
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();
         break;
       }
       case FusedLayout::stacked_rows:
         r.read_rows_into<T>(fused_in, e * I, w.experts.gate(slot));
         r.read_rows_into<T>(p + row.fused_up, e * I, w.experts.up(slot));
-        w.experts.w_out(slot) = slice(fused_out, e * I, I, H).transpose();  // applied as h W
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();  // applied as h W
         break;
       case FusedLayout::plain_out_in:
         r.read_rows_into<T>(fused_in, e * I, w.experts.gate(slot));
-        r.read_rows_into<T>(fused_out, e * H, w.experts.w_out(slot));
+        r.read_rows_into<T>(fused_out, e * He, w.experts.w_out(slot));
         break;
     }
   }

@@ -155,6 +155,14 @@ struct ModelSpec {
                (layer + 1) % decoder_sparse_step == 0;
       case SparseLayers::deepseek_dense:
         return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+      case SparseLayers::listed: {
+        const nlohmann::json* v = detail::find_key(json, row().layers_key);
+        if (v == nullptr || !v->is_array() || static_cast<std::size_t>(layer) >= v->size()) {
+          return true;
+        }
+        const auto& type = (*v)[static_cast<std::size_t>(layer)];
+        return type == "moe" || type == "hash_moe" || type == "sparse";
+      }
       case SparseLayers::switch_stacks: {
         const bool decoder = layer >= num_encoder_layers;
         const Index i = decoder ? layer - num_encoder_layers : layer;
@@ -334,6 +342,7 @@ inline void parse_family_numbers(ModelSpec& s, const std::string& where) {
     m.shared_glu.clamp_after_activation = row.clamp_after_activation;
   }
   m.weight_expert_input = row.weight_expert_input;
+  if (row.latent_key != nullptr) m.latent_dim = s.get_int(row.latent_key, 0);
   if (row.shared_combine_key != nullptr) {
     const std::string how = s.get_string(row.shared_combine_key, "sum");
     if (how != "sum" && how != "average") {
@@ -349,6 +358,7 @@ inline void parse_family_numbers(ModelSpec& s, const std::string& where) {
 inline void parse_layer_keys(ModelSpec& s, const std::string& where) {
   switch (s.row().sparse_layers) {
     case SparseLayers::every_layer:
+    case SparseLayers::listed:
       return;
     case SparseLayers::qwen_step:
       s.decoder_sparse_step = s.get_int("decoder_sparse_step", 1);
@@ -410,7 +420,14 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   const FamilyRow& row = s.row();
 
   MoeConfig& m = s.moe;
-  s.num_layers = s.get_int(row.num_layers);
+  const nlohmann::json* layer_list =
+      row.layers_key != nullptr ? detail::find_key(s.json, row.layers_key) : nullptr;
+  if (layer_list != nullptr && layer_list->is_array() &&
+      s.get_int(row.num_layers, -1) == -1) {
+    s.num_layers = static_cast<Index>(layer_list->size());
+  } else {
+    s.num_layers = s.get_int(row.num_layers);
+  }
   m.d_model = s.get_int(row.d_model);
   m.d_ff = s.get_int(row.d_ff);
   s.dense_d_ff = row.dense_is_d_ff ? m.d_ff : s.get_int(row.dense_d_ff, 0);
