@@ -70,7 +70,8 @@ std::vector<double> rms_norm_f32(const std::vector<double>& v, const Vector<doub
   const float inv = 1.0f / std::sqrt(ms / static_cast<float>(v.size()) + static_cast<float>(eps));
   std::vector<double> out(v.size());
   for (std::size_t c = 0; c < v.size(); ++c) {
-    out[c] = static_cast<double>(static_cast<float>(v[c]) * inv * static_cast<float>(w[static_cast<Index>(c)]));
+    out[c] = static_cast<double>(static_cast<float>(v[c]) * inv *
+                                 static_cast<float>(w[static_cast<Index>(c)]));
   }
   return out;
 }
@@ -95,9 +96,11 @@ RowMatrix<double> plain_forward(const Block& b, const RowMatrix<double>& x,
       const Index e = routing.experts()(t, j);
       const double wt = routing.weights()(t, j);
       std::vector<double> in = xe;
-      if (c.weight_expert_input) for (double& v : in) v *= wt;
+      if (c.weight_expert_input)
+        for (double& v : in) v *= wt;
       const std::vector<double> out = expert(w.experts, e, in, c.expert_glu, p);
-      for (std::size_t k = 0; k < acc.size(); ++k) acc[k] += (c.weight_expert_input ? 1.0 : wt) * out[k];
+      for (std::size_t k = 0; k < acc.size(); ++k)
+        acc[k] += (c.weight_expert_input ? 1.0 : wt) * out[k];
     }
     for (std::size_t k = 0; k < acc.size(); ++k) {
       acc[k] *= scale;
@@ -112,7 +115,8 @@ RowMatrix<double> plain_forward(const Block& b, const RowMatrix<double>& x,
         if (c.shared_combine == SharedCombine::average) acc[k] *= 0.5;
       }
     }
-    if (w.expert_output_norm.size()) acc = rms_norm_f32(acc, w.expert_output_norm, c.router_norm_eps);
+    if (w.expert_output_norm.size())
+      acc = rms_norm_f32(acc, w.expert_output_norm, c.router_norm_eps);
     for (Index k = 0; k < x.cols(); ++k) y(t, k) = acc[static_cast<std::size_t>(k)];
   }
   return y;
@@ -197,7 +201,8 @@ TEST(FamilyBlock, Relu2PlainExpertsAndGeluTanhGated) {
   Plain relu2{false, [](double g) { return g > 0 ? g * g : 0.0; }};
   expect_block_matches_plain<Relu2Mlp>(c, random_weights(c, false, 4), relu2);
   Plain gelu_tanh{true, [](double g) {
-                    return 0.5 * g * (1 + std::tanh(0.79788456080286535588 * (g + 0.044715 * g * g * g)));
+                    return 0.5 * g *
+                           (1 + std::tanh(0.79788456080286535588 * (g + 0.044715 * g * g * g)));
                   }};
   expect_block_matches_plain<GeGLUTanh>(c, random_weights(c, true, 5), gelu_tanh);
 }
@@ -263,7 +268,8 @@ TEST(FamilyBlock, RouterExtrasGiveTheWrittenOutLogitsAndWeights) {
     }
     // softmax top-2, renormalised, then x per_expert_scale
     double m = *std::max_element(z.begin(), z.end()), sum = 0;
-    for (Index j = 0; j < 2; ++j) sum += std::exp(z[static_cast<std::size_t>(ws.routing().experts()(t, j))] - m);
+    for (Index j = 0; j < 2; ++j)
+      sum += std::exp(z[static_cast<std::size_t>(ws.routing().experts()(t, j))] - m);
     for (Index j = 0; j < 2; ++j) {
       const Index e = ws.routing().experts()(t, j);
       EXPECT_NEAR(ws.routing().weights()(t, j),

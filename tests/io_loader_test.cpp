@@ -58,14 +58,14 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values("afmoe", "cohere2_moe", "cohere2_moe_sigmoid", "dbrx", "deepseek_v2",
                       "deepseek_v2_group", "deepseek_v3", "deepseek_v32", "deepseek_v4",
                       "deepseek_v4_hash", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo",
-                      "gemma4", "gemma4_branch", "glm4_moe", "glm4_moe_lite", "gpt_oss", "gpt_oss_clamp",
-                      "granitemoe", "granitemoeshared", "granitemoeshared_layer",
-                      "hunyuan_v1_moe", "hy_v3", "hy_v3_fp32_combine", "jamba", "jetmoe",
-                      "laguna", "lfm2_moe", "llama4", "llama4_top2", "longcat_flash",
-                      "mimo_v2_flash", "minimax", "minimax_m2", "mistral4", "mixtral",
-                      "nemotron_h", "olmoe", "phimoe", "phimoe_eps001", "qwen2_moe",
-                      "qwen3_5_moe", "qwen3_moe", "qwen3_next", "solar_open", "step3p7",
-                      "step3p7_noclamp", "switch", "switch_capacity"),
+                      "gemma4", "gemma4_branch", "glm4_moe", "glm4_moe_lite", "gpt_oss",
+                      "gpt_oss_clamp", "granitemoe", "granitemoeshared", "granitemoeshared_layer",
+                      "hunyuan_v1_moe", "hy_v3", "hy_v3_fp32_combine", "jamba", "jetmoe", "laguna",
+                      "lfm2_moe", "llama4", "llama4_top2", "longcat_flash", "mimo_v2_flash",
+                      "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe",
+                      "phimoe", "phimoe_eps001", "qwen2_moe", "qwen3_5_moe", "qwen3_moe",
+                      "qwen3_next", "solar_open", "step3p7", "step3p7_noclamp", "switch",
+                      "switch_capacity"),
     [](const auto& info) { return std::string(info.param); });
 
 TEST(IoHfConfigKeys, Qwen3MoeNumLocalExpertsAndAliases) {
@@ -106,9 +106,10 @@ TEST(IoHfConfigKeys, UnknownModelTypeListsTheTable) {
   std::string known;
   for (const auto& row : moe::io::kFamilies)
     known += (known.empty() ? "" : ", ") + std::string(row.model_type);
-  EXPECT_EQ(known,
-            "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers, " +
-                moe::test::kV2ModelTypes);
+  EXPECT_EQ(
+      known,
+      "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers, " +
+          moe::test::kV2ModelTypes);
   expect_error<moe::io_error>([&] { moe::io::parse_model_spec(j.dump(), "c.json"); },
                               "moe: c.json: unknown model_type 'mixtral2' (known: " + known + ")");
 }

@@ -3,8 +3,6 @@
 //   REFERENCE <file> <family> PASS|FAIL|SKIP max_abs=<x> max_rel=<y> [extra=<x> ...]
 // max_rel is the largest error divided by (1 + max |reference|), the form of FORMAT.md's
 // tolerances. Exit status 1 if any case FAILs; an unreadable case is a FAIL, never a crash.
-#include <dirent.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +14,7 @@
 #include "reference/golden_case.hpp"
 #include "reference/golden_families.hpp"
 #include "reference/golden_v2_runner.hpp"
+#include <dirent.h>
 
 namespace {
 
@@ -74,7 +73,8 @@ int main() {
           }
           std::printf("REFERENCE %s %s %s max_abs=%.3g max_rel=%.3g", file.c_str(), family.c_str(),
                       report.passed() ? "PASS" : "FAIL", report.max_abs, report.max_rel);
-          for (const auto& [name, value] : report.extra) std::printf(" %s=%.3g", name.c_str(), value);
+          for (const auto& [name, value] : report.extra)
+            std::printf(" %s=%.3g", name.c_str(), value);
           std::printf("\n");
           for (const std::string& why : report.failures) std::printf("  %s\n", why.c_str());
           (report.passed() ? passed : failed) += 1;

@@ -221,8 +221,8 @@ class SparseMoeBlock {
     const Index L = config_.latent_dim;
     T* latent = L > 0 ? Access::latent(ws).ensure(2 * num_tokens * L) : nullptr;
     if (L > 0) {
-      kernels::gemm_small_nt<T>(x.data(), num_tokens, x.outerStride(), weights_.latent_in.data(),
-                                d, d, 0, L, latent, L);
+      kernels::gemm_small_nt<T>(x.data(), num_tokens, x.outerStride(), weights_.latent_in.data(), d,
+                                d, 0, L, latent, L);
       gather_rows(MatrixRef<T>(ConstMap<T>(latent, num_tokens, L)), plan,
                   Access::x_rows(ws).data());
     } else {
@@ -270,8 +270,8 @@ class SparseMoeBlock {
         }
       }
     } else {
-      combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr,
-                             s_gate, y, executor, combine);
+      combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr, s_gate,
+                             y, executor, combine);
     }
     if (weights_.expert_output_norm.size() != 0) {
       for (Index t = 0; t < num_tokens; ++t) {
@@ -307,8 +307,8 @@ class SparseMoeBlock {
             detail::concat("moe: glu alpha = ", g->alpha, " needs Silu experts (gpt-oss)"));
       }
     }
-    if (compact && (!config_.expert_glu.plain() || config_.weight_expert_input ||
-                    config_.latent_dim > 0)) {
+    if (compact &&
+        (!config_.expert_glu.plain() || config_.weight_expert_input || config_.latent_dim > 0)) {
       throw config_error(
           "moe: compact experts support the plain GLU, output weighting and no latent space");
     }

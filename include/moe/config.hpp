@@ -37,8 +37,8 @@ enum class SharedCombine {
 /// Sizes of a sparse MoE block. Names follow our vocabulary; the Hugging Face config key is in
 /// each comment. Routing options that belong to one gating family live in that policy's Options.
 struct MoeConfig {
-  Index d_model = 0;      ///< hidden_size
-  Index d_ff = 0;         ///< intermediate_size / moe_intermediate_size (width of one routed expert)
+  Index d_model = 0;  ///< hidden_size
+  Index d_ff = 0;     ///< intermediate_size / moe_intermediate_size (width of one routed expert)
   Index num_experts = 0;  ///< num_local_experts / num_experts / n_routed_experts
   Index top_k = 0;        ///< num_experts_per_tok
   /// Width of the shared expert that every token visits (Qwen2-MoE shared_expert_intermediate_size,
@@ -100,8 +100,9 @@ struct MoeConfig {
       throw config_error(detail::concat("moe: router_norm_eps = ", router_norm_eps,
                                         " must be finite and positive"));
     }
-    for (const auto& [name, g] : {std::pair<const char*, const GluOptions&>{"expert_glu", expert_glu},
-                                  {"shared_glu", shared_glu}}) {
+    for (const auto& [name, g] :
+         {std::pair<const char*, const GluOptions&>{"expert_glu", expert_glu},
+          {"shared_glu", shared_glu}}) {
       if (!(g.limit > 0)) {
         throw config_error(
             detail::concat("moe: ", name, ".limit = ", g.limit, " must be positive"));

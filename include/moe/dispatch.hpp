@@ -26,11 +26,11 @@ void gather_rows(const MatrixRef<T>& x, const DispatchPlan& plan, T* x_rows) {
 /// What a family changes in the combine (defaults: the plain weighted sum plus the shared expert).
 template <class T>
 struct CombineOptions {
-  bool unit_weights = false;        ///< Llama 4: the weights were applied to the expert inputs
-  T routed_scale = T(1);            ///< the routed sum times this (Laguna, Step-3.x)
-  const T* routed_bias = nullptr;   ///< [d_model] added to the routed sum (JetMoE), or nullptr
-  bool shared_average = false;      ///< (routed + shared) / 2 (Cohere2 MoE "average")
-  bool float32 = false;             ///< routed and shared rounded to float and added in float
+  bool unit_weights = false;       ///< Llama 4: the weights were applied to the expert inputs
+  T routed_scale = T(1);           ///< the routed sum times this (Laguna, Step-3.x)
+  const T* routed_bias = nullptr;  ///< [d_model] added to the routed sum (JetMoE), or nullptr
+  bool shared_average = false;     ///< (routed + shared) / 2 (Cohere2 MoE "average")
+  bool float32 = false;            ///< routed and shared rounded to float and added in float
 };
 
 /// The weighted combine: for every token t of y [num_tokens x d_model],

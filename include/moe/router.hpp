@@ -63,7 +63,8 @@ class Router {
     if (folded_.size() != 0) {
       logits_nt(x, folded_, logits);
       for (Index t = 0; t < num_tokens; ++t) {
-        const RouteS ms = static_cast<RouteS>(x.row(t).squaredNorm()) / static_cast<RouteS>(x.cols());
+        const RouteS ms =
+            static_cast<RouteS>(x.row(t).squaredNorm()) / static_cast<RouteS>(x.cols());
         const RouteS inv = RouteS(1) / std::sqrt(ms + static_cast<RouteS>(config.router_norm_eps));
         for (Index e = 0; e < E; ++e) logits[t * E + e] *= inv;
       }
@@ -120,8 +121,8 @@ class Router {
   /// The router matrix is small (E x d_model), so it stays in cache across row tiles.
   static void logits_nt(const MatrixRef<T>& x, const RowMatrix<T>& w, RouteS* out) {
     static_assert(std::is_same_v<RouteS, T>, "moe: the router computes in the block's scalar");
-    kernels::gemm_small_nt<T>(x.data(), x.rows(), x.outerStride(), w.data(), w.cols(), w.cols(),
-                              0, w.rows(), out, w.rows());
+    kernels::gemm_small_nt<T>(x.data(), x.rows(), x.outerStride(), w.data(), w.cols(), w.cols(), 0,
+                              w.rows(), out, w.rows());
   }
 
   Gating gating_;

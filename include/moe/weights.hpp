@@ -80,8 +80,7 @@ struct MoeWeights {
     if (needs_noise) {
       detail::check_shape("router noise weight", router_noise.rows(), router_noise.cols(), E, d);
     }
-    auto check_stack = [&](const char* what, const ExpertStack<T>& s, Index n, Index f,
-                           Index d) {
+    auto check_stack = [&](const char* what, const ExpertStack<T>& s, Index n, Index f, Index d) {
       if (s.num_experts() != n || s.d_model() != (n ? d : s.d_model()) || s.d_ff() != f ||
           (n && s.gated() != gated)) {
         throw shape_error(detail::concat(
@@ -90,7 +89,8 @@ struct MoeWeights {
             " experts of d_model ", d, ", d_ff ", f, (gated ? " (gated)" : " (plain)")));
       }
     };
-    if (check_experts) check_stack("routed experts", experts, E, config.d_ff, config.expert_d_model());
+    if (check_experts)
+      check_stack("routed experts", experts, E, config.d_ff, config.expert_d_model());
     if (config.latent_dim > 0) {
       detail::check_shape("latent_in", latent_in.rows(), latent_in.cols(), config.latent_dim, d);
       detail::check_shape("latent_out", latent_out.rows(), latent_out.cols(), d, config.latent_dim);
@@ -130,12 +130,11 @@ struct MoeWeights {
 
   std::size_t bytes() const {
     return experts.bytes() + shared.bytes() +
-           static_cast<std::size_t>(router.size() + router_bias.size() + router_noise.size() +
-                                    shared_gate.size() + router_logit_bias.size() +
-                                    router_input_scale.size() + expert_weight_scale.size() +
-                                    output_bias.size() + expert_input_norm.size() +
-                                    expert_output_norm.size() + latent_in.size() +
-                                    latent_out.size()) *
+           static_cast<std::size_t>(
+               router.size() + router_bias.size() + router_noise.size() + shared_gate.size() +
+               router_logit_bias.size() + router_input_scale.size() + expert_weight_scale.size() +
+               output_bias.size() + expert_input_norm.size() + expert_output_norm.size() +
+               latent_in.size() + latent_out.size()) *
                sizeof(T) +
            static_cast<std::size_t>(expert_table.size()) * sizeof(std::int64_t);
   }

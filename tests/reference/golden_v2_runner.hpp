@@ -9,8 +9,6 @@
 // A case the library does not model yet returns false with the reason (SKIP).
 #pragma once
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,8 +23,10 @@
 
 #include "moe/io/model.hpp"
 #include "moe/io/safetensors.hpp"
+
 #include "reference/golden_case.hpp"
 #include "reference/golden_case_v2.hpp"
+#include <unistd.h>
 
 namespace moe::golden::v2 {
 
@@ -54,8 +54,7 @@ class TempDir {
 /// holds the HF module alone, so its names are relative to that module: they are written under
 /// the layer prefix config.json implies, plus the part of the family's router name the case
 /// lacks (Granite's "block_sparse_moe." when the case is the MoE module itself).
-inline void write_case_checkpoint(const Case& c, const std::string& path,
-                                  const std::string& dir) {
+inline void write_case_checkpoint(const Case& c, const std::string& path, const std::string& dir) {
   nlohmann::json config = c.hf_config();
   // The Switch case builds the sparse MLP directly; its config's encoder_sparse_step (0) makes no
   // layer of the HF model sparse.
@@ -110,8 +109,8 @@ RowMatrix<double> run_loaded(const io::AnyMoeBlock<T>& block, const Case& c,
     for (Index t = 0; t < r.num_tokens(); ++t) {
       for (Index j = 0; j < r.slots(); ++j) {
         if (!r.kept()(t, j)) continue;
-        (*routing)[static_cast<std::size_t>(t)].emplace_back(r.experts()(t, j),
-                                                             static_cast<double>(r.weights()(t, j)));
+        (*routing)[static_cast<std::size_t>(t)].emplace_back(
+            r.experts()(t, j), static_cast<double>(r.weights()(t, j)));
       }
     }
   }
@@ -140,8 +139,8 @@ inline void compare_elementwise(Report& report, const std::string& what,
     report.extra.emplace_back(what + "_rel", max_rel);
   }
   if (!(max_rel <= tol)) {
-    report.failures.push_back(moe::detail::concat(what, ": max error / (1 + |ref|) = ", max_rel,
-                                                  " exceeds ", tol));
+    report.failures.push_back(
+        moe::detail::concat(what, ": max error / (1 + |ref|) = ", max_rel, " exceeds ", tol));
   }
 }
 
@@ -177,8 +176,8 @@ inline void compare_routing(Report& report, const Case& c,
   }
   report.extra.emplace_back("routing_w_rel", max_err);
   if (mismatched > 0) {
-    report.failures.push_back(
-        moe::detail::concat("routing: ", mismatched, " tokens differ from HF's (expert, weight) sets"));
+    report.failures.push_back(moe::detail::concat(
+        "routing: ", mismatched, " tokens differ from HF's (expert, weight) sets"));
   }
 }
 

@@ -19,8 +19,7 @@ namespace moe::io::detail {
 /// A limit key: a number, or a list whose first entry is one (Step swiglu_limits); absent:
 /// fallback; null (or a null entry): no limit.
 template <class Spec>
-double limit_value(const Spec& s, const char* key, double fallback,
-                          const std::string& where) {
+double limit_value(const Spec& s, const char* key, double fallback, const std::string& where) {
   if (key == nullptr) return fallback;
   const auto it = s.json.find(key);
   if (it == s.json.end()) return fallback;
@@ -51,7 +50,8 @@ void fill_scored_options(O& o, const Spec& s, const std::string& where) {
     o.topk_group = s.get_int("topk_group", o.topk_group);
   }
   if (row.zero_experts_key != nullptr) o.zero_experts = s.get_int(row.zero_experts_key, 0);
-  if (row.norm_min_key != nullptr) o.normalize_min = s.get_double(row.norm_min_key, o.normalize_min);
+  if (row.norm_min_key != nullptr)
+    o.normalize_min = s.get_double(row.norm_min_key, o.normalize_min);
   if (row.normalize_p_key != nullptr) {
     o.normalize_p = s.get_double(row.normalize_p_key, o.normalize_p);
   }
@@ -114,7 +114,8 @@ void parse_family_numbers(Spec& s, const std::string& where) {
     }
     m.shared_combine = how == "average" ? SharedCombine::average : SharedCombine::sum;
   }
-  if (row.fp32_combine_key != nullptr) m.combine_in_float32 = s.get_bool(row.fp32_combine_key, false);
+  if (row.fp32_combine_key != nullptr)
+    m.combine_in_float32 = s.get_bool(row.fp32_combine_key, false);
 }
 
 }  // namespace moe::io::detail

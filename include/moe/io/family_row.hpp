@@ -35,10 +35,38 @@ enum class Family {
   deepseek_v2,          ///< DeepseekV2ForCausalLM (softmax, group max, shared experts)
   deepseek_v3,          ///< DeepseekV3ForCausalLM (sigmoid, bias, top-2-sum groups)
   switch_transformers,  ///< SwitchTransformersForConditionalGeneration (top-1, ReLU experts)
-  afmoe, cohere2_moe, dbrx, deepseek_v32, deepseek_v4, dots1, ernie4_5_moe, exaone_moe,
-  flex_olmo, gemma4, glm4_moe, glm4_moe_lite, gpt_oss, granitemoe, granitemoeshared,
-  hunyuan_v1_moe, hy_v3, jamba, jetmoe, laguna, lfm2_moe, llama4, longcat_flash, mimo_v2_flash,
-  minimax, minimax_m2, mistral4, nemotron_h, phimoe, qwen3_5_moe, qwen3_next, solar_open,
+  afmoe,
+  cohere2_moe,
+  dbrx,
+  deepseek_v32,
+  deepseek_v4,
+  dots1,
+  ernie4_5_moe,
+  exaone_moe,
+  flex_olmo,
+  gemma4,
+  glm4_moe,
+  glm4_moe_lite,
+  gpt_oss,
+  granitemoe,
+  granitemoeshared,
+  hunyuan_v1_moe,
+  hy_v3,
+  jamba,
+  jetmoe,
+  laguna,
+  lfm2_moe,
+  llama4,
+  longcat_flash,
+  mimo_v2_flash,
+  minimax,
+  minimax_m2,
+  mistral4,
+  nemotron_h,
+  phimoe,
+  qwen3_5_moe,
+  qwen3_next,
+  solar_open,
   step3p7,
 };
 
@@ -64,11 +92,11 @@ enum class ExpertKind {
 
 /// How the fused expert tensors (fused_gate_up / fused_down) are laid out.
 enum class FusedLayout {
-  out_in,          ///< [E, 2F, D] gate rows first, [E, D, F] (transformers v5, nn.Linear)
-  in_out,          ///< [E, D, 2F] (x W: gate columns first), [E, F, D] (Llama 4)
+  out_in,              ///< [E, 2F, D] gate rows first, [E, D, F] (transformers v5, nn.Linear)
+  in_out,              ///< [E, D, 2F] (x W: gate columns first), [E, F, D] (Llama 4)
   in_out_interleaved,  ///< [E, D, 2F] gate = even columns, up = odd; [E, F, D] (gpt-oss)
-  stacked_rows,    ///< three [E F, D]: w1 gate, v1 up (x W^T), w2 down (h W) (DBRX)
-  plain_out_in,    ///< ungated: up [E, F, D], down [E, D, F] (Nemotron-H)
+  stacked_rows,        ///< three [E F, D]: w1 gate, v1 up (x W^T), w2 down (h W) (DBRX)
+  plain_out_in,        ///< ungated: up [E, F, D], down [E, D, F] (Nemotron-H)
 };
 
 /// Which layers hold a sparse MoE block (the others are dense FFNs), as the HF model decides.
@@ -77,7 +105,7 @@ enum class SparseLayers {
   qwen_step,       ///< not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
   deepseek_dense,  ///< layer >= first_k_dense_replace and layer % moe_layer_freq == 0
   switch_stacks,   ///< encoder then decoder blocks; i % step == 1 (or step == 1) in its stack
-  listed,          ///< layers_key lists every layer's type; "moe" / "hash_moe" / "sparse" are sparse
+  listed,  ///< layers_key lists every layer's type; "moe" / "hash_moe" / "sparse" are sparse
 };
 
 /// How config.json gives the shared expert's width.
@@ -103,13 +131,13 @@ struct FamilyRow {
   bool gated_experts = true;     ///< SwiGLU-style gate/up/down (else a plain two-matrix MLP)
 
   // config.json keys (our name <- HF names)
-  ConfigKey num_layers{};   ///< layers (Switch: encoder blocks)
-  ConfigKey d_model{};      ///< hidden_size
-  ConfigKey d_ff{};         ///< routed expert width
-  ConfigKey dense_d_ff{};   ///< dense layers' width (absent: 0, or d_ff when dense_is_d_ff)
+  ConfigKey num_layers{};      ///< layers (Switch: encoder blocks)
+  ConfigKey d_model{};         ///< hidden_size
+  ConfigKey d_ff{};            ///< routed expert width
+  ConfigKey dense_d_ff{};      ///< dense layers' width (absent: 0, or d_ff when dense_is_d_ff)
   bool dense_is_d_ff = false;  ///< dense layers have the routed width (Switch)
-  ConfigKey num_experts{};  ///< routed experts (num_local_experts)
-  ConfigKey top_k{};        ///< experts per token; empty: fixed_top_k
+  ConfigKey num_experts{};     ///< routed experts (num_local_experts)
+  ConfigKey top_k{};           ///< experts per token; empty: fixed_top_k
   Index fixed_top_k = 0;
   SharedWidth shared_width = SharedWidth::none;
   ConfigKey shared_key{};
@@ -128,9 +156,9 @@ struct FamilyRow {
   const char* router = nullptr;               ///< [E x d_model]
   const char* router_bias = nullptr;          ///< [E] selection bias, or nullptr
   const char* refused_router_bias = nullptr;  ///< a classifier bias we do not support, or nullptr
-  const char* expert_gate = nullptr;  ///< per expert [d_ff x d_model] (plain MLP: the input)
-  const char* expert_up = nullptr;    ///< per expert [d_ff x d_model], nullptr for a plain MLP
-  const char* expert_down = nullptr;  ///< per expert [d_model x d_ff]
+  const char* expert_gate = nullptr;    ///< per expert [d_ff x d_model] (plain MLP: the input)
+  const char* expert_up = nullptr;      ///< per expert [d_ff x d_model], nullptr for a plain MLP
+  const char* expert_down = nullptr;    ///< per expert [d_model x d_ff]
   const char* fused_gate_up = nullptr;  ///< fused input projection (fused_layout), or nullptr
   const char* fused_down = nullptr;     ///< fused output projection, or nullptr
   const char* shared_gate = nullptr;    ///< shared expert [S x d_model] (nullptr: none)
@@ -144,16 +172,16 @@ struct FamilyRow {
   // ---- issue 12: the v2 families' extras (all optional) ----
   ExpertKind expert_kind = ExpertKind::swiglu;
   FusedLayout fused_layout = FusedLayout::out_in;
-  const char* fused_up = nullptr;         ///< DBRX v1 [E F, D]
-  const char* expert_in_bias = nullptr;   ///< [E, 2F] (gpt-oss, interleaved like its columns)
-  const char* expert_out_bias = nullptr;  ///< [E, D]
-  const char* output_bias = nullptr;      ///< [D] added to the routed output (JetMoE)
+  const char* fused_up = nullptr;             ///< DBRX v1 [E F, D]
+  const char* expert_in_bias = nullptr;       ///< [E, 2F] (gpt-oss, interleaved like its columns)
+  const char* expert_out_bias = nullptr;      ///< [E, D]
+  const char* output_bias = nullptr;          ///< [D] added to the routed output (JetMoE)
   const char* router_logit_bias = nullptr;    ///< [E] added to the logits (gpt-oss)
   const char* router_input_scale = nullptr;   ///< [D] Gemma 4 router.scale
   const char* expert_weight_scale = nullptr;  ///< [E] Gemma 4 router.per_expert_scale
   const char* expert_table = nullptr;         ///< [V, k] DeepSeek-V4 hash layers gate.tid2eid
   const char* shared_fused_in = nullptr;  ///< shared [2S, D] gate rows first (Granite shared_mlp)
-  bool shared_optional = false;  ///< no shared expert when its tensors are absent
+  bool shared_optional = false;           ///< no shared expert when its tensors are absent
   /// Scored / biased_scored routing: the family type's defaults (gating/families.hpp), then the
   /// keys below override what config.json gives.
   gating::BiasedScoredTopK::Options (*biased_defaults)() = nullptr;
@@ -161,21 +189,21 @@ struct FamilyRow {
   ConfigKey scaling_key{};         ///< routed scaling factor
   bool scaling_on_output = false;  ///< the scaling multiplies the routed output (Laguna, Step)
   bool group_keys = false;         ///< n_group / topk_group are read
-  const char* zero_experts_key = nullptr;  ///< LongCat zero_expert_num
-  const char* norm_min_key = nullptr;      ///< ERNIE moe_norm_min
-  const char* normalize_p_key = nullptr;   ///< DBRX moe_normalize_expert_weights
-  const char* scoring_key = nullptr;       ///< Cohere2 expert_selection_fn (softmax / sigmoid)
-  const char* jitter_key = nullptr;        ///< Sparsemixer router_jitter_noise
-  const char* softcap_key = nullptr;       ///< Laguna moe_router_logit_softcapping
+  const char* zero_experts_key = nullptr;     ///< LongCat zero_expert_num
+  const char* norm_min_key = nullptr;         ///< ERNIE moe_norm_min
+  const char* normalize_p_key = nullptr;      ///< DBRX moe_normalize_expert_weights
+  const char* scoring_key = nullptr;          ///< Cohere2 expert_selection_fn (softmax / sigmoid)
+  const char* jitter_key = nullptr;           ///< Sparsemixer router_jitter_noise
+  const char* softcap_key = nullptr;          ///< Laguna moe_router_logit_softcapping
   const char* router_norm_eps_key = nullptr;  ///< Gemma 4 rms_norm_eps (router input norm)
-  const char* limit_key = nullptr;         ///< swiglu_limit (a list: its first entry)
+  const char* limit_key = nullptr;            ///< swiglu_limit (a list: its first entry)
   double limit_default = std::numeric_limits<double>::infinity();
-  const char* shared_limit_key = nullptr;  ///< Step swiglu_limits_shared
-  bool shared_same_limit = false;          ///< the shared expert clamps like the routed (V4)
-  bool clamp_after_activation = false;     ///< Step: min(silu(g), L)
-  double up_offset = 0.0;                  ///< gpt-oss: (up + 1)
-  double glu_alpha = 1.0;                  ///< gpt-oss: 1.702
-  bool weight_expert_input = false;        ///< Llama 4
+  const char* shared_limit_key = nullptr;    ///< Step swiglu_limits_shared
+  bool shared_same_limit = false;            ///< the shared expert clamps like the routed (V4)
+  bool clamp_after_activation = false;       ///< Step: min(silu(g), L)
+  double up_offset = 0.0;                    ///< gpt-oss: (up + 1)
+  double glu_alpha = 1.0;                    ///< gpt-oss: 1.702
+  bool weight_expert_input = false;          ///< Llama 4
   const char* shared_combine_key = nullptr;  ///< Cohere2 shared_expert_combination_strategy
   const char* fp32_combine_key = nullptr;    ///< hy_v3 enable_moe_fp32_combine
   const char* layer_types_key = nullptr;     ///< DeepSeek-V4 mlp_layer_types ("hash_moe" layers)

@@ -182,12 +182,15 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
                    "': a router bias is not supported");
   }
   const std::int64_t R = E + (s.row().biased_defaults ? s.biased_options.zero_experts : 0);
-  if (R != E) r.check(router, {R, H});  // zero experts score too (LongCat)
-  else r.check(router, {E, H});
+  if (R != E)
+    r.check(router, {R, H});  // zero experts score too (LongCat)
+  else
+    r.check(router, {E, H});
   const bool bias = row.router_bias != nullptr && !s.is_hash_layer(layer);
   auto vector_shape = [&](const std::string& name, std::int64_t n) {
     // [n], or [1, n] (ERNIE moe_statics)
-    if (r.has(name) && m.tensors().info(name).shape.size() == 2) return std::vector<std::int64_t>{1, n};
+    if (r.has(name) && m.tensors().info(name).shape.size() == 2)
+      return std::vector<std::int64_t>{1, n};
     return std::vector<std::int64_t>{n};
   };
   if (bias) r.check(p + row.router_bias, vector_shape(p + row.router_bias, R));
@@ -216,9 +219,9 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   }
 
   // Routed experts: fused or per expert; only the chosen ones are checked and read.
-  const bool fused = row.fused_gate_up != nullptr &&
-                     (row.expert_gate == nullptr || r.has(p + row.fused_gate_up) ||
-                      (row.fused_down != nullptr && r.has(p + row.fused_down)));
+  const bool fused =
+      row.fused_gate_up != nullptr && (row.expert_gate == nullptr || r.has(p + row.fused_gate_up) ||
+                                       (row.fused_down != nullptr && r.has(p + row.fused_down)));
   const std::string fused_in = fused ? p + row.fused_gate_up : "";
   const std::string fused_out = fused && row.fused_down ? p + row.fused_down : "";
   auto expert_name = [&](const char* pattern, Index e) {
@@ -226,7 +229,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   };
   const FusedLayout layout = row.fused_layout;
   // Rows of the fused input tensor per expert; zero experts may add unused rows (LongCat).
-  const std::int64_t E_in = fused && r.has(fused_in) && m.tensors().info(fused_in).shape.size() == 3 &&
+  const std::int64_t E_in = fused && r.has(fused_in) &&
+                                    m.tensors().info(fused_in).shape.size() == 3 &&
                                     m.tensors().info(fused_in).shape[0] == R
                                 ? R
                                 : E;
@@ -280,14 +284,11 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   // Every shape agrees: allocate and read.
   // Sized for the chosen experts only: a rank's shard never holds the others, even briefly.
   MoeWeights<T> w;
-  w.experts =
-      ExpertStack<T>(static_cast<Index>(chosen.size()), c.expert_d_model(), c.d_ff, gated);
+  w.experts = ExpertStack<T>(static_cast<Index>(chosen.size()), c.expert_d_model(), c.d_ff, gated);
   if (expert_biases) w.experts.add_biases();
   if (shared) w.shared = ExpertStack<T>(1, c.d_model, c.shared_d_ff, gated);
   w.router = r.read<T>(router);
-  auto read_vector = [&](const char* name) -> Vector<T> {
-    return r.read<T>(p + name).transpose();
-  };
+  auto read_vector = [&](const char* name) -> Vector<T> { return r.read<T>(p + name).transpose(); };
   if (bias) w.router_bias = read_vector(row.router_bias);
   if (logit_bias) w.router_logit_bias = read_vector(row.router_logit_bias);
   if (input_scale) w.router_input_scale = read_vector(row.router_input_scale);
@@ -312,7 +313,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
       w.experts.out_biases().row(slot) = slice(p + row.expert_out_bias, e, 1, He);
       for (Index i = 0; i < (gated ? 2 : 1) * I; ++i) {
         // gpt-oss interleaves gate and up columns; ours are gate entries then up entries.
-        const Index at = layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
+        const Index at =
+            layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
         w.experts.in_biases()(slot, i) = b_in(0, at);
       }
     }

@@ -74,7 +74,8 @@ struct ModelSpec {
   bool is_hash_layer(Index layer) const {
     if (row().layer_types_key == nullptr) return false;
     const nlohmann::json* v = detail::find_key(json, row().layer_types_key);
-    return v != nullptr && v->is_array() && layer >= 0 && static_cast<std::size_t>(layer) < v->size() &&
+    return v != nullptr && v->is_array() && layer >= 0 &&
+           static_cast<std::size_t>(layer) < v->size() &&
            (*v)[static_cast<std::size_t>(layer)] == "hash_moe";
   }
 
@@ -324,8 +325,7 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   MoeConfig& m = s.moe;
   const nlohmann::json* layer_list =
       row.layers_key != nullptr ? detail::find_key(s.json, row.layers_key) : nullptr;
-  if (layer_list != nullptr && layer_list->is_array() &&
-      s.get_int(row.num_layers, -1) == -1) {
+  if (layer_list != nullptr && layer_list->is_array() && s.get_int(row.num_layers, -1) == -1) {
     s.num_layers = static_cast<Index>(layer_list->size());
   } else {
     s.num_layers = s.get_int(row.num_layers);
