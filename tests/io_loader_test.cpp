@@ -15,6 +15,7 @@
 #include "moe/io/model.hpp"
 
 #include "io_test_util.hpp"
+#include "reference/golden_v2_runner.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -37,62 +38,35 @@ using Json = nlohmann::json;
 // ---------------------------------------------------------------------------------------------
 // config.json and HF names as transformers 5.17 writes them: the v2 golden cases
 
-/// Writes `case_file`'s config.json (its hf_config_json metadata) and its hf.* tensors under the
-/// checkpoint names of layer 0 into `dir`; returns the parsed spec.
-moe::io::ModelSpec write_checkpoint_of_case(const moe::io::SafetensorsFile& c,
-                                            const ScratchDir& dir, Json* config_out = nullptr) {
-  Json config = Json::parse(c.metadata().at("hf_config_json"));
-  // The Switch case builds the sparse MLP directly; its config's encoder_sparse_step (0, from
-  // num_layers // num_sparse_encoder_layers = 1 // 3) makes no layer of the HF model sparse.
-  if (config["model_type"] == "switch_transformers") config["encoder_sparse_step"] = 1;
-  write_text(dir.file("config.json"), config.dump(2));
-  const auto spec = moe::io::parse_model_spec(config.dump(), dir.file("config.json"));
-  const std::string prefix = spec.moe_prefix(0);
-  std::vector<TensorToWrite> tensors;
-  for (const std::string& name : c.names()) {
-    if (name.rfind("hf.", 0) != 0) continue;
-    TensorToWrite t =
-        moe::io::make_tensor(prefix + name.substr(3), c.read_matrix<double>(name), Dtype::F64);
-    t.shape = c.info(name).shape;
-    tensors.push_back(std::move(t));
-  }
-  moe::io::write_safetensors(dir.file("model.safetensors"), tensors);
-  if (config_out != nullptr) *config_out = config;
-  return spec;
-}
-
 class IoHfConfig : public ::testing::TestWithParam<const char*> {};
 
+// Every v2 case (one per family at least): its config.json and HF names written as a checkpoint,
+// the block built by load_any_moe_layer, output and routing equal to HF's (double and float;
+// tests/reference/golden_v2_runner.hpp holds the tolerances).
 TEST_P(IoHfConfig, LayerLoadsFromHfConfigAndNamesAndMatchesHfOutput) {
   const std::string path =
       std::string(MOE_TEST_DATA_DIR) + "/reference/v2/" + GetParam() + ".safetensors";
-  const auto c = moe::io::SafetensorsFile::open(path);
-  ScratchDir dir;
-  Json config;
-  const auto spec = write_checkpoint_of_case(c, dir, &config);
-  EXPECT_EQ(spec.moe.d_model, std::stoi(c.metadata().at("D")));
-  EXPECT_EQ(spec.moe.num_experts, std::stoi(c.metadata().at("E")));
-  EXPECT_EQ(spec.moe.top_k, std::stoi(c.metadata().at("k")));
-
-  LoadOptions o;
-  o.switch_dropless = true;  // transformers 5.17's capacity rule never drops (FORMAT.md 5.6)
-  const auto block = moe::io::load_any_moe_layer<double>(dir.str(), 0, o);
-  const RowMatrix<double> x = c.read_matrix<double>("input");
-  const RowMatrix<double> want = c.read_matrix<double>("output");
-  const RowMatrix<double> y = block.forward(x);
-  ASSERT_EQ(y.rows(), want.rows());
-  ASSERT_EQ(y.cols(), want.cols());
-  for (Index i = 0; i < y.size(); ++i) {
-    // FORMAT.md / issue 12: double vs HF (routers in float32) within 1e-6 (1 + |y|).
-    ASSERT_NEAR(y.data()[i], want.data()[i], 1e-6 * (1 + std::abs(want.data()[i])))
-        << GetParam() << " element " << i;
-  }
+  const moe::golden::v2::Case c(path);
+  moe::golden::Report report;
+  std::string skip;
+  ASSERT_TRUE(moe::golden::v2::run_case(c, path, report, skip)) << skip;
+  for (const std::string& why : report.failures) ADD_FAILURE() << GetParam() << ": " << why;
 }
 
-INSTANTIATE_TEST_SUITE_P(V2Cases, IoHfConfig,
-                         ::testing::Values("mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
-                                           "deepseek_v2", "deepseek_v3", "switch"),
-                         [](const auto& info) { return std::string(info.param); });
+INSTANTIATE_TEST_SUITE_P(
+    V2Cases, IoHfConfig,
+    ::testing::Values("afmoe", "cohere2_moe", "cohere2_moe_sigmoid", "dbrx", "deepseek_v2",
+                      "deepseek_v2_group", "deepseek_v3", "deepseek_v32", "deepseek_v4",
+                      "deepseek_v4_hash", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo",
+                      "gemma4", "gemma4_branch", "glm4_moe", "glm4_moe_lite", "gpt_oss",
+                      "gpt_oss_clamp", "granitemoe", "granitemoeshared", "granitemoeshared_layer",
+                      "hunyuan_v1_moe", "hy_v3", "hy_v3_fp32_combine", "jamba", "jetmoe", "laguna",
+                      "lfm2_moe", "llama4", "llama4_top2", "longcat_flash", "mimo_v2_flash",
+                      "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe",
+                      "phimoe", "phimoe_eps001", "qwen2_moe", "qwen3_5_moe", "qwen3_moe",
+                      "qwen3_next", "solar_open", "step3p7", "step3p7_noclamp", "switch",
+                      "switch_capacity"),
+    [](const auto& info) { return std::string(info.param); });
 
 TEST(IoHfConfigKeys, Qwen3MoeNumLocalExpertsAndAliases) {
   // transformers 5.17's Qwen3MoeConfig saves num_local_experts (the v2 case's config says so).
@@ -132,8 +106,10 @@ TEST(IoHfConfigKeys, UnknownModelTypeListsTheTable) {
   std::string known;
   for (const auto& row : moe::io::kFamilies)
     known += (known.empty() ? "" : ", ") + std::string(row.model_type);
-  EXPECT_EQ(known,
-            "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers");
+  EXPECT_EQ(
+      known,
+      "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers, " +
+          moe::test::kV2ModelTypes);
   expect_error<moe::io_error>([&] { moe::io::parse_model_spec(j.dump(), "c.json"); },
                               "moe: c.json: unknown model_type 'mixtral2' (known: " + known + ")");
 }

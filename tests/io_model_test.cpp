@@ -135,7 +135,8 @@ TEST(IoModelSpec, ErrorsNameTheKey) {
         moe::io::parse_model_spec(j.dump(), "d/config.json");
       },
       "moe: d/config.json: unknown model_type 'llama' (known: mixtral, qwen2_moe, qwen3_moe, "
-      "olmoe, deepseek_v2, deepseek_v3, switch_transformers)");
+      "olmoe, deepseek_v2, deepseek_v3, switch_transformers, " +
+          std::string(moe::test::kV2ModelTypes) + ")");
   expect_error<moe::io_error>(
       [] {
         Json j = mixtral_config();
@@ -479,7 +480,8 @@ TEST(IoModelErrors, UnknownModelTypeFromADirectory) {
       [&] { moe::io::load_any_moe_layer<float>(dir.str(), 0); },
       "moe: " + dir.file("config.json") +
           ": unknown model_type 'gpt2' (known: mixtral, qwen2_moe, qwen3_moe, olmoe, "
-          "deepseek_v2, deepseek_v3, switch_transformers)");
+          "deepseek_v2, deepseek_v3, switch_transformers, " +
+          moe::test::kV2ModelTypes + ")");
 }
 
 TEST(IoModelErrors, FfnMismatch) {

@@ -21,6 +21,15 @@
 
 namespace moe::test {
 
+/// The model types issue 12 added to the family table, in table order (pinned: the unknown
+/// model_type message lists them after the first seven).
+inline const std::string kV2ModelTypes =
+    "flex_olmo, jamba, minimax, qwen3_next, qwen3_5_moe_text, hunyuan_v1_moe, gemma4_text, "
+    "gpt_oss, llama4_text, granitemoe, granitemoeshared, jetmoe, cohere2_moe, dbrx, mistral4, "
+    "phimoe, deepseek_v32, dots1, glm4_moe, glm4_moe_lite, solar_open, exaone_moe, mimo_v2_flash, "
+    "deepseek_v4, nemotron_h, afmoe, hy_v3, minimax_m2, laguna, step3p5, lfm2_moe, ernie4_5_moe, "
+    "longcat_flash";
+
 namespace fs = std::filesystem;
 
 /// A fresh directory under the system temp dir, removed with its contents at scope exit.

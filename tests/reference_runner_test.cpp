@@ -3,8 +3,6 @@
 //   REFERENCE <file> <family> PASS|FAIL|SKIP max_abs=<x> max_rel=<y> [extra=<x> ...]
 // max_rel is the largest error divided by (1 + max |reference|), the form of FORMAT.md's
 // tolerances. Exit status 1 if any case FAILs; an unreadable case is a FAIL, never a crash.
-#include <dirent.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +13,8 @@
 #include "reference/golden_backward.hpp"
 #include "reference/golden_case.hpp"
 #include "reference/golden_families.hpp"
+#include "reference/golden_v2_runner.hpp"
+#include <dirent.h>
 
 namespace {
 
@@ -41,7 +41,8 @@ std::vector<std::string> list_cases(const std::string& dir, bool& ok) {
 }  // namespace
 
 int main() {
-  std::vector<std::string> dirs = {std::string(MOE_TEST_DATA_DIR) + "/reference"};
+  std::vector<std::string> dirs = {std::string(MOE_TEST_DATA_DIR) + "/reference",
+                                   std::string(MOE_TEST_DATA_DIR) + "/reference/v2"};
   if (const char* extra = std::getenv("MOE_REFERENCE_DIR")) {
     std::string list = extra;
     std::size_t start = 0;
@@ -58,6 +59,28 @@ int main() {
       const std::string file = path.substr(path.find_last_of('/') + 1);
       std::string family = "-";
       try {
+        if (moe::io::SafetensorsFile::open(path).metadata().count("schema") != 0 &&
+            moe::io::SafetensorsFile::open(path).metadata().at("schema") == "moe-golden-v2") {
+          const moe::golden::v2::Case c(path);
+          family = c.family();
+          moe::golden::Report report;
+          std::string skip_reason;
+          if (!moe::golden::v2::run_case(c, path, report, skip_reason)) {
+            std::printf("REFERENCE %s %s SKIP %s\n", file.c_str(), family.c_str(),
+                        skip_reason.c_str());
+            ++skipped;
+            continue;
+          }
+          std::printf("REFERENCE %s %s %s max_abs=%.3g max_rel=%.3g", file.c_str(), family.c_str(),
+                      report.passed() ? "PASS" : "FAIL", report.max_abs, report.max_rel);
+          for (const auto& [name, value] : report.extra)
+            std::printf(" %s=%.3g", name.c_str(), value);
+          std::printf("\n");
+          for (const std::string& why : report.failures) std::printf("  %s\n", why.c_str());
+          (report.passed() ? passed : failed) += 1;
+          if (!report.passed()) ok = false;
+          continue;
+        }
         const moe::golden::Case c(path);
         family = c.meta_or("family", "-");
         if (family == "-") {

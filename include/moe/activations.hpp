@@ -63,6 +63,18 @@ struct Relu {
   }
 };
 
+/// Squared ReLU: relu(x)^2 (Nemotron-H experts, mlp_hidden_act "relu2").
+struct Relu2 {
+  template <class T>
+  static T value(T x) {
+    return x > T(0) ? x * x : T(0);
+  }
+  template <class T>
+  static T derivative(T x) {
+    return x > T(0) ? T(2) * x : T(0);
+  }
+};
+
 /// Gated FFN kind: down(act(gate x) * (up x)). The input projection of one expert is stored fused,
 /// [2 d_ff x d_model], gate rows first (the transformers v5 gate_up_proj layout).
 template <class Activation>
@@ -82,5 +94,7 @@ using SwiGLU = Gated<Silu>;     ///< Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek exper
 using GeGLU = Gated<Gelu>;      ///< GeGLU (erf GELU)
 using ReluMlp = Plain<Relu>;    ///< Switch Transformers experts
 using GeluMlp = Plain<Gelu>;    ///< plain GELU MLP
+using GeGLUTanh = Gated<GeluTanh>;  ///< Gemma 4 experts (gelu_pytorch_tanh)
+using Relu2Mlp = Plain<Relu2>;      ///< Nemotron-H experts (ungated relu^2)
 
 }  // namespace moe

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <utility>
 
@@ -12,6 +13,7 @@
 #include "moe/experts/grouped.hpp"
 #include "moe/experts/storage.hpp"
 #include "moe/gating.hpp"
+#include "moe/kernels/gemm_small.hpp"
 #include "moe/kernels/topk.hpp"
 #include "moe/router.hpp"
 #include "moe/routing.hpp"
@@ -81,7 +83,10 @@ class SparseMoeBlock {
       : config_(config), weights_(std::move(weights)), router_(Gating(options)) {
     config_.validate();
     router_.gating().validate(config_);
-    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise);
+    check_ffn_numbers();
+    weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise, true,
+                      router_.num_scored(config_));
+    router_.prepare(weights_);
     if constexpr (compact) {
       experts_ = CompactStack::from(weights_.experts);
       weights_.experts = ExpertStack<T>();
@@ -103,8 +108,10 @@ class SparseMoeBlock {
           "moe: a compact block takes its routed experts as a CompactExpertStack; pass an empty "
           "MoeWeights::experts");
     }
+    check_ffn_numbers();
     weights_.validate(config_, Ffn::gated, Gating::uses_bias, Gating::uses_noise,
-                      /*check_experts=*/false);
+                      /*check_experts=*/false, router_.num_scored(config_));
+    router_.prepare(weights_);
     if constexpr (compact) {
       if (experts.num_experts() != config_.num_experts || experts.d_model() != config_.d_model ||
           experts.d_ff() != config_.d_ff || experts.gated() != Ffn::gated) {
@@ -213,7 +220,23 @@ class SparseMoeBlock {
     if (num_tokens == 0) return;
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
-    gather_rows(x, plan, Access::x_rows(ws).data());
+    // Nemotron-H latent experts: they see h = x W1^T [T x L]; their weighted sum is projected
+    // back by W2 after the combine. Both [T x L] halves live in one workspace buffer.
+    const Index L = config_.latent_dim;
+    T* latent = L > 0 ? Access::latent(ws).ensure(2 * num_tokens * L) : nullptr;
+    if (L > 0) {
+      kernels::gemm_small_nt<T>(x.data(), num_tokens, x.outerStride(), weights_.latent_in.data(), d,
+                                d, 0, L, latent, L);
+      gather_rows(MatrixRef<T>(ConstMap<T>(latent, num_tokens, L)), plan,
+                  Access::x_rows(ws).data());
+    } else {
+      gather_rows(x, plan, Access::x_rows(ws).data());
+    }
+    if (weights_.expert_input_norm.size() != 0) {
+      rms_norm_rows(Access::x_rows(ws).data(), plan.num_rows, weights_.expert_input_norm.data());
+    }
+    const auto weights = std::as_const(Access::routing(ws)).weights();
+    if (config_.weight_expert_input) scale_gathered_rows(plan, weights, Access::x_rows(ws).data());
     const SharedJob shared = shared_job(x, ws);
 
     // Jobs 0..E-1: the routed experts on their gathered rows; job E: the shared expert on the
@@ -222,20 +245,110 @@ class SparseMoeBlock {
     const auto& stack = experts();
     const Index num_shared = shared.present ? 1 : 0;
     detail::run_ffn_jobs<Ffn>(
-        config_.num_experts, [&](Index e) { return detail::grouped_expert_job(stack, rows, e); },
+        config_.num_experts,
+        [&](Index e) {
+          auto job = detail::grouped_expert_job(stack, rows, e);
+          job.glu = config_.expert_glu;
+          return job;
+        },
         num_shared, [&](Index) { return shared.job; },
         Access::task_begin(ws).ensure(config_.num_experts + num_shared + 1), executor);
+    copy_zero_expert_rows(plan, rows);
 
     const T* s_gate = shared.present ? shared_gates(x, ws) : nullptr;
-    combine_expert_outputs(plan, std::as_const(Access::routing(ws)).weights(), rows.y,
-                           shared.present ? shared.job.y : nullptr, s_gate, y, executor);
+    CombineOptions<T> combine;
+    combine.unit_weights = config_.weight_expert_input;
+    combine.routed_scale = static_cast<T>(gating::routed_output_scale(router_.gating()));
+    combine.routed_bias = weights_.output_bias.size() ? weights_.output_bias.data() : nullptr;
+    combine.shared_average = config_.shared_combine == SharedCombine::average;
+    combine.float32 = config_.combine_in_float32;
+    if (L > 0) {
+      T* routed = latent + num_tokens * L;
+      combine_expert_outputs(plan, weights, rows.y, static_cast<const T*>(nullptr),
+                             static_cast<const T*>(nullptr),
+                             MatrixMut<T>(MutMap<T>(routed, num_tokens, L)), executor, combine);
+      kernels::gemm_small_nt<T>(routed, num_tokens, L, weights_.latent_out.data(), L, L, 0, d,
+                                y.data(), y.outerStride());
+      if (shared.present) {
+        for (Index t = 0; t < num_tokens; ++t) {
+          y.row(t) += s_gate[t] * ConstMap<T>(shared.job.y + t * d, 1, d);
+        }
+      }
+    } else {
+      combine_expert_outputs(plan, weights, rows.y, shared.present ? shared.job.y : nullptr, s_gate,
+                             y, executor, combine);
+    }
+    if (weights_.expert_output_norm.size() != 0) {
+      for (Index t = 0; t < num_tokens; ++t) {
+        rms_norm_rows(&y(t, 0), 1, weights_.expert_output_norm.data());
+      }
+    }
+  }
+
+  // rows [n x d_model] (contiguous) = rmsnorm(row) * w, in float32 as HF's Gemma 4 norms:
+  // x * rsqrt(mean x^2 + eps) * w, then back to T.
+  void rms_norm_rows(T* rows, Index n, const T* w) const {
+    const Index d = config_.d_model;
+    const float eps = static_cast<float>(config_.router_norm_eps);
+    for (Index r = 0; r < n; ++r) {
+      T* row = rows + r * d;
+      float ms = 0;
+      for (Index c = 0; c < d; ++c) ms += static_cast<float>(row[c]) * static_cast<float>(row[c]);
+      const float inv = 1.0f / std::sqrt(ms / static_cast<float>(d) + eps);
+      for (Index c = 0; c < d; ++c) {
+        row[c] = static_cast<T>(static_cast<float>(row[c]) * inv * static_cast<float>(w[c]));
+      }
+    }
+  }
+
+  // Throws config_error for GLU numbers the Ffn kind cannot apply.
+  void check_ffn_numbers() const {
+    for (const GluOptions* g : {&config_.expert_glu, &config_.shared_glu}) {
+      if (!g->plain() && !Ffn::gated) {
+        throw config_error("moe: expert_glu / shared_glu clamps need a gated Ffn kind");
+      }
+      if (g->alpha != 1.0 && !std::is_same_v<typename Ffn::activation, Silu>) {
+        throw config_error(
+            detail::concat("moe: glu alpha = ", g->alpha, " needs Silu experts (gpt-oss)"));
+      }
+    }
+    if (compact &&
+        (!config_.expert_glu.plain() || config_.weight_expert_input || config_.latent_dim > 0)) {
+      throw config_error(
+          "moe: compact experts support the plain GLU, output weighting and no latent space");
+    }
+  }
+
+  // Llama 4: each gathered row is scaled by its slot's routing weight before the expert.
+  template <class W>
+  void scale_gathered_rows(const DispatchPlan& plan, const W& weights, T* x_rows) const {
+    const Index d = config_.expert_d_model();
+    for (Index t = 0; t < plan.num_tokens; ++t) {
+      for (Index j = 0; j < plan.slots; ++j) {
+        const Index r = plan.slot_row[static_cast<std::size_t>(t * plan.slots + j)];
+        if (r < 0) continue;
+        const T w = static_cast<T>(weights(t, j));
+        for (T* v = x_rows + r * d; v != x_rows + (r + 1) * d; ++v) *v *= w;
+      }
+    }
+  }
+
+  // Zero (identity) experts after the E routed ones (LongCat): their rows' output is their input.
+  void copy_zero_expert_rows(const DispatchPlan& plan, const GroupedRows<T>& rows) const {
+    const Index d = config_.expert_d_model();
+    for (Index e = config_.num_experts; e < plan.num_experts; ++e) {
+      const Index begin = plan.offsets[static_cast<std::size_t>(e)];
+      const Index n = plan.counts[static_cast<std::size_t>(e)];
+      std::copy(rows.x + begin * d, rows.x + (begin + n) * d, rows.y + begin * d);
+    }
   }
 
   // The grouped rows of this call in ws: inference applies the activation in place over the
   // gate columns; training keeps the pre-activation for the backward pass and writes the
   // activations separately. Compact prefill: per-worker scratch for one decoded weight tile.
   GroupedRows<T> grouped_rows(const DispatchPlan& plan, Workspace<T>& ws, Index workers) const {
-    const Index N = plan.num_rows, d = config_.d_model, in = experts().in_rows(), f = config_.d_ff;
+    const Index N = plan.num_rows, d = config_.expert_d_model(), in = experts().in_rows();
+    const Index f = config_.d_ff;
     GroupedRows<T> rows;
     rows.x = Access::x_rows(ws).ensure(N * d);
     rows.offsets = plan.offsets.data();
@@ -276,6 +389,7 @@ class SparseMoeBlock {
     s.present = true;
     s.job = detail::expert_job(weights_.shared, 0, x.data(), x.outerStride(), n, hidden, act,
                                ld_act, out);
+    s.job.glu = config_.shared_glu;
     return s;
   }
 

@@ -23,19 +23,30 @@ void gather_rows(const MatrixRef<T>& x, const DispatchPlan& plan, T* x_rows) {
   }
 }
 
+/// What a family changes in the combine (defaults: the plain weighted sum plus the shared expert).
+template <class T>
+struct CombineOptions {
+  bool unit_weights = false;       ///< Llama 4: the weights were applied to the expert inputs
+  T routed_scale = T(1);           ///< the routed sum times this (Laguna, Step-3.x)
+  const T* routed_bias = nullptr;  ///< [d_model] added to the routed sum (JetMoE), or nullptr
+  bool shared_average = false;     ///< (routed + shared) / 2 (Cohere2 MoE "average")
+  bool float32 = false;            ///< routed and shared rounded to float and added in float
+};
+
 /// The weighted combine: for every token t of y [num_tokens x d_model],
-///   y[t] = sum_{j < slots, executed} weights(t, j) * y_rows[plan.slot_row[t * slots + j]]
-///          (+ shared_scale[t] * shared_y[t] when shared_y is given)
+///   routed[t] = sum_{j < slots, executed} weights(t, j) * y_rows[plan.slot_row[t * slots + j]]
+///   y[t] = routed[t] * routed_scale + routed_bias  (+ shared_scale[t] * shared_y[t])  (/ 2)
 /// summed in slot order (descending weight), the shared expert last: one order for every batch
 /// size and executor. weights: [num_tokens x slots] routing weights (Routing::weights()); y_rows
 /// [plan.num_rows x d_model] the experts' unweighted outputs (row stride d_model); shared_y
 /// [num_tokens x d_model] and shared_scale [num_tokens] (the shared expert's output and gate, 1
-/// without a gate), or both nullptr. Runs as chunks of 32 tokens through the executor; no
-/// allocation.
+/// without a gate), or both nullptr. options: see CombineOptions (the defaults are the plain
+/// combine, bitwise). Runs as chunks of 32 tokens through the executor; no allocation.
 template <class T, class S>
 void combine_expert_outputs(const DispatchPlan& plan, const ConstMap<S>& weights, const T* y_rows,
                             const T* shared_y, const T* shared_scale, MatrixMut<T> y,
-                            const Executor& executor = serial_executor()) {
+                            const Executor& executor = serial_executor(),
+                            const CombineOptions<T>& options = {}) {
   const Index num_tokens = y.rows(), d = y.cols(), slots = plan.slots;
   constexpr Index kChunk = 32;
   executor.run((num_tokens + kChunk - 1) / kChunk, [&](Index task, Index) {
@@ -46,9 +57,25 @@ void combine_expert_outputs(const DispatchPlan& plan, const ConstMap<S>& weights
       for (Index j = 0; j < slots; ++j) {
         const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
         if (r < 0) continue;
-        yr += static_cast<T>(weights(t, j)) * ConstMap<T>(y_rows + r * d, 1, d);
+        if (options.unit_weights) {
+          yr += ConstMap<T>(y_rows + r * d, 1, d);
+        } else {
+          yr += static_cast<T>(weights(t, j)) * ConstMap<T>(y_rows + r * d, 1, d);
+        }
       }
-      if (shared_y != nullptr) yr += shared_scale[t] * ConstMap<T>(shared_y + t * d, 1, d);
+      if (options.routed_scale != T(1)) yr *= options.routed_scale;
+      if (options.routed_bias != nullptr) yr += ConstMap<T>(options.routed_bias, 1, d);
+      if (shared_y != nullptr) {
+        if (options.float32) {
+          for (Index c = 0; c < d; ++c) {
+            yr[c] = static_cast<T>(static_cast<float>(yr[c]) +
+                                   static_cast<float>(shared_scale[t] * shared_y[t * d + c]));
+          }
+        } else {
+          yr += shared_scale[t] * ConstMap<T>(shared_y + t * d, 1, d);
+        }
+      }
+      if (options.shared_average) yr *= T(0.5);
     }
   });
 }

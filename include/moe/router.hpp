@@ -1,4 +1,6 @@
-// moe: the router: linear scores x * W_r^T, then a gating policy.
+// moe: the router: linear scores x * W_r^T (with the family extras that MoeWeights carries as
+// data: logit bias, soft-capping, input RMS norm and scale, per-expert weight scale), then a
+// gating policy.
 #pragma once
 
 #include <cmath>
@@ -12,12 +14,15 @@
 
 namespace moe {
 
-/// Router logits followed by the Gating policy. W_r is stored [num_experts x d_model] as in
-/// checkpoints, so logits = x * W_r^T, computed in RouteScalar<T> (float or wider). Extras, each
-/// applied when the weights / config carry it: the input RMS norm and scale (Gemma 4), a bias on
-/// the logits (gpt-oss), soft-capping (Laguna), a per-expert scale of the weights after the
-/// gating (Gemma 4); the token ids (Workspace::set_token_ids) and the expert table
-/// (MoeWeights::expert_table) for policies that route by token id (DeepSeek-V4 hash layers).
+/// Router logits followed by the Gating policy. W_r is stored [E' x d_model] as in checkpoints
+/// (E' = num_experts + the policy's zero experts), so logits = x * W_r^T, computed in
+/// RouteScalar<T> (float or wider). Extras, each applied only when its tensor is present in the
+/// weights (or its number set in the config), in HF's order:
+///   Gemma 4:  logits(t) = (x_t / rms(x_t) * scale * d^-1/2) W_r^T   (router_input_scale; the
+///             scale and d^-1/2 are folded into W_r once, in prepare(): one product per call)
+///   gpt-oss:  logits += router_logit_bias
+///   Laguna:   logits = c tanh(logits / c)                          (router_logit_softcap c)
+///   Gemma 4:  after the policy, w(t, j) *= expert_weight_scale[e(t, j)]
 template <class T, class Gating>
 class Router {
  public:
@@ -28,25 +33,63 @@ class Router {
 
   const Gating& gating() const { return gating_; }
 
+  /// Experts the router scores: num_experts plus the policy's zero (identity) experts.
+  Index num_scored(const MoeConfig& config) const {
+    return config.num_experts + gating::zero_experts(gating_);
+  }
+
+  /// Precomputes what the extras need from the weights (the folded Gemma 4 router). Called once
+  /// by the block's constructor, after the weights are validated.
+  void prepare(const MoeWeights<T>& weights) {
+    if (weights.router_input_scale.size() == 0) return;
+    const T inv_sqrt_d = T(1) / std::sqrt(static_cast<T>(weights.router.cols()));
+    folded_ = weights.router;
+    for (Index e = 0; e < folded_.rows(); ++e) {
+      for (Index c = 0; c < folded_.cols(); ++c) {
+        folded_(e, c) *= weights.router_input_scale[c] * inv_sqrt_d;
+      }
+    }
+  }
+
   /// Routes x [T x d_model] into the workspace's routing. Shapes are validated by the caller (the
   /// block).
   void route(const MoeConfig& config, const MatrixRef<T>& x, const MoeWeights<T>& weights,
              Workspace<T>& ws) const {
-    const Index num_tokens = x.rows(), E = config.num_experts;
+    const Index num_tokens = x.rows(), E = num_scored(config);
     Routing<RouteS>& routing = detail::WorkspaceAccess::routing(ws);
     routing.resize(num_tokens, E, gating_.slots(config));
     if (num_tokens == 0) return;
-    if (weights.router_input_scale.size() != 0) {
-      normed_logits(config, x, weights, routing.logits().data());
+    RouteS* logits = routing.logits().data();
+    if (folded_.size() != 0) {
+      logits_nt(x, folded_, logits);
+      for (Index t = 0; t < num_tokens; ++t) {
+        const RouteS ms =
+            static_cast<RouteS>(x.row(t).squaredNorm()) / static_cast<RouteS>(x.cols());
+        const RouteS inv = RouteS(1) / std::sqrt(ms + static_cast<RouteS>(config.router_norm_eps));
+        for (Index e = 0; e < E; ++e) logits[t * E + e] *= inv;
+      }
     } else {
-      logits_nt(x, weights.router, routing.logits().data());
+      logits_nt(x, weights.router, logits);
     }
-    apply_logit_extras(config, weights, routing.logits());
+    if (weights.router_logit_bias.size() != 0) {
+      for (Index t = 0; t < num_tokens; ++t) {
+        for (Index e = 0; e < E; ++e) logits[t * E + e] += weights.router_logit_bias[e];
+      }
+    }
+    if (config.router_logit_softcap > 0) {
+      const RouteS c = static_cast<RouteS>(config.router_logit_softcap);
+      for (Index i = 0; i < num_tokens * E; ++i) logits[i] = c * std::tanh(logits[i] / c);
+    }
     RouteContext<RouteS> ctx;
     ctx.training = ws.training();
     ctx.scratch = detail::WorkspaceAccess::gating_scratch(ws).ensure(E);
     ctx.scratch_size = E;
     if constexpr (Gating::uses_bias) ctx.selection_bias = weights.router_bias.data();
+    ctx.token_ids = ws.token_ids();
+    if (weights.expert_table.size() != 0) {
+      ctx.expert_table = weights.expert_table.data();
+      ctx.expert_table_rows = weights.expert_table.rows();
+    }
     if constexpr (Gating::uses_noise) {
       if (ws.training()) {
         // noise_ holds [T x E] noise logits, then [T x E] standard normal draws (for backward).
@@ -58,77 +101,20 @@ class Router {
         ctx.rng = &ws.rng();
       }
     }
-    if (weights.expert_table.size() != 0) {
-      ctx.expert_table = weights.expert_table.data();
-      ctx.expert_table_rows = weights.expert_table.rows();
-    }
-    if (ws.token_ids() != nullptr) {
-      if (ws.num_token_ids() != num_tokens) {
-        throw shape_error(detail::concat("moe: ", ws.num_token_ids(), " token ids for ", num_tokens,
-                                         " tokens (Workspace::set_token_ids)"));
-      }
-      ctx.token_ids = ws.token_ids();
-    }
     gating_.route(config, ctx, routing);
     if (weights.expert_weight_scale.size() != 0) {
-      // Gemma 4: w[t, j] *= per_expert_scale[e[t, j]], after the gating's renormalisation.
       auto w = routing.weights();
-      const auto e = routing.experts();
+      const auto idx = std::as_const(routing).experts();
       for (Index t = 0; t < num_tokens; ++t) {
         for (Index j = 0; j < routing.slots(); ++j) {
-          if (e(t, j) >= 0) w(t, j) *= static_cast<RouteS>(weights.expert_weight_scale(e(t, j)));
+          const Index e = idx(t, j);
+          if (e >= 0 && e < config.num_experts) w(t, j) *= weights.expert_weight_scale[e];
         }
       }
     }
-  }
-
-  /// True when the weights carry router extras the backward pass does not differentiate yet.
-  static bool has_extras(const MoeConfig& config, const MoeWeights<T>& weights) {
-    return config.router_logit_softcap > 0 || weights.router_logit_bias.size() != 0 ||
-           weights.router_input_scale.size() != 0 || weights.expert_weight_scale.size() != 0;
   }
 
  private:
-  /// Gemma 4's router input: logits[t] = W (x[t] / rms(x[t]) * scale * d^-1/2), rms with
-  /// MoeConfig::router_norm_eps; a plain per-token loop (O(T E d), the router is small), the same
-  /// operations for every batch size.
-  static void normed_logits(const MoeConfig& config, const MatrixRef<T>& x,
-                            const MoeWeights<T>& weights, RouteS* out) {
-    const Index T_ = x.rows(), d = x.cols(), E = weights.router.rows();
-    const T inv_sqrt_d = T(1) / std::sqrt(static_cast<T>(d));
-    for (Index t = 0; t < T_; ++t) {
-      const T* xt = x.data() + t * x.outerStride();
-      T ms = 0;
-      for (Index i = 0; i < d; ++i) ms += xt[i] * xt[i];
-      const T inv =
-          T(1) / std::sqrt(ms / static_cast<T>(d) + static_cast<T>(config.router_norm_eps));
-      for (Index e = 0; e < E; ++e) {
-        const T* we = weights.router.data() + e * d;
-        T z = 0;
-        for (Index i = 0; i < d; ++i) {
-          z += we[i] * (xt[i] * inv * weights.router_input_scale(i) * inv_sqrt_d);
-        }
-        out[t * E + e] = z;
-      }
-    }
-  }
-
-  /// The logit bias (gpt-oss), then soft-capping c tanh(z / c) (Laguna), in place.
-  static void apply_logit_extras(const MoeConfig& config, const MoeWeights<T>& weights,
-                                 MutMap<RouteS> logits) {
-    if (weights.router_logit_bias.size() != 0) {
-      for (Index t = 0; t < logits.rows(); ++t) {
-        for (Index e = 0; e < logits.cols(); ++e) logits(t, e) += weights.router_logit_bias(e);
-      }
-    }
-    if (config.router_logit_softcap > 0) {
-      const RouteS c = static_cast<RouteS>(config.router_logit_softcap);
-      for (Index i = 0; i < logits.size(); ++i) {
-        logits.data()[i] = c * std::tanh(logits.data()[i] / c);
-      }
-    }
-  }
-
   /// out [T x E] = x * w^T through the streaming kernel: each token's logits are computed by the
   /// same sequence of operations whatever the batch size, so routing is batch-invariant (Eigen's
   /// product takes different paths for 1 row and for more, with different summation orders).
@@ -140,6 +126,7 @@ class Router {
   }
 
   Gating gating_;
+  RowMatrix<T> folded_;  ///< Gemma 4: W_r * diag(router_input_scale) * d^-1/2, else empty
 };
 
 }  // namespace moe

@@ -148,6 +148,7 @@ class Workspace {
   detail::GrowBuffer<T> shared_act_;     ///< [T x shared d_ff] (training only)
   detail::GrowBuffer<T> shared_y_;       ///< [T x d_model] shared expert output before gating
   detail::GrowBuffer<T> shared_gate_;    ///< [T] sigmoid gate of the shared expert
+  detail::GrowBuffer<T> latent_;         ///< [T x 2 L] latent inputs and routed sums (Nemotron-H)
   /// [E + 2] first task of each FFN job of one phase (block.hpp, detail::run_ffn_jobs)
   detail::GrowBuffer<Index> task_begin_;
   /// [workers x 256 max(d_model, d_ff)] decoded weight tiles (compact storage, prefill only)
@@ -260,6 +261,10 @@ struct WorkspaceAccess {
   template <class T>
   static const auto& shared_y(const Workspace<T>& ws) {
     return ws.shared_y_;
+  }
+  template <class T>
+  static auto& latent(Workspace<T>& ws) {
+    return ws.latent_;
   }
   template <class T>
   static auto& shared_gate(Workspace<T>& ws) {

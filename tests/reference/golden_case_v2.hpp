@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moe/io/json.hpp"
 #include "moe/io/safetensors.hpp"
 #include "moe/moe.hpp"
 
@@ -28,7 +29,7 @@ class Case {
     const std::string schema = meta("schema");
     if (schema != "moe-golden-v2") fail("schema '" + schema + "' is not moe-golden-v2");
     try {
-      config_ = nlohmann::json::parse(strict_json(meta("hf_config_json")));
+      config_ = nlohmann::json::parse(io::detail::python_literals_to_null(meta("hf_config_json")));
       const auto f32 = nlohmann::json::parse(meta_or("float32_tensors_in_hf", "[]"));
       for (const auto& name : f32) float32_in_hf_.insert(name.get<std::string>());
     } catch (const nlohmann::json::exception& e) {

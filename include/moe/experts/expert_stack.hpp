@@ -94,8 +94,31 @@ class ExpertStack {
   const RowMatrix<T>& stacked_in() const { return w_in_; }
   const RowMatrix<T>& stacked_out() const { return w_out_; }
 
+  /// Adds zero biases to both projections (gpt-oss, JetMoE experts): in_bias(e) [in_rows] is
+  /// added to the input projection's output (gate entries first, as the rows of w_in), out_bias(e)
+  /// [d_model] to the expert's output. Fill them through in_biases() / out_biases().
+  void add_biases() {
+    in_bias_ = RowMatrix<T>::Zero(num_experts_, in_rows());
+    out_bias_ = RowMatrix<T>::Zero(num_experts_, d_model_);
+  }
+  bool has_biases() const { return in_bias_.size() != 0 || out_bias_.size() != 0; }
+  /// [E x in_rows] and [E x d_model] biases (empty without add_biases()).
+  RowMatrix<T>& in_biases() { return in_bias_; }
+  RowMatrix<T>& out_biases() { return out_bias_; }
+  const RowMatrix<T>& in_biases() const { return in_bias_; }
+  const RowMatrix<T>& out_biases() const { return out_bias_; }
+  /// Expert e's input bias [in_rows] / output bias [d_model], or nullptr without biases.
+  const T* in_bias(Index e) const {
+    return in_bias_.size() ? in_bias_.data() + e * in_rows() : nullptr;
+  }
+  const T* out_bias(Index e) const {
+    return out_bias_.size() ? out_bias_.data() + e * d_model_ : nullptr;
+  }
+
   std::size_t bytes() const {
-    return static_cast<std::size_t>(w_in_.size() + w_out_.size()) * sizeof(T);
+    return static_cast<std::size_t>(w_in_.size() + w_out_.size() + in_bias_.size() +
+                                    out_bias_.size()) *
+           sizeof(T);
   }
 
  private:
@@ -112,6 +135,7 @@ class ExpertStack {
   Index num_experts_ = 0, d_model_ = 0, d_ff_ = 0;
   bool gated_ = true;
   RowMatrix<T> w_in_, w_out_;
+  RowMatrix<T> in_bias_, out_bias_;  // empty unless add_biases()
 };
 
 }  // namespace moe

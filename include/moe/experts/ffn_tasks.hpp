@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "moe/activations.hpp"
+#include "moe/config.hpp"
 #include "moe/experts/operand.hpp"
 #include "moe/kernels/activation.hpp"
 #include "moe/tensor.hpp"
@@ -35,6 +36,9 @@ struct FfnJob {
   T* y = nullptr;
   T* scratch = nullptr;
   Index scratch_stride = 0;
+  const T* in_bias = nullptr;   ///< [in] added to hidden before the activation, or nullptr
+  const T* out_bias = nullptr;  ///< [d] added to y, or nullptr
+  GluOptions glu{};             ///< clamp / offset / slope of a gated FFN (plain: the fast kernel)
 };
 
 /// Column granule of every task: a multiple of the small kernels' register tiles and of a cache
@@ -172,6 +176,24 @@ void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index w
     job.up.product(job.x, job.n, job.ldx, a, b, job.hidden + job.f, job.in, scratch,
                    job.scratch_stride);
   }
+  if (job.in_bias != nullptr) {
+    for (Index r = 0; r < job.n; ++r) {
+      T* hr = job.hidden + r * job.in;
+      for (Index i = a; i < b; ++i) hr[i] += job.in_bias[i];
+      if constexpr (Ffn::gated) {
+        for (Index i = a; i < b; ++i) hr[job.f + i] += job.in_bias[job.f + i];
+      }
+    }
+  }
+  if constexpr (Ffn::gated) {
+    if (!job.glu.plain()) {
+      kernels::clamped_glu_cols<typename Ffn::activation>(
+          job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act,
+          static_cast<T>(job.glu.limit), job.glu.clamp_after_activation,
+          static_cast<T>(job.glu.up_offset), static_cast<T>(job.glu.alpha));
+      return;
+    }
+  }
   apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
   // The output phase's input, converted where it was computed (no extra pass, no barrier).
   if constexpr (prepares_input_v<Operand>) {
@@ -193,6 +215,12 @@ void ffn_down_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index
   const auto [c0, c1] = block_range(job.d, parts, part, ffn_down_granule<Operand>());
   T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
   job.down.product(job.act, job.n, job.ld_act, c0, c1, job.y, job.d, scratch, job.scratch_stride);
+  if (job.out_bias != nullptr) {
+    for (Index r = 0; r < job.n; ++r) {
+      T* yr = job.y + r * job.d;
+      for (Index c = c0; c < c1; ++c) yr[c] += job.out_bias[c];
+    }
+  }
 }
 
 /// Runs two groups of FFN jobs (first_at(j) for j < num_first, then second_at(j - num_first)

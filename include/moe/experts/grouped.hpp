@@ -3,6 +3,8 @@
 // on the rows it received for its local experts.
 #pragma once
 
+#include <type_traits>
+
 #include "moe/experts/ffn_tasks.hpp"
 #include "moe/experts/storage.hpp"
 #include "moe/tensor.hpp"
@@ -58,6 +60,10 @@ auto expert_job(const Stack& experts, Index e, const T* x, Index ldx, Index n, T
   job.y = y;
   job.scratch = scratch;
   job.scratch_stride = scratch_stride;
+  if constexpr (std::is_same_v<Stack, ExpertStack<T>>) {
+    job.in_bias = experts.in_bias(e);
+    job.out_bias = experts.out_bias(e);
+  }
   return job;
 }
 

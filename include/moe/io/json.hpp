@@ -100,9 +100,49 @@ inline nlohmann::json parse_untrusted_json(const char* begin, const char* end,
 }
 
 /// config.json value of `key`, or nullptr when absent or JSON null (HF writes "head_dim": null).
+/// `text` with the literals Python's json.dumps writes for non-finite floats (Infinity,
+/// -Infinity, NaN; HF config.json files carry them, e.g. Nemotron-H time_step_limit) replaced by
+/// null outside strings, so a strict JSON parser reads the file. No MoE key takes such a value.
+inline std::string python_literals_to_null(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (in_string) {
+      out += ch;
+      if (ch == '\\' && i + 1 < text.size()) {
+        out += text[++i];
+      } else if (ch == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (ch == '"') in_string = true;
+    bool replaced = false;
+    for (const char* lit : {"-Infinity", "Infinity", "NaN"}) {
+      const std::size_t n = std::char_traits<char>::length(lit);
+      if (text.compare(i, n, lit) == 0) {
+        out += "null";
+        i += n - 1;
+        replaced = true;
+        break;
+      }
+    }
+    if (!replaced) out += ch;
+  }
+  return out;
+}
+
 inline const nlohmann::json* find_key(const nlohmann::json& j, const std::string& key) {
   const auto it = j.find(key);
-  return (it == j.end() || it->is_null()) ? nullptr : &*it;
+  if (it != j.end()) return it->is_null() ? nullptr : &*it;
+  // A dotted key reads nested objects (DBRX "ffn_config.moe_top_k").
+  const std::size_t dot = key.find('.');
+  if (dot == std::string::npos) return nullptr;
+  const auto outer = j.find(key.substr(0, dot));
+  if (outer == j.end() || !outer->is_object()) return nullptr;
+  return find_key(*outer, key.substr(dot + 1));
 }
 
 }  // namespace moe::io::detail

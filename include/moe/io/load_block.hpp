@@ -44,7 +44,9 @@ Block load_moe_layer(const ModelCheckpoint& m, Index layer, const LoadOptions& o
   }
   check_ffn<typename Block::FfnKind>(m.spec());
   const typename G::Options options_of_g = gating_options<G>(m.spec(), options);
-  return Block(m.spec().moe, load_moe_weights<typename Block::Scalar>(m, layer), options_of_g);
+  MoeWeights<typename Block::Scalar> w = load_moe_weights<typename Block::Scalar>(m, layer);
+  const MoeConfig config = layer_config(m.spec(), w);
+  return Block(config, std::move(w), options_of_g);
 }
 
 /// Opens `dir` (config.json + safetensors) and loads one layer: see the overload above. To load
@@ -54,11 +56,19 @@ Block load_moe_layer(const std::string& dir, Index layer, const LoadOptions& opt
   return load_moe_layer<Block>(ModelCheckpoint::open(dir), layer, options);
 }
 
-/// A sparse block whose family is chosen at run time: one alternative per RoutingKind.
-///   0: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE  (softmax top-k, SwiGLU)
-///   1: DeepSeek-V2                          (group-limited, softmax, no bias)
-///   2: DeepSeek-V3                          (group-limited, sigmoid + selection bias)
-///   3: Switch Transformers                  (top-1 with capacity, ReLU MLP experts)
+/// A sparse block whose family is chosen at run time: one alternative per (gating policy, FFN
+/// kind) pair some family needs; every other family difference is data (MoeConfig numbers,
+/// optional tensors of MoeWeights, the policy's Options), so the variant grows only when a new
+/// pair appears.
+///   0: SoftmaxTopK + SwiGLU        Mixtral, Qwen2/3-MoE, OLMoE, Qwen3-Next/3.5, Jamba, ...
+///   1: DeepSeekV2 + SwiGLU         DeepSeek-V2
+///   2: GroupLimitedTopK + SwiGLU   DeepSeek-V3 and every sigmoid/softmax + selection-bias family
+///   3: CapacityTopK + ReluMlp      Switch Transformers
+///   4: ScoredTopK + SwiGLU         gpt-oss, Llama 4, Granite, JetMoE, Cohere2, DBRX, Mistral 4,
+///                                  DeepSeek-V4 hash layers
+///   5: GroupLimitedTopK + Relu2Mlp Nemotron-H
+///   6: SoftmaxTopK + GeGLUTanh     Gemma 4
+///   7: Sparsemixer + SwiGLU        Phi-3.5-MoE
 /// Immutable and const like the blocks: one AnyMoeBlock serves many threads, each with its own
 /// Workspace.
 template <class T>
@@ -68,7 +78,11 @@ class AnyMoeBlock {
   using Variant = std::variant<SparseMoeBlock<T, gating::SoftmaxTopK, SwiGLU>,
                                SparseMoeBlock<T, gating::DeepSeekV2, SwiGLU>,
                                SparseMoeBlock<T, gating::GroupLimitedTopK, SwiGLU>,
-                               SparseMoeBlock<T, gating::CapacityTopK, ReluMlp>>;
+                               SparseMoeBlock<T, gating::CapacityTopK, ReluMlp>,
+                               SparseMoeBlock<T, gating::ScoredTopK, SwiGLU>,
+                               SparseMoeBlock<T, gating::GroupLimitedTopK, Relu2Mlp>,
+                               SparseMoeBlock<T, gating::SoftmaxTopK, GeGLUTanh>,
+                               SparseMoeBlock<T, gating::Sparsemixer, SwiGLU>>;
   /// The block type of alternative I (see the class comment).
   template <std::size_t I>
   using Alternative = std::variant_alternative_t<I, Variant>;
@@ -103,7 +117,7 @@ class AnyMoeBlock {
   const MoeConfig& config() const {
     return std::visit([](const auto& b) -> const MoeConfig& { return b.config(); }, block_);
   }
-  /// Which alternative is held (0..3, see the class comment).
+  /// Which alternative is held (0..7, see the class comment).
   std::size_t index() const { return block_.index(); }
   /// The block of alternative I; throws std::bad_variant_access when another one is held.
   template <std::size_t I>
@@ -128,15 +142,30 @@ template <class T>
 AnyMoeBlock<T> load_any_moe_layer(const ModelCheckpoint& m, Index layer,
                                   const LoadOptions& options = {}) {
   using Any = AnyMoeBlock<T>;
-  switch (m.spec().row().routing) {
+  const FamilyRow& row = m.spec().row();
+  if (m.spec().is_hash_layer(layer)) {
+    return load_moe_layer<typename Any::template Alternative<4>>(m, layer, options);
+  }
+  switch (row.routing) {
     case RoutingKind::softmax_top_k:
+      if (row.expert_kind == ExpertKind::geglu_tanh) {
+        return load_moe_layer<typename Any::template Alternative<6>>(m, layer, options);
+      }
       return load_moe_layer<typename Any::template Alternative<0>>(m, layer, options);
     case RoutingKind::deepseek_v2:
       return load_moe_layer<typename Any::template Alternative<1>>(m, layer, options);
     case RoutingKind::deepseek_v3:
+    case RoutingKind::biased_scored:
+      if (row.expert_kind == ExpertKind::relu2) {
+        return load_moe_layer<typename Any::template Alternative<5>>(m, layer, options);
+      }
       return load_moe_layer<typename Any::template Alternative<2>>(m, layer, options);
     case RoutingKind::capacity_top_1:
       return load_moe_layer<typename Any::template Alternative<3>>(m, layer, options);
+    case RoutingKind::scored:
+      return load_moe_layer<typename Any::template Alternative<4>>(m, layer, options);
+    case RoutingKind::sparsemixer:
+      return load_moe_layer<typename Any::template Alternative<7>>(m, layer, options);
   }
   throw value_error("moe: unknown RoutingKind in the family table");
 }

@@ -43,6 +43,7 @@ bool ffn_matches(const std::string& act) {
   using A = typename Ffn::activation;
   if constexpr (std::is_same_v<A, Silu>) return act == "silu" || act == "swish";
   if constexpr (std::is_same_v<A, Relu>) return act == "relu";
+  if constexpr (std::is_same_v<A, Relu2>) return act == "relu2";
   if constexpr (std::is_same_v<A, Gelu>) return act == "gelu";
   if constexpr (std::is_same_v<A, GeluTanh>) {
     return act == "gelu_pytorch_tanh" || act == "gelu_new" || act == "gelu_fast";
@@ -111,15 +112,25 @@ typename G::Options gating_options(const ModelSpec& s, const LoadOptions& lo = {
     o.normalize = s.norm_topk_prob;
     return detail::as_options<Want>(o);
   } else if constexpr (std::is_base_of_v<gating::GroupLimitedTopK, G>) {
+    if (kind == RoutingKind::biased_scored) return detail::as_options<Want>(s.biased_options);
     require(RoutingKind::deepseek_v3, "gating::GroupLimitedTopK");
     return detail::as_options<Want>(gating::GroupLimitedTopK::Options::deepseek_v3(
         s.n_group, s.topk_group, s.routed_scaling_factor, s.norm_topk_prob));
-  } else if constexpr (std::is_base_of_v<gating::DeepSeekV2, G>) {
+  } else if constexpr (std::is_base_of_v<gating::ScoredTopK, G>) {
+    if (kind == RoutingKind::scored) return detail::as_options<Want>(s.scored_options);
+    if (kind == RoutingKind::biased_scored && s.row().hash_defaults != nullptr) {
+      return detail::as_options<Want>(s.hash_options);  // a hash layer (load_any_moe_layer)
+    }
     require(RoutingKind::deepseek_v2, "gating::DeepSeekV2");
     // HF DeepseekV2: with norm_topk_prob the weights are renormalised and NOT scaled.
     auto o = gating::DeepSeekV2::Options::deepseek_v2(
         s.n_group, s.topk_group, s.norm_topk_prob ? 1.0 : s.routed_scaling_factor);
     o.normalize = s.norm_topk_prob;
+    return detail::as_options<Want>(o);
+  } else if constexpr (std::is_base_of_v<gating::Sparsemixer, G>) {
+    require(RoutingKind::sparsemixer, "gating::Sparsemixer");
+    typename gating::Sparsemixer::Options o{};
+    o.jitter_eps = s.jitter_eps;
     return detail::as_options<Want>(o);
   } else if constexpr (std::is_base_of_v<gating::CapacityTopK, G>) {
     require(RoutingKind::capacity_top_1, "gating::CapacityTopK");
@@ -156,6 +167,7 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   const FamilyRow& row = s.row();
   const MoeConfig& c = s.moe;
   const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff, S = c.shared_d_ff;
+  const std::int64_t He = c.expert_d_model(), L = c.latent_dim;  // the experts' input width
   const bool gated = row.gated_experts;
 
   // The prefix: the hub name, or the transformers v5 in-memory one when only that is present.
@@ -165,36 +177,106 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
     if (r.has(v5 + row.router)) p = v5;
   }
   const std::string router = p + row.router;
-  r.check(router, {E, H});
   if (row.refused_router_bias != nullptr && (s.router_bias || r.has(p + row.refused_router_bias))) {
     throw io_error("moe: " + m.directory() + ": '" + p + row.refused_router_bias +
                    "': a router bias is not supported");
   }
-  const bool bias = row.router_bias != nullptr;
-  if (bias) r.check(p + row.router_bias, {E});
+  const std::int64_t R = E + (s.row().biased_defaults ? s.biased_options.zero_experts : 0);
+  if (R != E)
+    r.check(router, {R, H});  // zero experts score too (LongCat)
+  else
+    r.check(router, {E, H});
+  const bool bias = row.router_bias != nullptr && !s.is_hash_layer(layer);
+  auto vector_shape = [&](const std::string& name, std::int64_t n) {
+    // [n], or [1, n] (ERNIE moe_statics)
+    if (r.has(name) && m.tensors().info(name).shape.size() == 2)
+      return std::vector<std::int64_t>{1, n};
+    return std::vector<std::int64_t>{n};
+  };
+  if (bias) r.check(p + row.router_bias, vector_shape(p + row.router_bias, R));
+  auto optional_vector = [&](const char* name, std::int64_t n) {
+    if (name == nullptr) return false;
+    r.check(p + name, vector_shape(p + name, n));
+    return true;
+  };
+  const bool logit_bias = optional_vector(row.router_logit_bias, R);
+  const bool input_scale = optional_vector(row.router_input_scale, H);
+  const bool weight_scale = optional_vector(row.expert_weight_scale, E);
+  const bool out_bias = optional_vector(row.output_bias, H);
+  const bool in_norm = row.expert_input_norm != nullptr && r.has(p + row.expert_input_norm) &&
+                       optional_vector(row.expert_input_norm, H);
+  const bool out_norm = row.expert_output_norm != nullptr && r.has(p + row.expert_output_norm) &&
+                        optional_vector(row.expert_output_norm, H);
+  const bool table = row.expert_table != nullptr && s.is_hash_layer(layer);
+  if (L > 0) {
+    r.check(p + row.latent_in, {L, H});
+    r.check(p + row.latent_out, {H, L});
+  }
+  if (table && !r.has(p + row.expert_table)) {
+    throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", layer, " (",
+                                       family_name(s.family), "): missing tensor '", p,
+                                       row.expert_table, "'"));
+  }
 
-  // Routed experts: fused (v5) or per expert; only the chosen ones are checked and read.
+  // Routed experts: fused or per expert; only the chosen ones are checked and read.
   const bool fused =
-      row.fused_gate_up != nullptr && (r.has(p + row.fused_gate_up) || r.has(p + row.fused_down));
+      row.fused_gate_up != nullptr && (row.expert_gate == nullptr || r.has(p + row.fused_gate_up) ||
+                                       (row.fused_down != nullptr && r.has(p + row.fused_down)));
   const std::string fused_in = fused ? p + row.fused_gate_up : "";
-  const std::string fused_out = fused ? p + row.fused_down : "";
+  const std::string fused_out = fused && row.fused_down ? p + row.fused_down : "";
   auto expert_name = [&](const char* pattern, Index e) {
     return p + expand_name(pattern, layer, e);
   };
+  const FusedLayout layout = row.fused_layout;
+  // Rows of the fused input tensor per expert; zero experts may add unused rows (LongCat).
+  const std::int64_t E_in = fused && r.has(fused_in) &&
+                                    m.tensors().info(fused_in).shape.size() == 3 &&
+                                    m.tensors().info(fused_in).shape[0] == R
+                                ? R
+                                : E;
   if (fused) {
-    r.check(fused_in, {E, 2 * I, H});
-    r.check(fused_out, {E, H, I});
+    switch (layout) {
+      case FusedLayout::out_in:
+        r.check(fused_in, {E_in, 2 * I, He});
+        r.check(fused_out, {E, He, I});
+        break;
+      case FusedLayout::in_out:
+      case FusedLayout::in_out_interleaved:
+        r.check(fused_in, {E, He, 2 * I});
+        r.check(fused_out, {E, I, He});
+        break;
+      case FusedLayout::stacked_rows:
+        r.check(fused_in, {E * I, He});
+        r.check(p + row.fused_up, {E * I, He});
+        r.check(fused_out, {E * I, He});
+        break;
+      case FusedLayout::plain_out_in:
+        r.check(fused_in, {E, I, He});
+        r.check(fused_out, {E, He, I});
+        break;
+    }
   } else {
     for (Index e : chosen) {
-      r.check(expert_name(row.expert_gate, e), {I, H});
-      if (gated) r.check(expert_name(row.expert_up, e), {I, H});
-      r.check(expert_name(row.expert_down, e), {H, I});
+      r.check(expert_name(row.expert_gate, e), {I, He});
+      if (gated) r.check(expert_name(row.expert_up, e), {I, He});
+      r.check(expert_name(row.expert_down, e), {He, I});
     }
   }
-  // Shared expert(s).
-  if (S > 0) {
-    r.check(p + row.shared_gate, {S, H});
-    r.check(p + row.shared_up, {S, H});
+  const bool expert_biases = row.expert_in_bias != nullptr;
+  if (expert_biases) {
+    r.check(p + row.expert_in_bias, {E, (gated ? 2 : 1) * I});
+    r.check(p + row.expert_out_bias, {E, He});
+  }
+  // Shared expert(s); absent tensors mean none where the family allows it (Granite).
+  const char* shared_in_name = row.shared_fused_in ? row.shared_fused_in : row.shared_gate;
+  const bool shared = S > 0 && !(row.shared_optional && !r.has(p + shared_in_name));
+  if (shared) {
+    if (row.shared_fused_in != nullptr) {
+      r.check(p + row.shared_fused_in, {(gated ? 2 : 1) * S, H});
+    } else {
+      r.check(p + row.shared_gate, {S, H});
+      if (gated) r.check(p + row.shared_up, {S, H});
+    }
     r.check(p + row.shared_down, {H, S});
     if (c.shared_expert_gate) r.check(p + row.shared_expert_gate_name, {1, H});
   }
@@ -202,28 +284,98 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   // Every shape agrees: allocate and read.
   // Sized for the chosen experts only: a rank's shard never holds the others, even briefly.
   MoeWeights<T> w;
-  w.experts = ExpertStack<T>(static_cast<Index>(chosen.size()), c.d_model, c.d_ff, gated);
-  if (S > 0) w.shared = ExpertStack<T>(1, c.d_model, c.shared_d_ff, gated);
+  w.experts = ExpertStack<T>(static_cast<Index>(chosen.size()), c.expert_d_model(), c.d_ff, gated);
+  if (expert_biases) w.experts.add_biases();
+  if (shared) w.shared = ExpertStack<T>(1, c.d_model, c.shared_d_ff, gated);
   w.router = r.read<T>(router);
-  if (bias) w.router_bias = r.read<T>(p + row.router_bias).transpose();
+  auto read_vector = [&](const char* name) -> Vector<T> { return r.read<T>(p + name).transpose(); };
+  if (bias) w.router_bias = read_vector(row.router_bias);
+  if (logit_bias) w.router_logit_bias = read_vector(row.router_logit_bias);
+  if (input_scale) w.router_input_scale = read_vector(row.router_input_scale);
+  if (weight_scale) w.expert_weight_scale = read_vector(row.expert_weight_scale);
+  if (out_bias) w.output_bias = read_vector(row.output_bias);
+  if (in_norm) w.expert_input_norm = read_vector(row.expert_input_norm);
+  if (out_norm) w.expert_output_norm = read_vector(row.expert_output_norm);
+  if (table) w.expert_table = m.tensors().read_matrix<std::int64_t>(p + row.expert_table);
+  if (L > 0) {
+    w.latent_in = r.read<T>(p + row.latent_in);
+    w.latent_out = r.read<T>(p + row.latent_out);
+  }
+  auto slice = [&](const std::string& name, Index first, Index rows, Index cols) {
+    RowMatrix<T> a(rows, cols);
+    r.read_rows_into<T>(name, first, MutMap<T>(a.data(), rows, cols));
+    return a;
+  };
   for (std::size_t j = 0; j < chosen.size(); ++j) {
     const Index e = chosen[j], slot = static_cast<Index>(j);
-    if (fused) {
-      r.read_rows_into<T>(fused_in, e * 2 * I, w.experts.w_in(slot));
-      r.read_rows_into<T>(fused_out, e * H, w.experts.w_out(slot));
+    if (expert_biases) {
+      const RowMatrix<T> b_in = slice(p + row.expert_in_bias, e, 1, (gated ? 2 : 1) * I);
+      w.experts.out_biases().row(slot) = slice(p + row.expert_out_bias, e, 1, He);
+      for (Index i = 0; i < (gated ? 2 : 1) * I; ++i) {
+        // gpt-oss interleaves gate and up columns; ours are gate entries then up entries.
+        const Index at =
+            layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
+        w.experts.in_biases()(slot, i) = b_in(0, at);
+      }
+    }
+    if (!fused) {
+      r.read_into<T>(expert_name(row.expert_gate, e), w.experts.gate(slot));
+      if (gated) r.read_into<T>(expert_name(row.expert_up, e), w.experts.up(slot));
+      r.read_into<T>(expert_name(row.expert_down, e), w.experts.w_out(slot));
       continue;
     }
-    r.read_into<T>(expert_name(row.expert_gate, e), w.experts.gate(slot));
-    if (gated) r.read_into<T>(expert_name(row.expert_up, e), w.experts.up(slot));
-    r.read_into<T>(expert_name(row.expert_down, e), w.experts.w_out(slot));
+    switch (layout) {
+      case FusedLayout::out_in:
+        r.read_rows_into<T>(fused_in, e * 2 * I, w.experts.w_in(slot));
+        r.read_rows_into<T>(fused_out, e * He, w.experts.w_out(slot));
+        break;
+      case FusedLayout::in_out:
+        w.experts.w_in(slot) = slice(fused_in, e * He, He, 2 * I).transpose();
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();
+        break;
+      case FusedLayout::in_out_interleaved: {
+        const RowMatrix<T> in = slice(fused_in, e * He, He, 2 * I);  // [He x 2I], x W
+        for (Index i = 0; i < I; ++i) {
+          w.experts.gate(slot).row(i) = in.col(2 * i).transpose();
+          w.experts.up(slot).row(i) = in.col(2 * i + 1).transpose();
+        }
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();
+        break;
+      }
+      case FusedLayout::stacked_rows:
+        r.read_rows_into<T>(fused_in, e * I, w.experts.gate(slot));
+        r.read_rows_into<T>(p + row.fused_up, e * I, w.experts.up(slot));
+        w.experts.w_out(slot) = slice(fused_out, e * I, I, He).transpose();  // applied as h W
+        break;
+      case FusedLayout::plain_out_in:
+        r.read_rows_into<T>(fused_in, e * I, w.experts.gate(slot));
+        r.read_rows_into<T>(fused_out, e * He, w.experts.w_out(slot));
+        break;
+    }
   }
-  if (S > 0) {
-    r.read_into<T>(p + row.shared_gate, w.shared.gate(0));
-    r.read_into<T>(p + row.shared_up, w.shared.up(0));
+  if (shared) {
+    if (row.shared_fused_in != nullptr) {
+      r.read_into<T>(p + row.shared_fused_in, w.shared.w_in(0));
+    } else {
+      r.read_into<T>(p + row.shared_gate, w.shared.gate(0));
+      if (gated) r.read_into<T>(p + row.shared_up, w.shared.up(0));
+    }
     r.read_into<T>(p + row.shared_down, w.shared.w_out(0));
     if (c.shared_expert_gate) w.shared_gate = r.read<T>(p + row.shared_expert_gate_name);
   }
   return w;
+}
+
+/// The config a loaded layer runs with: the spec's, without the shared expert when the family's
+/// shared tensors were absent (shared_optional).
+template <class T>
+MoeConfig layer_config(const ModelSpec& s, const MoeWeights<T>& w) {
+  MoeConfig c = s.moe;
+  if (w.shared.empty()) {
+    c.shared_d_ff = 0;
+    c.shared_expert_gate = false;
+  }
+  return c;
 }
 
 /// What an expert-parallel block needs from one sparse layer: the config, the router, its bias,

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -15,7 +16,9 @@
 
 #include "moe/config.hpp"
 #include "moe/error.hpp"
+#include "moe/gating.hpp"
 #include "moe/io/families.hpp"
+#include "moe/io/family_numbers.hpp"
 #include "moe/io/json.hpp"
 #include "moe/tensor.hpp"
 
@@ -59,6 +62,22 @@ struct ModelSpec {
   Index encoder_sparse_step = 1;  ///< encoder_sparse_step
   Index expert_capacity = 0;      ///< expert_capacity
   bool router_bias = false;       ///< router_bias (a classifier bias; not supported)
+
+  // Scored routing (RoutingKind scored / biased_scored / sparsemixer): the family type's
+  // defaults with what config.json gives (the row's keys).
+  gating::BiasedScoredTopK::Options biased_options;
+  gating::ScoredTopK::Options scored_options;
+  gating::ScoredTopK::Options hash_options;  ///< DeepSeek-V4 hash layers
+  double jitter_eps = 0.01;                  ///< Sparsemixer router_jitter_noise
+
+  /// Whether `layer` routes by token id (the row's layer_types_key names it "hash_moe").
+  bool is_hash_layer(Index layer) const {
+    if (row().layer_types_key == nullptr) return false;
+    const nlohmann::json* v = detail::find_key(json, row().layer_types_key);
+    return v != nullptr && v->is_array() && layer >= 0 &&
+           static_cast<std::size_t>(layer) < v->size() &&
+           (*v)[static_cast<std::size_t>(layer)] == "hash_moe";
+  }
 
   /// The family's row of the table (key and tensor names, rules).
   const FamilyRow& row() const { return family_row(family); }
@@ -138,6 +157,14 @@ struct ModelSpec {
                (layer + 1) % decoder_sparse_step == 0;
       case SparseLayers::deepseek_dense:
         return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+      case SparseLayers::listed: {
+        const nlohmann::json* v = detail::find_key(json, row().layers_key);
+        if (v == nullptr || !v->is_array() || static_cast<std::size_t>(layer) >= v->size()) {
+          return true;
+        }
+        const auto& type = (*v)[static_cast<std::size_t>(layer)];
+        return type == "moe" || type == "hash_moe" || type == "sparse";
+      }
       case SparseLayers::switch_stacks: {
         const bool decoder = layer >= num_encoder_layers;
         const Index i = decoder ? layer - num_encoder_layers : layer;
@@ -234,6 +261,7 @@ inline void parse_routing_keys(ModelSpec& s, const std::string& where,
 inline void parse_layer_keys(ModelSpec& s, const std::string& where) {
   switch (s.row().sparse_layers) {
     case SparseLayers::every_layer:
+    case SparseLayers::listed:
       return;
     case SparseLayers::qwen_step:
       s.decoder_sparse_step = s.get_int("decoder_sparse_step", 1);
@@ -281,7 +309,8 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   ModelSpec s;
   s.source = where;
   try {
-    s.json = nlohmann::json::parse(text);  // duplicate keys: the last wins, as in Python's json
+    // Duplicate keys: the last wins, as in Python's json; Infinity / NaN literals read as null.
+    s.json = nlohmann::json::parse(detail::python_literals_to_null(text));
   } catch (const nlohmann::json::exception& e) {
     throw io_error("moe: " + where + " is not valid JSON: " + e.what());
   }
@@ -294,7 +323,13 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   const FamilyRow& row = s.row();
 
   MoeConfig& m = s.moe;
-  s.num_layers = s.get_int(row.num_layers);
+  const nlohmann::json* layer_list =
+      row.layers_key != nullptr ? detail::find_key(s.json, row.layers_key) : nullptr;
+  if (layer_list != nullptr && layer_list->is_array() && s.get_int(row.num_layers, -1) == -1) {
+    s.num_layers = static_cast<Index>(layer_list->size());
+  } else {
+    s.num_layers = s.get_int(row.num_layers);
+  }
   m.d_model = s.get_int(row.d_model);
   m.d_ff = s.get_int(row.d_ff);
   s.dense_d_ff = row.dense_is_d_ff ? m.d_ff : s.get_int(row.dense_d_ff, 0);
@@ -310,6 +345,9 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
     case SharedWidth::width:
       m.shared_d_ff = s.get_int(row.shared_key, 0);
       break;
+    case SharedWidth::one_expert:
+      m.shared_d_ff = m.d_ff * s.get_int(row.shared_key, 1);
+      break;
     case SharedWidth::expert_count: {
       const Index count = s.get_int(row.shared_key, 0);
       if (count < 0 || (m.d_ff > 0 && count > kMaxConfigCount / m.d_ff)) {
@@ -323,6 +361,7 @@ inline ModelSpec parse_model_spec(const std::string& text, const std::string& wh
   m.shared_expert_gate = row.shared_expert_gate && m.shared_d_ff > 0;
   detail::parse_layer_keys(s, where);
   detail::parse_routing_keys(s, where, model_type);
+  detail::parse_family_numbers(s, where);
 
   for (const Index layers : {s.num_layers, s.num_decoder_layers}) {
     if (layers > kMaxConfigCount) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 
 #include <Eigen/Core>
 
@@ -24,6 +25,32 @@ inline void activation_cols(const T* h, Index ld_h, Index n, Index d_ff, Index a
       for (Index i = a; i < b; ++i) ar[i] = Activation::value(hr[i]) * hr[d_ff + i];
     } else {
       for (Index i = a; i < b; ++i) ar[i] = Activation::value(hr[i]);
+    }
+  }
+}
+
+/// The clamped GLU (moe::GluOptions) on columns [a, b), same layout and aliasing as
+/// activation_cols: u' = clamp(u, -limit, limit) + up_offset, then act(min(g, limit)) * u', or
+/// min(act(g), limit) * u' when clamp_after; with alpha != 1 the activation is
+/// g * sigmoid(alpha g) (gpt-oss; Silu experts only, the caller checks). Scalar: only the families
+/// that clamp pay for it.
+template <class Activation, class T>
+inline void clamped_glu_cols(const T* h, Index ld_h, Index n, Index d_ff, Index a, Index b, T* act,
+                             Index ld_act, T limit, bool clamp_after, T up_offset, T alpha) {
+  for (Index r = 0; r < n; ++r) {
+    const T* hr = h + r * ld_h;
+    T* ar = act + r * ld_act;
+    for (Index i = a; i < b; ++i) {
+      const T u = std::min(std::max(hr[d_ff + i], -limit), limit) + up_offset;
+      T g = hr[i];
+      T ag;
+      if (clamp_after) {
+        ag = std::min(Activation::value(g), limit);
+      } else {
+        g = std::min(g, limit);
+        ag = alpha == T(1) ? Activation::value(g) : g / (T(1) + std::exp(-alpha * g));
+      }
+      ar[i] = ag * u;
     }
   }
 }
