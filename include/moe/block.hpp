@@ -207,6 +207,7 @@ class SparseMoeBlock {
     plan.build(Access::routing(ws));
     Access::stats(ws).compute(Access::routing(ws), plan);
     if (num_tokens == 0) return;
+    note_routed(experts(), plan.counts.data());  // mapped experts: read-ahead of chosen pages
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
     gather_rows(x, plan, Access::x_rows(ws).data());

@@ -78,6 +78,20 @@ Index decode_scratch_floats(const CompactExpertStack<Format>& s, Index max_rows)
   return kernels::gemm_compact_scratch_floats(std::max(s.d_model(), s.d_ff()));
 }
 
+/// Called by the block after routing, before the expert products (counts[e]: rows routed to
+/// expert e): nothing for fp32 stacks (owned memory).
+template <class T>
+void note_routed(const ExpertStack<T>& s, const Index* counts) {
+  (void)s, (void)counts;
+}
+
+/// Compact stacks loaded from a checkpoint: usage counters and, for mapped views, a read-ahead
+/// hint for the chosen experts' pages (ExpertResidency::routed). Nothing otherwise.
+template <class Format>
+void note_routed(const CompactExpertStack<Format>& s, const Index* counts) {
+  if (s.residency() != nullptr) s.residency()->routed(counts);
+}
+
 namespace detail {
 
 /// What a block with native storage holds in place of a compact stack.
