@@ -13,7 +13,9 @@
 //   anything else                             -> one conversion per expert: its matrices read as
 //                                                fp32 ([d_ff x d_model] at a time; fp8 is
 //                                                dequantised with its scales) and quantised to
-//                                                Format; never a whole fp32 layer
+//                                                Format; never a whole fp32 layer. Fused layouts
+//                                                other than [E, out, in] go through
+//                                                load_moe_weights one expert at a time.
 // Views share ownership of the mapped file (Checkpoint::share_file): the ModelCheckpoint may be
 // destroyed while a block views it. Views are not scanned for non-finite values (that would read
 // every page, which as_stored exists to avoid; fp8 views are scanned once by CompactMatrix::view
@@ -31,6 +33,7 @@
 #include "moe/experts/compact_expert_stack.hpp"
 #include "moe/experts/residency.hpp"
 #include "moe/io/families.hpp"
+#include "moe/io/load_weights.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"
 #include "moe/tensor.hpp"
@@ -197,8 +200,30 @@ CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index 
   const bool gated = s.row().gated_experts;
   const ExpertTensorNames n = expert_tensor_names(m, layer);
   const detail::LayerReader r(m, layer);
+  const std::int64_t in_rows = (gated ? 2 : 1) * I;
+  if (n.fused && !(m.tensors().contains(n.fused_in) && m.tensors().contains(n.fused_out) &&
+                   m.tensors().info(n.fused_in).shape == std::vector<std::int64_t>{E, in_rows, H} &&
+                   m.tensors().info(n.fused_out).shape == std::vector<std::int64_t>{E, H, I})) {
+    // A fused layout that is not the kernels' [E, out, in] (or a wrong shape, which
+    // load_moe_weights reports): one expert at a time through the fp32 loader, then quantised.
+    CompactExpertStack<Format> stack(E, H, I, gated);
+    using M = CompactMatrix<Format>;
+    for (Index e = 0; e < E; ++e) {
+      LoadOptions one = options;
+      one.experts = {e};
+      const MoeWeights<float> w = load_moe_weights<float>(m, layer, one);
+      if (gated) {
+        stack.set_gated(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.up(0)),
+                        M::quantize(w.experts.w_out(0)));
+      } else {
+        stack.set_plain(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.w_out(0)));
+      }
+    }
+    stack.set_residency(std::make_shared<ExpertResidency>(E, false, false));
+    return stack;
+  }
   if (n.fused) {
-    r.check(n.fused_in, {E, (gated ? 2 : 1) * I, H});
+    r.check(n.fused_in, {E, in_rows, H});
     r.check(n.fused_out, {E, H, I});
   } else {
     for (Index e = 0; e < E; ++e) {
@@ -214,7 +239,6 @@ CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index 
   CompactExpertStack<Format> stack(E, H, I, gated);
   for (Index e = 0; e < E; ++e) {
     if (n.fused) {
-      const Index in_rows = (gated ? 2 : 1) * I;
       auto gate = load.load(n.fused_in, e * in_rows, I, H, e);
       auto down = load.load(n.fused_out, e * H, H, I, e);
       if (gated) {
