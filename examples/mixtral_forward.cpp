@@ -5,7 +5,7 @@
 //
 //   mixtral_forward [--checkpoint DIR] [--weights as-stored|fp32|bf16|int8|fp8]
 //                   [--tokens 1,2,3] [--logits-out FILE] [--seq-len N] [--threads N]
-//                   [--layers N] [--seed N] [--repeats N]
+//                   [--layers N] [--seed N] [--repeats N] [--prefetch 0|1]
 //
 // Prints the load time, `experts: <bytes> bytes resident (<format>)` (the sum of the MoE blocks'
 // expert_bytes(): for as-stored views these are bytes of the mapped file, paged in only when an
@@ -33,6 +33,7 @@ struct Args {
   example::Index layers = 4;
   std::uint64_t seed = 42;
   int repeats = 5;
+  bool prefetch = true;
   moe::io::WeightFormat weights = moe::io::WeightFormat::as_stored;
 };
 
@@ -86,6 +87,7 @@ Args parse(int argc, char** argv) {
           "  --weights F        routed experts as-stored (default: BF16 / F8_E4M3 experts\n"
           "                     viewed in the mapped file), fp32, bf16, int8 or fp8\n"
           "  --repeats N        timed forward passes after one warm-up (default 5)\n"
+          "  --prefetch 0|1     read-ahead hint for the chosen mapped experts (default 1)\n"
           "  --logits-out FILE  write the logits [S x V] as float32 safetensors ('logits')\n");
       std::exit(0);
     }
@@ -110,6 +112,8 @@ Args parse(int argc, char** argv) {
       a.layers = parse_int(flag, v);
     } else if (flag == "--weights") {
       a.weights = parse_weights(v);
+    } else if (flag == "--prefetch") {
+      a.prefetch = parse_int(flag, v) != 0;
     } else if (flag == "--repeats") {
       a.repeats = static_cast<int>(parse_int(flag, v));
     } else if (flag == "--seed") {
@@ -132,6 +136,7 @@ int main(int argc, char** argv) try {
   config.num_layers = args.layers;
   moe::io::LoadOptions options;
   options.weights = args.weights;
+  options.prefetch = args.prefetch;
   const auto load_start = std::chrono::steady_clock::now();
   const example::ModelWeights model =
       args.checkpoint.empty() ? example::random_model(config, args.seed, args.weights)
