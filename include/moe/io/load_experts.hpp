@@ -50,11 +50,17 @@ struct ExpertTensorNames {
   const FamilyRow* row = nullptr;
   Index layer = 0;
 
-  std::string gate(Index e) const { return prefix + expand_name(row->expert_gate, layer, e); }
-  std::string up(Index e) const { return prefix + expand_name(row->expert_up, layer, e); }
-  std::string down(Index e) const { return prefix + expand_name(row->expert_down, layer, e); }
+  std::string gate(Index e) const { return name(row->expert_gate, e); }
+  std::string up(Index e) const { return name(row->expert_up, e); }
+  std::string down(Index e) const { return name(row->expert_down, e); }
   /// The tensor holding expert e's input projection (its dtype is the experts' stored dtype).
   std::string input(Index e) const { return fused ? fused_in : gate(e); }
+
+ private:
+  // "" for a family without per-expert names (no tensor has that name).
+  std::string name(const char* pattern, Index e) const {
+    return pattern == nullptr ? std::string() : prefix + expand_name(pattern, layer, e);
+  }
 };
 
 /// Finds the expert tensors of sparse layer `layer` (the hub prefix, or the transformers v5
