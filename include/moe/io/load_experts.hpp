@@ -87,9 +87,18 @@ inline ExpertTensorNames expert_tensor_names(const ModelCheckpoint& m, Index lay
   return n;
 }
 
+/// Whether the fp8 kernels can view a matrix of `cols` columns in config.json's scale blocks
+/// (block_cols a power of two >= 16, or the whole width; cols 0: any width).
+inline bool fp8_blocks_viewable(const ModelSpec& s, Index cols) {
+  const Index bc = s.fp8_block_cols;
+  const bool pow2 = bc >= 16 && (bc & (bc - 1)) == 0;
+  return s.fp8_block_rows >= 1 && (pow2 || (cols > 0 && bc >= cols));
+}
+
 /// The format the routed experts of sparse layer `layer` are stored in: bf16 for BF16, fp8 for
-/// F8_E4M3, fp32 for every other dtype, judged by expert 0's input projection (fp32 when it is
-/// absent: the loaders then report it). Never as_stored.
+/// F8_E4M3 (fp32 when its scale blocks are not the kernels', see fp8_blocks_viewable), fp32 for
+/// every other dtype, judged by expert 0's input projection (fp32 when it is absent: the loaders
+/// then report it). Never as_stored.
 inline WeightFormat stored_format(const ModelCheckpoint& m, Index layer) {
   const ExpertTensorNames n = expert_tensor_names(m, layer);
   const std::string name = n.input(0);
@@ -98,7 +107,9 @@ inline WeightFormat stored_format(const ModelCheckpoint& m, Index layer) {
     case Dtype::BF16:
       return WeightFormat::bf16;
     case Dtype::F8_E4M3:
-      return WeightFormat::fp8;
+      // Scale blocks the fp8 kernels cannot index (block_cols not a power of two >= 16, see
+      // CompactMatrix::view) would need a second, lossy quantisation: load exact fp32 instead.
+      return fp8_blocks_viewable(m.spec(), 0) ? WeightFormat::fp8 : WeightFormat::fp32;
     default:
       return WeightFormat::fp32;
   }
@@ -138,7 +149,7 @@ struct ExpertLoader {
             Matrix::view(reinterpret_cast<const std::uint16_t*>(bytes), rows, cols), owner);
       }
     } else if constexpr (std::is_same_v<Format, Fp8E4M3>) {
-      if (info.dtype == Dtype::F8_E4M3) {
+      if (info.dtype == Dtype::F8_E4M3 && fp8_blocks_viewable(m.spec(), cols)) {
         if (!r.has(scale_name)) {
           throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", r.layer(), ": F8_E4M3 tensor '",
                                 name, "' has no block scales: missing tensor '", scale_name, "'"));
