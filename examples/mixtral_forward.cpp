@@ -3,12 +3,18 @@
 // and the top-5 next-token predictions; optionally writes the logits [S x V] (float32) to a
 // safetensors file under the name "logits".
 //
-//   mixtral_forward [--checkpoint DIR] [--tokens 1,2,3] [--logits-out FILE] [--seq-len N]
-//                   [--threads N] [--layers N] [--seed N]
+//   mixtral_forward [--checkpoint DIR] [--weights as-stored|fp32|bf16|int8|fp8]
+//                   [--tokens 1,2,3] [--logits-out FILE] [--seq-len N] [--threads N]
+//                   [--layers N] [--seed N] [--repeats N] [--prefetch 0|1]
+//
+// Prints the load time, `experts: <bytes> bytes resident (<format>)` (the sum of the MoE blocks'
+// expert_bytes(): for as-stored views these are bytes of the mapped file, paged in only when an
+// expert is chosen) and `peak rss: <bytes> bytes` (VmHWM) after the runs.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -26,7 +32,34 @@ struct Args {
   example::Index threads = 2;
   example::Index layers = 4;
   std::uint64_t seed = 42;
+  int repeats = 5;
+  bool prefetch = true;
+  moe::io::WeightFormat weights = moe::io::WeightFormat::as_stored;
 };
+
+moe::io::WeightFormat parse_weights(const std::string& v) {
+  using F = moe::io::WeightFormat;
+  for (F f : {F::as_stored, F::fp32, F::bf16, F::int8, F::fp8}) {
+    if (v == moe::io::weight_format_name(f)) return f;
+  }
+  throw std::invalid_argument("--weights expects as-stored, fp32, bf16, int8 or fp8, got '" + v +
+                              "'");
+}
+
+// Peak resident set size of this process in bytes (VmHWM of /proc/self/status; 0 if unknown).
+long long peak_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "VmHWM:") {
+      long long kib = 0;
+      in >> kib;
+      return kib * 1024;
+    }
+    in.ignore(1 << 20, '\n');
+  }
+  return 0;
+}
 
 long parse_int(const std::string& flag, const std::string& v) {
   std::size_t used = 0;
@@ -51,6 +84,10 @@ Args parse(int argc, char** argv) {
           "                       [--seq-len N] [--threads N] [--layers N] [--seed N]\n"
           "  --checkpoint DIR   Hugging Face Mixtral or Qwen2-MoE directory (config.json +\n"
           "                     safetensors, sharded or not); default: random weights\n"
+          "  --weights F        routed experts as-stored (default: BF16 / F8_E4M3 experts\n"
+          "                     viewed in the mapped file), fp32, bf16, int8 or fp8\n"
+          "  --repeats N        timed forward passes after one warm-up (default 5)\n"
+          "  --prefetch 0|1     read-ahead hint for the chosen mapped experts (default 1)\n"
           "  --logits-out FILE  write the logits [S x V] as float32 safetensors ('logits')\n");
       std::exit(0);
     }
@@ -73,14 +110,20 @@ Args parse(int argc, char** argv) {
       a.threads = parse_int(flag, v);
     } else if (flag == "--layers") {
       a.layers = parse_int(flag, v);
+    } else if (flag == "--weights") {
+      a.weights = parse_weights(v);
+    } else if (flag == "--prefetch") {
+      a.prefetch = parse_int(flag, v) != 0;
+    } else if (flag == "--repeats") {
+      a.repeats = static_cast<int>(parse_int(flag, v));
     } else if (flag == "--seed") {
       a.seed = static_cast<std::uint64_t>(parse_int(flag, v));
     } else {
       throw std::invalid_argument("unknown flag " + flag);
     }
   }
-  if (a.threads < 1 || a.seq_len < 1 || a.layers < 1) {
-    throw std::invalid_argument("--threads, --seq-len and --layers must be >= 1");
+  if (a.threads < 1 || a.seq_len < 1 || a.layers < 1 || a.repeats < 1) {
+    throw std::invalid_argument("--threads, --seq-len, --layers and --repeats must be >= 1");
   }
   return a;
 }
@@ -91,9 +134,15 @@ int main(int argc, char** argv) try {
   const Args args = parse(argc, argv);
   example::ModelConfig config;
   config.num_layers = args.layers;
-  const example::ModelWeights model = args.checkpoint.empty()
-                                          ? example::random_model(config, args.seed)
-                                          : example::load_model(args.checkpoint);
+  moe::io::LoadOptions options;
+  options.weights = args.weights;
+  options.prefetch = args.prefetch;
+  const auto load_start = std::chrono::steady_clock::now();
+  const example::ModelWeights model =
+      args.checkpoint.empty() ? example::random_model(config, args.seed, args.weights)
+                              : example::load_model(args.checkpoint, options);
+  const double load_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
   config = model.config;
   std::vector<example::Index> ids = args.tokens;
   if (ids.empty()) {
@@ -113,11 +162,25 @@ int main(int argc, char** argv) try {
       static_cast<long>(config.num_experts), static_cast<long>(config.intermediate_size),
       static_cast<long>(config.top_k), ids.size(), static_cast<long>(args.threads));
 
+  std::size_t expert_bytes = 0;
+  std::string format;
+  for (const auto& layer : model.layers) {
+    expert_bytes += layer.moe.expert_bytes();
+    const std::string f = moe::io::weight_format_name(layer.moe.weight_format());
+    format = format.empty() || format == f ? f : "mixed";
+  }
+  std::printf("load: %.1f ms\n", load_seconds * 1e3);
+  std::printf("experts: %zu bytes resident (%s)\n", expert_bytes, format.c_str());
+
   moe::ThreadPool pool(args.threads);
   moe::Workspace<float> ws;
-  example::forward(model, ids, ws, pool);  // warm-up: grows the workspace once
+  const auto first_start = std::chrono::steady_clock::now();
+  example::forward(model, ids, ws, pool);  // warm-up: grows the workspace, pages experts in
+  std::printf("first forward: %.2f ms\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - first_start).count() *
+                  1e3);
   example::ForwardTrace trace;
-  const int repeats = 5;
+  const int repeats = args.repeats;
   const auto start = std::chrono::steady_clock::now();
   example::Matrix logits;
   for (int r = 0; r < repeats; ++r) {
@@ -144,6 +207,7 @@ int main(int argc, char** argv) try {
                 last(order[std::size_t(i)]));
   }
   std::printf("\n");
+  std::printf("peak rss: %lld bytes\n", peak_rss_bytes());
   if (!args.logits_out.empty()) {
     moe::io::write_safetensors(args.logits_out,
                                {moe::io::make_tensor("logits", logits, moe::io::Dtype::F32)});

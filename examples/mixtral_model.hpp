@@ -20,7 +20,9 @@ namespace example {
 
 using moe::Index;
 using Matrix = moe::RowMatrix<float>;
-using Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU>;
+/// A sparse layer of any supported family, its experts stored as chosen at load time.
+using Block = moe::io::AnyMoeBlock<float>;
+using Fp32Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU>;
 
 /// The arguments' stream output, concatenated (error messages).
 template <class... Args>
@@ -79,8 +81,27 @@ inline Matrix random_matrix(Index rows, Index cols, std::mt19937_64& rng, double
   return m;
 }
 
-/// Seeded random weights with the scales of a trained model's initialisation.
-inline ModelWeights random_model(const ModelConfig& c, std::uint64_t seed) {
+/// An fp32 block's weights with the routed experts stored as `format` (quantised expert by
+/// expert; as_stored and fp32 keep fp32).
+inline Block make_block(const moe::MoeConfig& c, moe::MoeWeights<float> w,
+                        moe::io::WeightFormat format) {
+  using moe::io::detail::with_storage_t;
+  switch (format) {
+    case moe::io::WeightFormat::bf16:
+      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Bf16>>(c, std::move(w));
+    case moe::io::WeightFormat::int8:
+      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Int8>>(c, std::move(w));
+    case moe::io::WeightFormat::fp8:
+      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Fp8E4M3>>(c, std::move(w));
+    default:
+      return Fp32Block(c, std::move(w));
+  }
+}
+
+/// Seeded random weights with the scales of a trained model's initialisation; the routed
+/// experts stored as `format`.
+inline ModelWeights random_model(const ModelConfig& c, std::uint64_t seed,
+                                 moe::io::WeightFormat format = moe::io::WeightFormat::fp32) {
   std::mt19937_64 rng(seed);
   ModelWeights w;
   w.config = c;
@@ -98,7 +119,7 @@ inline ModelWeights random_model(const ModelConfig& c, std::uint64_t seed) {
                        random_matrix(c.num_kv_heads * c.head_dim, c.hidden_size, rng, s),
                        random_matrix(c.num_kv_heads * c.head_dim, c.hidden_size, rng, s),
                        random_matrix(c.hidden_size, c.num_heads * c.head_dim, rng, s),
-                       Block(c.moe(), std::move(mw)),
+                       make_block(c.moe(), std::move(mw), format),
                        {},
                        {},
                        {}};
@@ -235,10 +256,13 @@ inline double read_rope_theta(const moe::io::ModelSpec& spec, double fallback) {
 
 /// Loads a whole Hugging Face Mixtral or Qwen2-MoE checkpoint directory (config.json +
 /// model.safetensors or a sharded index) into ModelWeights: embeddings, norms, attention (with
-/// q/k/v biases when the checkpoint has them), every MoE layer through moe::io::load_moe_layer,
-/// final norm, lm_head (or the tied embeddings). bf16/f16 weights convert to float.
+/// q/k/v biases when the checkpoint has them), every MoE layer through
+/// moe::io::load_any_moe_layer with `options` (options.weights: what the routed experts are kept
+/// as; as_stored keeps BF16 / F8_E4M3 experts as views of the mapped file), final norm, lm_head
+/// (or the tied embeddings). Every other bf16/f16 weight converts to float.
 /// Throws moe::io_error / shape_error / config_error naming the tensor or key.
-inline ModelWeights load_model(const std::string& dir) {
+inline ModelWeights load_model(const std::string& dir,
+                               const moe::io::LoadOptions& options = {}) {
   const moe::io::ModelCheckpoint ckpt = moe::io::ModelCheckpoint::open(dir);
   const moe::io::ModelSpec& spec = ckpt.spec();
   const moe::io::Family family = spec.family;
@@ -317,7 +341,7 @@ inline ModelWeights load_model(const std::string& dir) {
                        matrix(p + "self_attn.k_proj.weight", kv_rows, H),
                        matrix(p + "self_attn.v_proj.weight", kv_rows, H),
                        matrix(p + "self_attn.o_proj.weight", H, q_rows),
-                       moe::io::load_moe_layer<Block>(ckpt, l),
+                       moe::io::load_any_moe_layer<float>(ckpt, l, options),
                        optional_vector(p + "self_attn.q_proj.bias", q_rows),
                        optional_vector(p + "self_attn.k_proj.bias", kv_rows),
                        optional_vector(p + "self_attn.v_proj.bias", kv_rows)};

@@ -218,6 +218,7 @@ class SparseMoeBlock {
     plan.build(Access::routing(ws));
     Access::stats(ws).compute(Access::routing(ws), plan);
     if (num_tokens == 0) return;
+    note_routed(experts(), plan.counts.data());  // mapped experts: read-ahead of chosen pages
 
     const GroupedRows<T> rows = grouped_rows(plan, ws, executor.num_workers());
     // Nemotron-H latent experts: they see h = x W1^T [T x L]; their weighted sum is projected

@@ -1,12 +1,15 @@
 // moe: the compact weights of the FFN experts of one layer (gate, up, down per expert).
 #pragma once
 
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/error.hpp"
 #include "moe/experts/compact_matrix.hpp"
 #include "moe/experts/expert_stack.hpp"
+#include "moe/experts/residency.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
@@ -84,6 +87,14 @@ class CompactExpertStack {
     down_[std::size_t(e)] = std::move(wo);
   }
 
+  /// Usage counters and memory ranges of the experts (set by the checkpoint loader for views of
+  /// a mapped file; the block reports each routing to it), or nullptr.
+  const ExpertResidency* residency() const { return residency_.get(); }
+  /// Attaches usage counters / memory ranges (shared by the copies of this stack).
+  void set_residency(std::shared_ptr<const ExpertResidency> residency) {
+    residency_ = std::move(residency);
+  }
+
   /// Bytes of codes and scales of all experts (owned or viewed).
   std::size_t bytes() const {
     std::size_t b = 0;
@@ -109,6 +120,7 @@ class CompactExpertStack {
   Index num_experts_ = 0, d_model_ = 0, d_ff_ = 0;
   bool gated_ = true;
   std::vector<CompactMatrix<Format>> gate_, up_, down_;
+  std::shared_ptr<const ExpertResidency> residency_;
 };
 
 }  // namespace moe

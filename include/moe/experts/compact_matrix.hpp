@@ -262,6 +262,14 @@ class CompactMatrix {
     return m;
   }
 
+  /// `m` (a view) sharing ownership of `owner`, whatever holds the viewed codes and scales (a
+  /// memory-mapped checkpoint file, io::Checkpoint::share_file): the owner lives as long as any
+  /// copy of the returned matrix, so the view can never dangle.
+  static CompactMatrix with_owner(CompactMatrix m, std::shared_ptr<const void> owner) {
+    m.owner_ = std::move(owner);
+    return m;
+  }
+
  private:
   static void check_blocks(Index block_rows, Index block_cols, Index rows, Index cols) {
     const bool pow2 = block_cols >= 16 && (block_cols & (block_cols - 1)) == 0;
@@ -335,6 +343,7 @@ class CompactMatrix {
   const float* kernel_scales_ = nullptr;
   bool simple_ = true, owning_ = false;
   std::shared_ptr<const detail::CompactStorage<code_type>> storage_;
+  std::shared_ptr<const void> owner_;  ///< keeps a view's codes and scales alive (with_owner)
 };
 
 }  // namespace moe

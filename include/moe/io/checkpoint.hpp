@@ -64,7 +64,7 @@ inline std::map<std::string, std::string> parse_weight_map(const std::string& te
 /// The tensors of a checkpoint directory, found by name across shards. Every shard is mapped and
 /// validated once, at open_directory; afterwards the object is immutable (const members are
 /// thread-safe). Move-only; references returned by file_of() and views from map_matrix() live
-/// as long as the Checkpoint.
+/// as long as the Checkpoint, or as long as a share_file() pointer to their file.
 class Checkpoint {
  public:
   /// Opens DIR/model.safetensors.index.json when it exists, else DIR/model.safetensors.
@@ -96,7 +96,7 @@ class Checkpoint {
                            "' does not exist");
           }
           c.files_.push_back(
-              std::make_unique<SafetensorsFile>(SafetensorsFile::open(shard_path.string())));
+              std::make_shared<const SafetensorsFile>(SafetensorsFile::open(shard_path.string())));
           found = shard_ids.emplace(shard, c.files_.size() - 1).first;
         }
         if (!c.files_[found->second]->contains(name)) {
@@ -109,7 +109,7 @@ class Checkpoint {
     }
     if (fs::is_regular_file(single_path, ec)) {
       c.files_.push_back(
-          std::make_unique<SafetensorsFile>(SafetensorsFile::open(single_path.string())));
+          std::make_shared<const SafetensorsFile>(SafetensorsFile::open(single_path.string())));
       for (const auto& name : c.files_[0]->names()) c.where_.emplace(name, 0);
       return c;
     }
@@ -143,6 +143,13 @@ class Checkpoint {
     return *files_[it->second];
   }
 
+  /// The file holding `name`, shared: a view into its mapping stays valid as long as the
+  /// returned pointer (or a copy) lives, even after this Checkpoint is gone. Throws as file_of.
+  std::shared_ptr<const SafetensorsFile> share_file(const std::string& name) const {
+    file_of(name);  // throws for an unknown name
+    return files_[where_.find(name)->second];
+  }
+
   /// See SafetensorsFile::info; throws io_error for an unknown name.
   const TensorInfo& info(const std::string& name) const { return file_of(name).info(name); }
 
@@ -168,7 +175,9 @@ class Checkpoint {
   Checkpoint() = default;
 
   std::string dir_;
-  std::vector<std::unique_ptr<SafetensorsFile>> files_;  // stable addresses across moves
+  // Shared: stable addresses across moves, and a file outlives the Checkpoint while a view of
+  // its mapping (share_file) is held.
+  std::vector<std::shared_ptr<const SafetensorsFile>> files_;
   std::map<std::string, std::size_t> where_;             // tensor name -> index in files_
 };
 

@@ -19,6 +19,7 @@
 #include "moe/error.hpp"
 #include "moe/gating.hpp"
 #include "moe/io/families.hpp"
+#include "moe/io/load_experts.hpp"
 #include "moe/io/load_weights.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/tensor.hpp"
@@ -44,9 +45,20 @@ Block load_moe_layer(const ModelCheckpoint& m, Index layer, const LoadOptions& o
   }
   check_ffn<typename Block::FfnKind>(m.spec());
   const typename G::Options options_of_g = gating_options<G>(m.spec(), options);
-  MoeWeights<typename Block::Scalar> w = load_moe_weights<typename Block::Scalar>(m, layer);
-  const MoeConfig config = layer_config(m.spec(), w);
-  return Block(config, std::move(w), options_of_g);
+  if constexpr (Block::compact) {
+    // The experts as views / quantised one by one (load_experts.hpp); everything else in float.
+    LoadOptions others = options;
+    others.routed_experts = false;
+    MoeWeights<float> w = load_moe_weights<float>(m, layer, others);
+    const MoeConfig config = layer_config(m.spec(), w);
+    return Block(config, std::move(w),
+                 load_compact_experts<typename Block::ExpertStorage::format>(m, layer, options),
+                 options_of_g);
+  } else {
+    MoeWeights<typename Block::Scalar> w = load_moe_weights<typename Block::Scalar>(m, layer);
+    const MoeConfig config = layer_config(m.spec(), w);
+    return Block(config, std::move(w), options_of_g);
+  }
 }
 
 /// Opens `dir` (config.json + safetensors) and loads one layer: see the overload above. To load
@@ -71,11 +83,52 @@ Block load_moe_layer(const std::string& dir, Index layer, const LoadOptions& opt
 ///   7: Sparsemixer + SwiGLU        Phi-3.5-MoE
 /// Immutable and const like the blocks: one AnyMoeBlock serves many threads, each with its own
 /// Workspace.
+namespace detail {
+
+/// Block with its Storage replaced.
+template <class Block, class Storage>
+struct with_storage;
+template <class T, class G, class F, class S, class Storage>
+struct with_storage<SparseMoeBlock<T, G, F, S>, Storage> {
+  using type = SparseMoeBlock<T, G, F, Storage>;
+};
+template <class Block, class Storage>
+using with_storage_t = typename with_storage<Block, Storage>::type;
+
+/// The variant of every family block (native storage) followed, for float, by the same blocks
+/// with bf16, int8 and fp8 experts: alternative s * F + f is family f with storage s.
+template <class T, class FamilyVariant>
+struct stored_variant {
+  using type = FamilyVariant;
+};
+template <class... Blocks>
+struct stored_variant<float, std::variant<Blocks...>> {
+  using type = std::variant<Blocks..., with_storage_t<Blocks, CompactExperts<Bf16>>...,
+                            with_storage_t<Blocks, CompactExperts<Int8>>...,
+                            with_storage_t<Blocks, CompactExperts<Fp8E4M3>>...>;
+};
+
+template <class Storage>
+constexpr WeightFormat format_of() {
+  if constexpr (!Storage::compact) {
+    return WeightFormat::fp32;
+  } else if constexpr (std::is_same_v<typename Storage::format, Bf16>) {
+    return WeightFormat::bf16;
+  } else if constexpr (std::is_same_v<typename Storage::format, Int8>) {
+    return WeightFormat::int8;
+  } else {
+    return WeightFormat::fp8;
+  }
+}
+
+}  // namespace detail
+
 template <class T>
 class AnyMoeBlock {
  public:
   using Scalar = T;
-  using Variant = std::variant<SparseMoeBlock<T, gating::SoftmaxTopK, SwiGLU>,
+  /// One block type per family alternative (native storage), see the class comment.
+  using FamilyVariant = std::variant<SparseMoeBlock<T, gating::SoftmaxTopK, SwiGLU>,
                                SparseMoeBlock<T, gating::DeepSeekV2, SwiGLU>,
                                SparseMoeBlock<T, gating::GroupLimitedTopK, SwiGLU>,
                                SparseMoeBlock<T, gating::CapacityTopK, ReluMlp>,
@@ -83,6 +136,12 @@ class AnyMoeBlock {
                                SparseMoeBlock<T, gating::GroupLimitedTopK, Relu2Mlp>,
                                SparseMoeBlock<T, gating::SoftmaxTopK, GeGLUTanh>,
                                SparseMoeBlock<T, gating::Sparsemixer, SwiGLU>>;
+  /// FamilyVariant's blocks, then (float only) the same with bf16, int8 and fp8 routed experts:
+  /// alternative s * num_families + f is family alternative f with storage s (0 fp32, 1 bf16,
+  /// 2 int8, 3 fp8).
+  using Variant = typename detail::stored_variant<T, FamilyVariant>::type;
+  /// Number of family alternatives (FamilyVariant's size).
+  static constexpr std::size_t num_families = std::variant_size_v<FamilyVariant>;
   /// The block type of alternative I (see the class comment).
   template <std::size_t I>
   using Alternative = std::variant_alternative_t<I, Variant>;
@@ -117,8 +176,36 @@ class AnyMoeBlock {
   const MoeConfig& config() const {
     return std::visit([](const auto& b) -> const MoeConfig& { return b.config(); }, block_);
   }
-  /// Which alternative is held (0..7, see the class comment).
+  /// Which alternative is held (0..7 for fp32 experts, see the class comment; compact storages
+  /// follow: see Variant).
   std::size_t index() const { return block_.index(); }
+  /// Which family alternative is held (0..3, see the class comment), whatever the storage.
+  std::size_t family_index() const { return block_.index() % num_families; }
+  /// What the routed experts are stored as: fp32 (the scalar T), bf16, int8 or fp8.
+  WeightFormat weight_format() const {
+    return std::visit(
+        [](const auto& b) {
+          return detail::format_of<typename std::decay_t<decltype(b)>::ExpertStorage>();
+        },
+        block_);
+  }
+  /// Resident bytes of the routed experts as stored (block.expert_bytes()).
+  std::size_t expert_bytes() const {
+    return std::visit([](const auto& b) { return b.expert_bytes(); }, block_);
+  }
+  /// Usage counters and mapped ranges of compact experts loaded from a checkpoint (see
+  /// experts/residency.hpp), nullptr for fp32 experts.
+  const ExpertResidency* residency() const {
+    return std::visit(
+        [](const auto& b) -> const ExpertResidency* {
+          if constexpr (std::decay_t<decltype(b)>::compact) {
+            return b.experts().residency();
+          } else {
+            return nullptr;
+          }
+        },
+        block_);
+  }
   /// The block of alternative I; throws std::bad_variant_access when another one is held.
   template <std::size_t I>
   const Alternative<I>& get() const {
@@ -138,34 +225,79 @@ class AnyMoeBlock {
 
 /// Sparse layer `layer` as the alternative of AnyMoeBlock<T> that config.json's family routes
 /// with (the RoutingKind of its row). Same errors as load_moe_layer.
+namespace detail {
+
+/// The format a load resolves to: options.weights, or for as_stored the stored one (fp32 for a
+/// double block). Throws config_error for a compact format with T = double.
+template <class T>
+WeightFormat resolve_format(const ModelCheckpoint& m, Index layer, const LoadOptions& options) {
+  WeightFormat f = options.weights;
+  if (f == WeightFormat::as_stored) {
+    f = std::is_same_v<T, float> ? stored_format(m, layer) : WeightFormat::fp32;
+  }
+  if (!std::is_same_v<T, float> && f != WeightFormat::fp32) {
+    throw config_error(moe::detail::concat("moe: LoadOptions::weights = ", weight_format_name(f),
+                                           " needs a float block (compact experts are float)"));
+  }
+  return f;
+}
+
+/// Family block `Block` (native storage) with the routed experts in format f.
+template <class Any, class Block>
+Any load_stored(const ModelCheckpoint& m, Index layer, const LoadOptions& options,
+                WeightFormat f) {
+  if constexpr (std::is_same_v<typename Block::Scalar, float>) {
+    switch (f) {
+      case WeightFormat::bf16:
+        return load_moe_layer<with_storage_t<Block, CompactExperts<Bf16>>>(m, layer, options);
+      case WeightFormat::int8:
+        return load_moe_layer<with_storage_t<Block, CompactExperts<Int8>>>(m, layer, options);
+      case WeightFormat::fp8:
+        return load_moe_layer<with_storage_t<Block, CompactExperts<Fp8E4M3>>>(m, layer, options);
+      default:
+        break;
+    }
+  }
+  (void)f;
+  return load_moe_layer<Block>(m, layer, options);
+}
+
+}  // namespace detail
+
+/// Sparse layer `layer` as the alternative of AnyMoeBlock<T> that config.json's family routes
+/// with (the RoutingKind of its row), its routed experts stored as options.weights says:
+/// as_stored keeps BF16 / F8_E4M3 experts compact and viewed in the mapped file (float blocks;
+/// double blocks convert), other formats quantise on load (see load_experts.hpp). Same errors as
+/// load_moe_layer, plus config_error for a compact format with T = double.
 template <class T>
 AnyMoeBlock<T> load_any_moe_layer(const ModelCheckpoint& m, Index layer,
                                   const LoadOptions& options = {}) {
   using Any = AnyMoeBlock<T>;
   const FamilyRow& row = m.spec().row();
+  const WeightFormat f = detail::resolve_format<T>(m, layer, options);
   if (m.spec().is_hash_layer(layer)) {
-    return load_moe_layer<typename Any::template Alternative<4>>(m, layer, options);
+    return detail::load_stored<Any, typename Any::template Alternative<4>>(m, layer, options, f);
   }
   switch (row.routing) {
     case RoutingKind::softmax_top_k:
       if (row.expert_kind == ExpertKind::geglu_tanh) {
-        return load_moe_layer<typename Any::template Alternative<6>>(m, layer, options);
+        return detail::load_stored<Any, typename Any::template Alternative<6>>(m, layer, options, f);
       }
-      return load_moe_layer<typename Any::template Alternative<0>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<0>>(m, layer, options, f);
     case RoutingKind::deepseek_v2:
-      return load_moe_layer<typename Any::template Alternative<1>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<1>>(m, layer, options, f);
     case RoutingKind::deepseek_v3:
     case RoutingKind::biased_scored:
       if (row.expert_kind == ExpertKind::relu2) {
-        return load_moe_layer<typename Any::template Alternative<5>>(m, layer, options);
+        return detail::load_stored<Any, typename Any::template Alternative<5>>(m, layer, options, f);
       }
-      return load_moe_layer<typename Any::template Alternative<2>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<2>>(m, layer, options, f);
     case RoutingKind::capacity_top_1:
-      return load_moe_layer<typename Any::template Alternative<3>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<3>>(m, layer, options, f);
     case RoutingKind::scored:
-      return load_moe_layer<typename Any::template Alternative<4>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<4>>(m, layer, options, f);
     case RoutingKind::sparsemixer:
-      return load_moe_layer<typename Any::template Alternative<7>>(m, layer, options);
+      return detail::load_stored<Any, typename Any::template Alternative<7>>(m, layer, options, f);
   }
   throw value_error("moe: unknown RoutingKind in the family table");
 }

@@ -23,6 +23,7 @@
 #include "moe/io/checkpoint.hpp"
 #include "moe/io/families.hpp"
 #include "moe/io/load_block.hpp"
+#include "moe/io/load_experts.hpp"
 #include "moe/io/load_weights.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"

@@ -41,8 +41,45 @@ class ModelCheckpoint {
   Checkpoint tensors_;
 };
 
+/// What a loaded block keeps its routed experts as (LoadOptions::weights).
+enum class WeightFormat {
+  as_stored,  ///< the checkpoint's own format: BF16 -> bf16, F8_E4M3 + weight_scale_inv -> fp8
+              ///< (both zero-copy views of the mapped file), anything else -> fp32 (a copy)
+  fp32,       ///< the block's scalar, converted on load (the pre-issue-14 behaviour)
+  bf16,       ///< bf16, quantised on load expert by expert unless stored so (then a view)
+  int8,       ///< int8 with per-row scales, quantised on load expert by expert
+  fp8,        ///< fp8 e4m3 with 128 x 128 block scales, quantised on load unless stored so
+};
+
+/// "as-stored", "fp32", "bf16", "int8", "fp8".
+inline const char* weight_format_name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::as_stored:
+      return "as-stored";
+    case WeightFormat::fp32:
+      return "fp32";
+    case WeightFormat::bf16:
+      return "bf16";
+    case WeightFormat::int8:
+      return "int8";
+    case WeightFormat::fp8:
+      return "fp8";
+  }
+  return "?";
+}
+
 /// What load_* may do beyond config.json.
 struct LoadOptions {
+  /// What the routed experts of a loaded block (load_moe_layer with a CompactExperts block,
+  /// load_any_moe_layer) are kept as; see WeightFormat and docs/io.md. load_moe_weights and
+  /// load_moe_shard always convert to their scalar T. The router, its bias, norms, the shared
+  /// expert and its gate always stay in the block's scalar.
+  WeightFormat weights = WeightFormat::as_stored;
+  /// Mapped experts: hint the kernel to read the chosen experts' pages ahead after each routing
+  /// (MADV_WILLNEED, see experts/residency.hpp).
+  bool prefetch = true;
+  /// false: MoeWeights::experts is left empty (the compact loader reads the experts itself).
+  bool routed_experts = true;
   /// Switch: route without a capacity limit, as transformers 5.17 does in fact (FORMAT.md 5.6:
   /// its capacity rule never drops a token). false: drop beyond config.json expert_capacity.
   bool switch_dropless = false;
@@ -60,6 +97,7 @@ namespace detail {
 /// naming the id for one out of range or given twice.
 inline std::vector<Index> chosen_experts(const ModelSpec& s, const LoadOptions& options) {
   const Index E = s.moe.num_experts;
+  if (!options.routed_experts) return {};
   if (options.experts.empty()) {
     std::vector<Index> all(static_cast<std::size_t>(E));
     for (Index e = 0; e < E; ++e) all[static_cast<std::size_t>(e)] = e;
@@ -114,7 +152,37 @@ class LayerReader {
                                            "': block scales are supported for 2-D weights only"));
       }
       const std::int64_t br = m_.spec().fp8_block_rows, bc = m_.spec().fp8_block_cols;
-      check(scale, {(expected[0] + br - 1) / br, (expected[1] + bc - 1) / bc});
+      const std::vector<std::int64_t> grid = {(expected[0] + br - 1) / br,
+                                              (expected[1] + bc - 1) / bc};
+      const TensorInfo& si = m_.tensors().info(scale);
+      if (si.shape != grid || !dtype_is_floating(si.dtype)) {
+        throw io_error(moe::detail::concat(
+            "moe: ", m_.directory(), ": block scales '", scale, "' have shape ",
+            shape_str(si.shape), " of ", dtype_name(si.dtype), ", expected ", shape_str(grid),
+            " (a floating dtype) for weight ", shape_str(expected), " in ", br, " x ", bc,
+            " blocks"));
+      }
+    }
+  }
+
+  /// The block scales W_scale_inv of weight W as fp32, row-major [ceil(rows / br) x ceil(cols /
+  /// bc)] (shape checked by check(W)). Throws io_error naming the scale tensor for a non-finite
+  /// scale.
+  std::vector<float> read_scales(const std::string& scale) const {
+    std::vector<float> s = m_.tensors().read_vector<float>(scale);
+    check_scales(scale, s.data(), s.size());
+    return s;
+  }
+
+  /// Throws io_error "moe: FILE: layer L: block scales 'NAME' have a non-finite value (inf at
+  /// [k])" for the first non-finite of n scales.
+  void check_scales(const std::string& scale, const float* s, std::size_t n) const {
+    for (std::size_t k = 0; k < n; ++k) {
+      if (!std::isfinite(s[k])) {
+        throw io_error(moe::detail::concat("moe: ", m_.tensors().file_of(scale).path(),
+                                           ": layer ", layer_, ": block scales '", scale,
+                                           "' have a non-finite value (", s[k], " at [", k, "])"));
+      }
     }
   }
 
@@ -127,6 +195,8 @@ class LayerReader {
     const std::string scale = name + "_scale_inv";
     if (has(scale)) {
       const RowMatrix<double> s = m_.tensors().read_matrix<double>(scale);
+      const std::vector<float> as_float(s.data(), s.data() + s.size());
+      check_scales(scale, as_float.data(), as_float.size());
       const Index br = m_.spec().fp8_block_rows, bc = m_.spec().fp8_block_cols;
       for (Index i = 0; i < w.rows(); ++i) {
         for (Index j = 0; j < w.cols(); ++j) {

@@ -104,6 +104,9 @@ class SafetensorsFile {
     if (mapping_ != nullptr) ::munmap(mapping_, size_);
   }
 
+  /// True for a memory-mapped file (open()), false for one held in memory (from_buffer()).
+  bool mapped() const { return mapping_ != nullptr; }
+
   /// The path given to open(), or the name given to from_buffer().
   const std::string& path() const { return path_; }
 

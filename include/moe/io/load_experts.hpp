@@ -1,0 +1,281 @@
+// moe/io: the routed experts of one sparse layer as compact weights (CompactExpertStack), read
+// as stored where the checkpoint's layout is the kernels' layout, converted expert by expert
+// where it is not.
+//
+//   const auto m = moe::io::ModelCheckpoint::open("Mixtral-8x7B-v0.1");      // BF16 tensors
+//   moe::io::stored_format(m, 3);                          // WeightFormat::bf16
+//   auto experts = moe::io::load_compact_experts<moe::Bf16>(m, 3);  // views: no byte is read
+//
+// What becomes what (Format = the stack's format):
+//   stored BF16, Format Bf16                  -> zero-copy view of the mapped bytes
+//   stored F8_E4M3 + W_scale_inv, Format Fp8  -> zero-copy view of the codes; the F32 scales
+//                                                viewed too (other scale dtypes: one small copy)
+//   anything else                             -> one conversion per expert: its matrices read as
+//                                                fp32 ([d_ff x d_model] at a time; fp8 is
+//                                                dequantised with its scales) and quantised to
+//                                                Format; never a whole fp32 layer. Fused layouts
+//                                                other than [E, out, in] go through
+//                                                load_moe_weights one expert at a time.
+// Views share ownership of the mapped file (Checkpoint::share_file): the ModelCheckpoint may be
+// destroyed while a block views it. Views are not scanned for non-finite values (that would read
+// every page, which as_stored exists to avoid; fp8 views are scanned once by CompactMatrix::view
+// for NaN codes); converted experts are checked as load_moe_weights checks them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "moe/error.hpp"
+#include "moe/experts/compact_expert_stack.hpp"
+#include "moe/experts/residency.hpp"
+#include "moe/io/families.hpp"
+#include "moe/io/load_weights.hpp"
+#include "moe/io/model_checkpoint.hpp"
+#include "moe/io/model_spec.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::io {
+
+/// The names of one sparse layer's routed-expert tensors: the v5 fused pair [E, 2 d_ff, d_model]
+/// / [E, d_model, d_ff] (rows of expert e: [e 2 d_ff, (e + 1) 2 d_ff), gate then up), or one
+/// tensor per expert and projection.
+struct ExpertTensorNames {
+  std::string prefix;               ///< the layer's sparse-block prefix as found in the files
+  bool fused = false;               ///< fused_in / fused_out, else gate / up / down
+  std::string fused_in, fused_out;  ///< fused only
+  const FamilyRow* row = nullptr;
+  Index layer = 0;
+
+  std::string gate(Index e) const { return name(row->expert_gate, e); }
+  std::string up(Index e) const { return name(row->expert_up, e); }
+  std::string down(Index e) const { return name(row->expert_down, e); }
+  /// The tensor holding expert e's input projection (its dtype is the experts' stored dtype).
+  std::string input(Index e) const { return fused ? fused_in : gate(e); }
+
+ private:
+  // "" for a family without per-expert names (no tensor has that name).
+  std::string name(const char* pattern, Index e) const {
+    return pattern == nullptr ? std::string() : prefix + expand_name(pattern, layer, e);
+  }
+};
+
+/// Finds the expert tensors of sparse layer `layer` (the hub prefix, or the transformers v5
+/// in-memory one when only that holds the router; fused names when present). Throws nothing:
+/// absent tensors are reported by the loaders.
+inline ExpertTensorNames expert_tensor_names(const ModelCheckpoint& m, Index layer) {
+  const ModelSpec& s = m.spec();
+  const FamilyRow& row = s.row();
+  auto has = [&](const std::string& n) { return m.tensors().contains(n); };
+  ExpertTensorNames n;
+  n.row = &row;
+  n.layer = layer;
+  n.prefix = s.moe_prefix(layer);
+  if (row.sparse_prefix_v5 != nullptr && !has(n.prefix + row.router)) {
+    const std::string v5 = expand_name(row.sparse_prefix_v5, layer);
+    if (has(v5 + row.router)) n.prefix = v5;
+  }
+  n.fused = row.fused_gate_up != nullptr &&
+            (has(n.prefix + row.fused_gate_up) || has(n.prefix + row.fused_down));
+  if (n.fused) {
+    n.fused_in = n.prefix + row.fused_gate_up;
+    n.fused_out = n.prefix + row.fused_down;
+  }
+  return n;
+}
+
+/// Whether the fp8 kernels can view a matrix of `cols` columns in config.json's scale blocks
+/// (block_cols a power of two >= 16, or the whole width; cols 0: any width).
+inline bool fp8_blocks_viewable(const ModelSpec& s, Index cols) {
+  const Index bc = s.fp8_block_cols;
+  const bool pow2 = bc >= 16 && (bc & (bc - 1)) == 0;
+  return s.fp8_block_rows >= 1 && (pow2 || (cols > 0 && bc >= cols));
+}
+
+/// The format the routed experts of sparse layer `layer` are stored in: bf16 for BF16, fp8 for
+/// F8_E4M3 (fp32 when its scale blocks are not the kernels', see fp8_blocks_viewable), fp32 for
+/// every other dtype, judged by expert 0's input projection (fp32 when it is absent: the loaders
+/// then report it). Never as_stored.
+inline WeightFormat stored_format(const ModelCheckpoint& m, Index layer) {
+  const ExpertTensorNames n = expert_tensor_names(m, layer);
+  const std::string name = n.input(0);
+  if (!m.tensors().contains(name)) return WeightFormat::fp32;
+  switch (m.tensors().info(name).dtype) {
+    case Dtype::BF16:
+      return WeightFormat::bf16;
+    case Dtype::F8_E4M3:
+      // Scale blocks the fp8 kernels cannot index (block_cols not a power of two >= 16, see
+      // CompactMatrix::view) would need a second, lossy quantisation: load exact fp32 instead.
+      return fp8_blocks_viewable(m.spec(), 0) ? WeightFormat::fp8 : WeightFormat::fp32;
+    default:
+      return WeightFormat::fp32;
+  }
+}
+
+namespace detail {
+
+/// What a view holds on to: the mapped file(s) and, when the scales needed a conversion, the
+/// converted scales.
+struct ViewOwner {
+  std::shared_ptr<const SafetensorsFile> codes_file, scales_file;
+  std::vector<float> scales;
+};
+
+template <class Format>
+struct ExpertLoader {
+  using Matrix = CompactMatrix<Format>;
+  const ModelCheckpoint& m;
+  const LayerReader& r;
+  ExpertResidency& residency;
+  bool any_view = false;
+
+  // One [rows x cols] matrix: `name` rows [first_row, first_row + rows), recorded as expert e's.
+  Matrix load(const std::string& name, Index first_row, Index rows, Index cols, Index e) {
+    const TensorInfo& info = m.tensors().info(name);
+    const SafetensorsFile& file = m.tensors().file_of(name);
+    const unsigned char* bytes = file.data(name) + std::size_t(first_row * cols) *
+                                                       dtype_size(info.dtype);
+    const std::string scale_name = name + "_scale_inv";
+    if constexpr (std::is_same_v<Format, Bf16>) {
+      if (info.dtype == Dtype::BF16 && reinterpret_cast<std::uintptr_t>(bytes) % 2 == 0) {
+        auto owner = std::make_shared<ViewOwner>();
+        owner->codes_file = m.tensors().share_file(name);
+        residency.add_range(e, bytes, std::size_t(rows * cols) * 2);
+        any_view = true;
+        return Matrix::with_owner(
+            Matrix::view(reinterpret_cast<const std::uint16_t*>(bytes), rows, cols), owner);
+      }
+    } else if constexpr (std::is_same_v<Format, Fp8E4M3>) {
+      if (info.dtype == Dtype::F8_E4M3 && fp8_blocks_viewable(m.spec(), cols)) {
+        if (!r.has(scale_name)) {
+          throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", r.layer(), ": F8_E4M3 tensor '",
+                                name, "' has no block scales: missing tensor '", scale_name, "'"));
+        }
+        auto owner = std::make_shared<ViewOwner>();
+        owner->codes_file = m.tensors().share_file(name);
+        const TensorInfo& si = m.tensors().info(scale_name);
+        const SafetensorsFile& sfile = m.tensors().file_of(scale_name);
+        const float* scales = nullptr;
+        const auto* sp = sfile.data(scale_name);
+        if (si.dtype == Dtype::F32 && reinterpret_cast<std::uintptr_t>(sp) % alignof(float) == 0) {
+          scales = reinterpret_cast<const float*>(sp);
+          r.check_scales(scale_name, scales, std::size_t(si.numel()));
+          owner->scales_file = m.tensors().share_file(scale_name);
+          residency.add_range(e, sp, si.nbytes);
+        } else {
+          owner->scales = r.read_scales(scale_name);
+          scales = owner->scales.data();
+        }
+        residency.add_range(e, bytes, std::size_t(rows * cols));
+        any_view = true;
+        const ModelSpec& s = m.spec();
+        return Matrix::with_owner(
+            Matrix::view(bytes, rows, cols, scales, s.fp8_block_rows, s.fp8_block_cols), owner);
+      }
+    }
+    // Not the kernels' layout: this matrix alone through fp32.
+    RowMatrix<float> w(rows, cols);
+    if (first_row == 0 && rows * cols == info.numel()) {
+      r.read_into<float>(name, MutMap<float>(w.data(), rows, cols));
+    } else {
+      r.read_rows_into<float>(name, first_row, MutMap<float>(w.data(), rows, cols));
+    }
+    return Matrix::quantize(w);
+  }
+};
+
+}  // namespace detail
+
+/// The routed experts of sparse layer `layer` as CompactExpertStack<Format> (Bf16, Int8 or
+/// Fp8E4M3), every expert in order: views of the mapped file where the stored layout is the
+/// kernels' (see the table at the top of this file), else quantised expert by expert. The stack
+/// carries an ExpertResidency (usage counters; for views, the mapped ranges the block hints
+/// after each routing unless options.prefetch is false).
+/// Shapes are checked against config.json first, as load_moe_weights does, with its messages
+/// (io_error for a missing tensor, shape_error for a wrong shape). Malformed block scales are
+/// io_errors naming the scale tensor: missing ("F8_E4M3 tensor 'W' has no block scales: missing
+/// tensor 'W_scale_inv'"), wrong shape ("block scales 'W_scale_inv' have shape [a x b] of F32,
+/// expected [c x d] ..."), non-finite ("block scales 'W_scale_inv' have a non-finite value (inf
+/// at [k])"). Throws config_error for a dense layer or options.experts not empty.
+template <class Format>
+CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index layer,
+                                                const LoadOptions& options = {}) {
+  const ModelSpec& s = m.spec();
+  if (!s.is_moe_layer(layer)) {
+    throw config_error(moe::detail::concat("moe: ", s.source, ": layer ", layer,
+                                           " is a dense layer, not a sparse MoE layer"));
+  }
+  if (!options.experts.empty()) {
+    throw config_error("moe: load_compact_experts reads every expert; LoadOptions::experts must "
+                       "be empty");
+  }
+  const MoeConfig& c = s.moe;
+  const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff;
+  const bool gated = s.row().gated_experts;
+  const ExpertTensorNames n = expert_tensor_names(m, layer);
+  const detail::LayerReader r(m, layer);
+  const std::int64_t in_rows = (gated ? 2 : 1) * I;
+  if (n.fused && !(m.tensors().contains(n.fused_in) && m.tensors().contains(n.fused_out) &&
+                   m.tensors().info(n.fused_in).shape == std::vector<std::int64_t>{E, in_rows, H} &&
+                   m.tensors().info(n.fused_out).shape == std::vector<std::int64_t>{E, H, I})) {
+    // A fused layout that is not the kernels' [E, out, in] (or a wrong shape, which
+    // load_moe_weights reports): one expert at a time through the fp32 loader, then quantised.
+    CompactExpertStack<Format> stack(E, H, I, gated);
+    using M = CompactMatrix<Format>;
+    for (Index e = 0; e < E; ++e) {
+      LoadOptions one = options;
+      one.experts = {e};
+      const MoeWeights<float> w = load_moe_weights<float>(m, layer, one);
+      if (gated) {
+        stack.set_gated(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.up(0)),
+                        M::quantize(w.experts.w_out(0)));
+      } else {
+        stack.set_plain(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.w_out(0)));
+      }
+    }
+    stack.set_residency(std::make_shared<ExpertResidency>(E, false, false));
+    return stack;
+  }
+  if (n.fused) {
+    r.check(n.fused_in, {E, in_rows, H});
+    r.check(n.fused_out, {E, H, I});
+  } else {
+    for (Index e = 0; e < E; ++e) {
+      r.check(n.gate(e), {I, H});
+      if (gated) r.check(n.up(e), {I, H});
+      r.check(n.down(e), {H, I});
+    }
+  }
+  bool mapped = true;
+  for (Index e = 0; e < E && mapped; ++e) mapped = m.tensors().file_of(n.input(e)).mapped();
+  auto residency = std::make_shared<ExpertResidency>(E, mapped, options.prefetch);
+  detail::ExpertLoader<Format> load{m, r, *residency};
+  CompactExpertStack<Format> stack(E, H, I, gated);
+  for (Index e = 0; e < E; ++e) {
+    if (n.fused) {
+      auto gate = load.load(n.fused_in, e * in_rows, I, H, e);
+      auto down = load.load(n.fused_out, e * H, H, I, e);
+      if (gated) {
+        stack.set_gated(e, std::move(gate), load.load(n.fused_in, e * in_rows + I, I, H, e),
+                        std::move(down));
+      } else {
+        stack.set_plain(e, std::move(gate), std::move(down));
+      }
+    } else if (gated) {
+      auto gate = load.load(n.gate(e), 0, I, H, e);
+      auto up = load.load(n.up(e), 0, I, H, e);
+      stack.set_gated(e, std::move(gate), std::move(up), load.load(n.down(e), 0, H, I, e));
+    } else {
+      auto wi = load.load(n.gate(e), 0, I, H, e);
+      stack.set_plain(e, std::move(wi), load.load(n.down(e), 0, H, I, e));
+    }
+  }
+  if (!load.any_view) residency = std::make_shared<ExpertResidency>(E, false, false);
+  stack.set_residency(std::move(residency));
+  return stack;
+}
+
+}  // namespace moe::io

@@ -1,0 +1,183 @@
+// Whole models loaded as stored (issue 14): the tiny Hugging Face checkpoints of tests/data
+// rewritten as sharded BF16 run through the example's model with views of the mapped files, and
+// the memory a mapped model costs: only the experts that are chosen are paged in.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "moe/io/model.hpp"
+#include "moe/io/safetensors.hpp"
+
+#include "../examples/mixtral_model.hpp"
+#include "io_test_util.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using moe::Index;
+using moe::RowMatrix;
+using moe::io::WeightFormat;
+using moe::test::Json;
+using moe::test::ScratchDir;
+using moe::test::TensorToWrite;
+
+const std::vector<Index> kTokens = {1, 42, 7, 255, 128, 3, 99, 200, 17, 64, 2};
+
+// Copies checkpoint `src` into `dst` with every floating tensor rounded to BF16, in two shards
+// (alternate tensors) named by model.safetensors.index.json.
+void write_bf16_sharded_copy(const std::string& src, const ScratchDir& dst) {
+  const auto file = moe::io::SafetensorsFile::open(src + "/model.safetensors");
+  std::vector<TensorToWrite> shard[2];
+  Json weight_map = Json::object();
+  int i = 0;
+  for (const auto& name : file.names()) {
+    const auto& info = file.info(name);
+    RowMatrix<float> m = file.read_matrix<float>(name);
+    for (Index k = 0; k < m.size(); ++k) {
+      m.data()[k] = moe::kernels::bf16_to_float(moe::kernels::float_to_bf16(m.data()[k]));
+    }
+    TensorToWrite t = moe::io::make_tensor(name, m, moe::io::Dtype::BF16);
+    t.shape = info.shape;
+    const std::string shard_name =
+        moe::detail::concat("model-0000", i % 2 + 1, "-of-00002.safetensors");
+    weight_map[name] = shard_name;
+    shard[i++ % 2].push_back(std::move(t));
+  }
+  for (int s = 0; s < 2; ++s) {
+    moe::io::write_safetensors(
+        dst.file(moe::detail::concat("model-0000", s + 1, "-of-00002.safetensors")), shard[s]);
+  }
+  moe::test::write_text(dst.file("model.safetensors.index.json"),
+                        Json{{"weight_map", weight_map}}.dump());
+  std::ifstream in(src + "/config.json");
+  moe::test::write_text(dst.file("config.json"), std::string(std::istreambuf_iterator<char>(in),
+                                                             std::istreambuf_iterator<char>()));
+}
+
+RowMatrix<float> read_logits(const std::string& path) {
+  return moe::io::SafetensorsFile::open(path).read_matrix<float>("logits");
+}
+
+class TinyBf16 : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TinyBf16, AsStoredViewsMatchTheFp32LoadAndHuggingFace) {
+  const std::string data = MOE_TEST_DATA_DIR;
+  ScratchDir dir;
+  write_bf16_sharded_copy(data + "/" + GetParam() + "_tiny", dir);
+  moe::io::LoadOptions o;
+  const example::ModelWeights stored = example::load_model(dir.str(), o);
+  o.weights = WeightFormat::fp32;
+  const example::ModelWeights fp32 = example::load_model(dir.str(), o);
+  for (const auto& layer : stored.layers) {
+    EXPECT_EQ(layer.moe.weight_format(), WeightFormat::bf16);
+    ASSERT_NE(layer.moe.residency(), nullptr);
+    EXPECT_TRUE(layer.moe.residency()->mapped());
+  }
+  moe::ThreadPool pool(2);
+  moe::Workspace<float> ws;
+  const RowMatrix<float> got = example::forward(stored, kTokens, ws, pool);
+  const RowMatrix<float> ref = example::forward(fp32, kTokens, ws, pool);
+  const RowMatrix<float> hf = read_logits(data + "/" + GetParam() + "_tiny_expected.safetensors");
+  const double scale = 1.0 + double(hf.cwiseAbs().maxCoeff());
+  // The same bf16 weights in fp32: equal to float rounding (different summation order only).
+  const double to_fp32 = double((got - ref).cwiseAbs().maxCoeff());
+  EXPECT_LE(to_fp32, 1e-5 * scale);
+  // Against transformers in fp32 on the unrounded weights: bf16's own error.
+  const double to_hf = double((got - hf).cwiseAbs().maxCoeff());
+  EXPECT_LE(to_hf, 2e-2 * scale);
+  std::printf("  %s bf16 as-stored: max |err| vs fp32 load %.3g, vs HF fp32 %.3g (max |ref| %.3g)\n",
+              GetParam().c_str(), to_fp32, to_hf, scale - 1.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Checkpoints, TinyBf16, ::testing::Values("mixtral", "qwen2_moe"),
+                         [](const auto& info) { return info.param; });
+
+// RssFile of this process in bytes (the file-backed pages mapped into it).
+long long rss_file_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "RssFile:") {
+      long long kib = 0;
+      in >> kib;
+      return kib * 1024;
+    }
+    in.ignore(1 << 20, '\n');
+  }
+  return -1;
+}
+
+// A 32-expert layer of 1.5 MiB bf16 experts (48 MiB): loading maps them without reading; each
+// forward pages in only the chosen experts; the outputs equal a bf16 block quantised in memory
+// from the same weights, bit for bit.
+TEST(IoStoredMemory, OnlyChosenExpertsArePagedIn) {
+  if (rss_file_bytes() < 0) GTEST_SKIP() << "no RssFile in /proc/self/status";
+  ScratchDir dir;
+  Json c = moe::test::mixtral_config(1);
+  c["hidden_size"] = 256;
+  c["intermediate_size"] = 1024;
+  c["num_local_experts"] = 32;
+  moe::test::write_text(dir.file("config.json"), c.dump());
+  const auto spec = moe::io::parse_model_spec(c.dump(), "config.json");
+  std::mt19937_64 rng(5);
+  auto w = moe::test::random_layer(spec, rng);
+  std::vector<TensorToWrite> tensors;
+  moe::test::add_moe_layer(tensors, spec.family, 0, w, spec.moe, moe::test::Layout::per_expert);
+  for (auto& t : tensors) {  // experts BF16 (rounded), router F32
+    if (t.name.find(".experts.") == std::string::npos) continue;
+    RowMatrix<float> m(t.shape[0], t.shape[1]);
+    std::memcpy(m.data(), t.bytes.data(), t.bytes.size());
+    for (Index k = 0; k < m.size(); ++k) {
+      m.data()[k] = moe::kernels::bf16_to_float(moe::kernels::float_to_bf16(m.data()[k]));
+    }
+    t = moe::io::make_tensor(t.name, m, moe::io::Dtype::BF16);
+  }
+  moe::io::write_safetensors(dir.file("model.safetensors"), tensors);
+  const std::size_t expert_bytes = 32 * 3 * 256 * 1024 * 2;
+  // Linux maps up to fault_around_bytes (64 KiB by default) of cached pages around a fault,
+  // so each touched expert may bring in that much of its neighbours on either side.
+  const long long fault_around = 64 << 10, slack = 4 * fault_around;
+
+  const long long before = rss_file_bytes();
+  const moe::io::AnyMoeBlock<float> block = moe::io::load_any_moe_layer<float>(dir.str(), 0);
+  ASSERT_EQ(block.expert_bytes(), expert_bytes);
+  const long long after_load = rss_file_bytes();
+  EXPECT_LE(after_load - before, slack) << "loading read expert pages";
+
+  moe::io::LoadOptions fp32;
+  fp32.weights = WeightFormat::fp32;
+  const auto ref = moe::io::load_any_moe_layer<float>(dir.str(), 0, fp32).get<0>();
+  using BlockBf16 = moe::io::detail::with_storage_t<std::decay_t<decltype(ref)>,
+                                                   moe::CompactExperts<moe::Bf16>>;
+  const BlockBf16 in_memory(ref.config(), ref.weights(), ref.gating().options);
+
+  moe::Workspace<float> ws;
+  std::mt19937_64 xr(6);
+  std::vector<bool> touched(32, false);
+  for (int step = 0; step < 6; ++step) {
+    const RowMatrix<float> x = moe::test::random_matrix<float>(1, 256, xr, 1.0);
+    RowMatrix<float> y(1, 256);
+    block.forward(x, y, ws);
+    for (Index e = 0; e < 32; ++e) {
+      if (ws.plan().counts[std::size_t(e)] > 0) touched[std::size_t(e)] = true;
+    }
+    EXPECT_EQ(y, in_memory.forward(x)) << step;
+    const long long n_touched = std::count(touched.begin(), touched.end(), true);
+    const long long chosen = n_touched * (long long)(expert_bytes / 32);
+    const long long grown = rss_file_bytes() - after_load;
+    EXPECT_LE(grown, chosen + n_touched * 6 * fault_around + slack) << step;
+    EXPECT_GE(grown, chosen * 9 / 10) << step;  // the measurement sees the pages we read
+  }
+  const auto usage = block.residency()->usage_counts();
+  EXPECT_EQ(std::accumulate(usage.begin(), usage.end(), std::uint64_t(0)), 6u * 2u);
+}
+
+}  // namespace
