@@ -22,7 +22,10 @@ using moe::Index;
 using Matrix = moe::RowMatrix<float>;
 /// A sparse layer of any supported family, its experts stored as chosen at load time.
 using Block = moe::io::AnyMoeBlock<float>;
-using Fp32Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU>;
+/// Mixtral's block (softmax top-k, renormalised; the generic policy's defaults are Mixtral's), with
+/// its routed experts stored as `Storage`: AnyMoeBlock's first family alternative.
+template <class Storage = moe::NativeExperts>
+using MixtralBlock = moe::SparseMoeBlock<float, moe::gating::SoftmaxTopK, moe::SwiGLU, Storage>;
 
 /// The arguments' stream output, concatenated (error messages).
 template <class... Args>
@@ -85,16 +88,15 @@ inline Matrix random_matrix(Index rows, Index cols, std::mt19937_64& rng, double
 /// expert; as_stored and fp32 keep fp32).
 inline Block make_block(const moe::MoeConfig& c, moe::MoeWeights<float> w,
                         moe::io::WeightFormat format) {
-  using moe::io::detail::with_storage_t;
   switch (format) {
     case moe::io::WeightFormat::bf16:
-      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Bf16>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Bf16>>(c, std::move(w));
     case moe::io::WeightFormat::int8:
-      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Int8>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Int8>>(c, std::move(w));
     case moe::io::WeightFormat::fp8:
-      return with_storage_t<Fp32Block, moe::CompactExperts<moe::Fp8E4M3>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Fp8E4M3>>(c, std::move(w));
     default:
-      return Fp32Block(c, std::move(w));
+      return MixtralBlock<>(c, std::move(w));
   }
 }
 

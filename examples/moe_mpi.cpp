@@ -106,7 +106,7 @@ Matrix forward_ep(const example::ModelWeights& w, const std::vector<EpBlock>& mo
     const Index id = ids[static_cast<std::size_t>(t)];
     if (id < 0 || id >= c.vocab_size) {
       throw moe::error(
-          moe::detail::concat("example: token id ", id, " outside [0, ", c.vocab_size, ")"));
+          example::cat("example: token id ", id, " outside [0, ", c.vocab_size, ")"));
     }
     h.row(t) = w.embed_tokens.row(id);
   }

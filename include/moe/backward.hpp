@@ -108,6 +108,28 @@ class BackwardWorkspace {
 
 namespace detail {
 
+/// The first feature of the block that block_backward has no gradient for, or null: the router
+/// extras and the expert / combine numbers of the newer families (docs/families.md).
+template <class T>
+const char* undifferentiated_feature(const MoeConfig& config, const MoeWeights<T>& w) {
+  if (config.router_logit_softcap > 0) return "router logit soft-capping";
+  if (w.router_logit_bias.size() != 0) return "a router logit bias";
+  if (w.router_input_scale.size() != 0) return "the router input norm";
+  if (w.expert_weight_scale.size() != 0) return "a per-expert weight scale";
+  if (w.expert_table.size() != 0) return "hash routing";
+  if (!config.expert_glu.plain() || !config.shared_glu.plain()) return "clamped GLU experts";
+  if (config.weight_expert_input) return "weights applied to the expert input";
+  if (config.shared_combine != SharedCombine::sum || config.combine_in_float32)
+    return "this shared-expert combine";
+  if (config.latent_dim > 0) return "a latent projection";
+  if (w.output_bias.size() != 0 || w.experts.has_biases() || w.shared.has_biases())
+    return "expert biases";
+  if (w.expert_input_norm.size() != 0 || w.expert_output_norm.size() != 0)
+    return "norms around the experts";
+  return nullptr;
+}
+
+
 /// What a gating's backward reads and writes. dweights [T x slots] is dL/d Routing::weights()
 /// (zero on slots that were not executed); dlogits [T x E] receives += dL/dz.
 template <class S>
@@ -266,10 +288,9 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
         num_tokens, " x ", E, " x ", slots, " (run forward on the same x and block first)"));
   }
   grads.check_like(W);
-  if (Router<T, Gating>::has_extras(config, W)) {
-    throw config_error(
-        "moe: block_backward does not differentiate the router extras yet (logit bias, "
-        "soft-capping, input norm, expert weight scale)");
+  if (const char* what = detail::undifferentiated_feature(config, W)) {
+    throw config_error(detail::concat("moe: block_backward does not differentiate ", what,
+                                      " yet (the families that use it run inference only)"));
   }
   if (coeffs.token_mask && coeffs.aux_loss != AuxLoss::load_balancing) {
     throw config_error("moe: LossCoefficients::token_mask applies to AuxLoss::load_balancing only");

@@ -54,8 +54,8 @@ struct MoeConfig {
   double router_norm_eps = 1e-6;
 
   // Expert numbers (every family runs on the FFN kinds of activations.hpp plus these).
-  GluOptions expert_glu;  ///< routed experts' clamp / offset / slope (gated experts)
-  GluOptions shared_glu;  ///< the shared expert's (Step-3.x: swiglu_limits_shared)
+  GluOptions expert_glu{};  ///< routed experts' clamp / offset / slope (gated experts)
+  GluOptions shared_glu{};  ///< the shared expert's (Step-3.x: swiglu_limits_shared)
   /// Llama 4: the routing weight scales the expert's input, y = sum_j FFN_e(w_j x) (not w_j
   /// FFN_e(x)); the combine then adds the outputs unweighted.
   bool weight_expert_input = false;
