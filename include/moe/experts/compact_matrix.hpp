@@ -265,8 +265,8 @@ class CompactMatrix {
   /// `m` (a view) sharing ownership of `owner`, whatever holds the viewed codes and scales (a
   /// memory-mapped checkpoint file, io::Checkpoint::share_file): the owner lives as long as any
   /// copy of the returned matrix, so the view can never dangle.
-  static CompactMatrix with_owner(CompactMatrix m, std::shared_ptr<const void> owner) {
-    m.owner_ = std::move(owner);
+  static CompactMatrix with_owner(CompactMatrix m, const std::shared_ptr<const void>& owner) {
+    m.owner_ = owner;
     return m;
   }
 

@@ -139,7 +139,8 @@ class ExpertResidency {
     static const std::uintptr_t page = std::uintptr_t(::sysconf(_SC_PAGESIZE));
     const auto begin = reinterpret_cast<std::uintptr_t>(r.data) & ~(page - 1);
     const auto end = reinterpret_cast<std::uintptr_t>(r.data) + r.bytes;
-    return {reinterpret_cast<void*>(begin), std::size_t(end - begin)};
+    // madvise takes a page-aligned address: rounding the pointer down needs the integer round trip.
+    return {reinterpret_cast<void*>(begin), std::size_t(end - begin)};  // NOLINT(performance-no-int-to-ptr)
   }
 #endif
 

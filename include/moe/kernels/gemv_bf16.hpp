@@ -149,7 +149,7 @@ inline void gemv_bf16_nt_scalar(const std::uint16_t* xb, Index n, Index ldxb,
       for (Index c = 0; c < in; c += 32) {
         for (int l = 0; l < 16; ++l) {
           for (int h = 1; h >= 0; --h) {
-            const Index i = c + 2 * l + h;  // past `in`: X's zero padding, W read as zero
+            const Index i = c + 2 * Index(l) + h;  // past `in`: X's zero padding, W read as zero
             const float xv = bf16_flush(bf16_bits_to_float(xb[r * ldxb + i]));
             const float wv = i < in ? bf16_flush(bf16_bits_to_float(w[o * ldw + i])) : 0.0f;
             acc[l] = bf16_flush(std::fma(xv, wv, acc[l]));

@@ -88,6 +88,11 @@ inline int e2m1_doubled_value(unsigned nibble) {
 
 }  // namespace ggml_detail
 
+// The codecs below multiply small integer codes (at most 8 bits, exactly representable in float)
+// by float scales, and index within 256-value super-blocks with int arithmetic that cannot
+// overflow: the narrowing and widening clang-tidy reports here are exact by the formats' definition.
+// NOLINTBEGIN(bugprone-narrowing-conversions, bugprone-implicit-widening-of-multiplication-result)
+
 /// Decodes `count` values (a multiple of 32) of Q8_0 blocks at `in` into `out`.
 inline void dequantize_q8_0(const unsigned char* in, Index count, float* out) {
   for (Index b = 0; b < count / ggml_block; ++b, in += ggml_q8_0_bytes, out += ggml_block) {
@@ -352,5 +357,7 @@ inline void quantize_q6_k(const float* in, Index count, unsigned char* out) {
     }
   }
 }
+
+// NOLINTEND(bugprone-narrowing-conversions, bugprone-implicit-widening-of-multiplication-result)
 
 }  // namespace moe::kernels

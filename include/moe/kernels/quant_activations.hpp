@@ -161,8 +161,9 @@ void quantize_activations_i8_impl(const float* x, Index ldx, int offset, const A
       std::int8_t code[32] = {};
       if (b < nb) dx = quantize_block_i8_scalar(xr + b * 32, code);
       for (int t = 0; t < 8; ++t) {
-        std::memcpy(dst + 64 * t, code + 4 * t, 4);
-        sum += code[4 * t] + code[4 * t + 1] + code[4 * t + 2] + code[4 * t + 3];
+        const Index q = 4 * Index(t);
+        std::memcpy(dst + 64 * Index(t), code + q, 4);
+        sum += code[q] + code[q + 1] + code[q + 2] + code[q + 3];
       }
       corr[b] = -offset * sum;
       scale[b] = dx;

@@ -75,10 +75,10 @@ inline Index panel_offset(Index nb, Index b, int e, bool* high) {
   const Index base = c * panel_blocks * panel_block_bytes<Format>;
   if constexpr (std::is_same_v<Format, Q8>) {
     *high = false;
-    return base + (e / 4) * 4 * m + 4 * l + e % 4;
+    return base + Index(e / 4) * 4 * m + 4 * Index(l) + e % 4;
   } else {
     *high = e >= 16;
-    return base + ((e % 16) / 4) * 4 * m + 4 * l + e % 4;
+    return base + Index((e % 16) / 4) * 4 * m + 4 * Index(l) + e % 4;
   }
 }
 
