@@ -157,38 +157,6 @@ class Case {
   }
 
  private:
-  /// Python's json.dumps writes the non-JSON literals Infinity, -Infinity and NaN (e.g.
-  /// NemotronH's time_step_limit); they become null outside strings.
-  static std::string strict_json(const std::string& text) {
-    std::string out;
-    out.reserve(text.size());
-    bool in_string = false;
-    for (std::size_t i = 0; i < text.size(); ++i) {
-      const char ch = text[i];
-      if (in_string) {
-        out += ch;
-        if (ch == '\\' && i + 1 < text.size()) {
-          out += text[++i];
-        } else if (ch == '"') {
-          in_string = false;
-        }
-        continue;
-      }
-      if (ch == '"') in_string = true;
-      bool replaced = false;
-      for (const char* word : {"-Infinity", "Infinity", "NaN"}) {
-        const std::string w = word;
-        if (text.compare(i, w.size(), w) == 0) {
-          out += "null";
-          i += w.size() - 1;
-          replaced = true;
-          break;
-        }
-      }
-      if (!replaced) out += ch;
-    }
-    return out;
-  }
   Index meta_int(const std::string& key) const {
     const std::string v = meta(key);
     try {
