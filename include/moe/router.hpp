@@ -57,6 +57,10 @@ class Router {
              Workspace<T>& ws) const {
     const Index num_tokens = x.rows(), E = num_scored(config);
     Routing<RouteS>& routing = detail::WorkspaceAccess::routing(ws);
+    if (ws.token_ids() != nullptr && ws.num_token_ids() != num_tokens) {
+      throw shape_error(detail::concat("moe: ", ws.num_token_ids(), " token ids for ", num_tokens,
+                                       " tokens (Workspace::set_token_ids)"));
+    }
     routing.resize(num_tokens, E, gating_.slots(config));
     if (num_tokens == 0) return;
     RouteS* logits = routing.logits().data();
