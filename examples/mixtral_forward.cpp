@@ -3,7 +3,8 @@
 // and the top-5 next-token predictions; optionally writes the logits [S x V] (float32) to a
 // safetensors file under the name "logits".
 //
-//   mixtral_forward [--checkpoint DIR] [--weights as-stored|fp32|bf16|int8|fp8]
+//   mixtral_forward [--checkpoint DIR]
+//                   [--weights as-stored|fp32|bf16|int8|fp8|q8|q4|mxfp4] [--exact]
 //                   [--tokens 1,2,3] [--logits-out FILE] [--seq-len N] [--threads N]
 //                   [--layers N] [--seed N] [--repeats N] [--prefetch 0|1]
 //
@@ -34,16 +35,17 @@ struct Args {
   std::uint64_t seed = 42;
   int repeats = 5;
   bool prefetch = true;
+  bool exact = false;
   moe::io::WeightFormat weights = moe::io::WeightFormat::as_stored;
 };
 
 moe::io::WeightFormat parse_weights(const std::string& v) {
   using F = moe::io::WeightFormat;
-  for (F f : {F::as_stored, F::fp32, F::bf16, F::int8, F::fp8}) {
+  for (F f : {F::as_stored, F::fp32, F::bf16, F::int8, F::fp8, F::q8, F::q4, F::mxfp4}) {
     if (v == moe::io::weight_format_name(f)) return f;
   }
-  throw std::invalid_argument("--weights expects as-stored, fp32, bf16, int8 or fp8, got '" + v +
-                              "'");
+  throw std::invalid_argument(
+      "--weights expects as-stored, fp32, bf16, int8, fp8, q8, q4 or mxfp4, got '" + v + "'");
 }
 
 // Peak resident set size of this process in bytes (VmHWM of /proc/self/status; 0 if unknown).
@@ -80,16 +82,24 @@ Args parse(int argc, char** argv) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
       std::printf(
-          "usage: mixtral_forward [--checkpoint DIR] [--tokens 1,2,3] [--logits-out FILE]\n"
+          "usage: mixtral_forward [--checkpoint DIR] [--weights F] [--exact]\n"
+          "                       [--tokens 1,2,3] [--logits-out FILE]\n"
           "                       [--seq-len N] [--threads N] [--layers N] [--seed N]\n"
           "  --checkpoint DIR   Hugging Face Mixtral or Qwen2-MoE directory (config.json +\n"
           "                     safetensors, sharded or not); default: random weights\n"
-          "  --weights F        routed experts as-stored (default: BF16 / F8_E4M3 experts\n"
-          "                     viewed in the mapped file), fp32, bf16, int8 or fp8\n"
+          "  --weights F        routed experts as-stored (default: BF16 / F8_E4M3 / MXFP4\n"
+          "                     experts kept as stored, viewed in the mapped file), fp32, bf16,\n"
+          "                     int8, fp8, q8, q4 or mxfp4 (quantised on load, expert by expert)\n"
+          "  --exact            exact products for q8 / q4 / mxfp4 (fp32 activations, bitwise\n"
+          "                     the fp32 model on the dequantised weights); default: fast\n"
           "  --repeats N        timed forward passes after one warm-up (default 5)\n"
           "  --prefetch 0|1     read-ahead hint for the chosen mapped experts (default 1)\n"
           "  --logits-out FILE  write the logits [S x V] as float32 safetensors ('logits')\n");
       std::exit(0);
+    }
+    if (flag == "--exact") {
+      a.exact = true;
+      continue;
     }
     if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
     const std::string v = argv[++i];
@@ -137,9 +147,10 @@ int main(int argc, char** argv) try {
   moe::io::LoadOptions options;
   options.weights = args.weights;
   options.prefetch = args.prefetch;
+  options.exact = args.exact;
   const auto load_start = std::chrono::steady_clock::now();
   const example::ModelWeights model =
-      args.checkpoint.empty() ? example::random_model(config, args.seed, args.weights)
+      args.checkpoint.empty() ? example::random_model(config, args.seed, args.weights, args.exact)
                               : example::load_model(args.checkpoint, options);
   const double load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
@@ -166,7 +177,8 @@ int main(int argc, char** argv) try {
   std::string format;
   for (const auto& layer : model.layers) {
     expert_bytes += layer.moe.expert_bytes();
-    const std::string f = moe::io::weight_format_name(layer.moe.weight_format());
+    std::string f = moe::io::weight_format_name(layer.moe.weight_format());
+    if (!layer.moe.exact()) f += ", fast";
     format = format.empty() || format == f ? f : "mixed";
   }
   std::printf("load: %.1f ms\n", load_seconds * 1e3);

@@ -85,10 +85,20 @@ inline Matrix random_matrix(Index rows, Index cols, std::mt19937_64& rng, double
 }
 
 /// An fp32 block's weights with the routed experts stored as `format` (quantised expert by
-/// expert; as_stored and fp32 keep fp32).
+/// expert; as_stored and fp32 keep fp32); exact: the exact products of q8 / q4 / mxfp4.
 inline Block make_block(const moe::MoeConfig& c, moe::MoeWeights<float> w,
-                        moe::io::WeightFormat format) {
+                        moe::io::WeightFormat format, bool exact = false) {
+  constexpr moe::CompactMode x = moe::CompactMode::exact;
   switch (format) {
+    case moe::io::WeightFormat::q8:
+      if (exact) return MixtralBlock<moe::CompactExperts<moe::Q8, x>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Q8>>(c, std::move(w));
+    case moe::io::WeightFormat::q4:
+      if (exact) return MixtralBlock<moe::CompactExperts<moe::Q4, x>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Q4>>(c, std::move(w));
+    case moe::io::WeightFormat::mxfp4:
+      if (exact) return MixtralBlock<moe::CompactExperts<moe::Mxfp4, x>>(c, std::move(w));
+      return MixtralBlock<moe::CompactExperts<moe::Mxfp4>>(c, std::move(w));
     case moe::io::WeightFormat::bf16:
       return MixtralBlock<moe::CompactExperts<moe::Bf16>>(c, std::move(w));
     case moe::io::WeightFormat::int8:
@@ -101,9 +111,10 @@ inline Block make_block(const moe::MoeConfig& c, moe::MoeWeights<float> w,
 }
 
 /// Seeded random weights with the scales of a trained model's initialisation; the routed
-/// experts stored as `format`.
+/// experts stored as `format` (exact: see make_block).
 inline ModelWeights random_model(const ModelConfig& c, std::uint64_t seed,
-                                 moe::io::WeightFormat format = moe::io::WeightFormat::fp32) {
+                                 moe::io::WeightFormat format = moe::io::WeightFormat::fp32,
+                                 bool exact = false) {
   std::mt19937_64 rng(seed);
   ModelWeights w;
   w.config = c;
@@ -121,7 +132,7 @@ inline ModelWeights random_model(const ModelConfig& c, std::uint64_t seed,
                        random_matrix(c.num_kv_heads * c.head_dim, c.hidden_size, rng, s),
                        random_matrix(c.num_kv_heads * c.head_dim, c.hidden_size, rng, s),
                        random_matrix(c.hidden_size, c.num_heads * c.head_dim, rng, s),
-                       make_block(c.moe(), std::move(mw), format),
+                       make_block(c.moe(), std::move(mw), format, exact),
                        {},
                        {},
                        {}};

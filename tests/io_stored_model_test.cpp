@@ -1,8 +1,10 @@
 // Whole models loaded as stored (issue 14): the tiny Hugging Face checkpoints of tests/data
 // rewritten as sharded BF16 run through the example's model with views of the mapped files, and
-// the memory a mapped model costs: only the experts that are chosen are paged in.
+// the memory a mapped model costs: only the experts that are chosen are paged in, and a model
+// whose experts exceed a cgroup v2 memory.max runs under it (where the machine lets us set one).
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -10,6 +12,11 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -181,6 +188,155 @@ TEST(IoStoredMemory, OnlyChosenExpertsArePagedIn) {
   }
   const auto usage = block.residency()->usage_counts();
   EXPECT_EQ(std::accumulate(usage.begin(), usage.end(), std::uint64_t(0)), 6u * 2u);
+}
+
+// ---- under a memory limit (cgroup v2 memory.max) ---------------------------------------------
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+bool write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path);
+  out << text;
+  out.flush();
+  return bool(out);
+}
+
+// A fresh cgroup v2 group with memory.max = limit (and no swap), removed at scope exit; `reason`
+// says why none could be made (then path is empty). Tries a child of this process's own group,
+// then of the hierarchy's root (root only). Touches nothing when /sys/fs/cgroup is not cgroup v2
+// with the memory controller.
+struct MemoryCgroup {
+  std::string path, reason;
+  bool no_swap = false;  // anonymous pages cannot escape the limit into swap
+  explicit MemoryCgroup(long long limit) {
+    const std::string root = "/sys/fs/cgroup";
+    const std::string controllers = read_file(root + "/cgroup.controllers");
+    if (controllers.find("memory") == std::string::npos) {
+      reason = "/sys/fs/cgroup is not a cgroup v2 hierarchy with the memory controller";
+      return;
+    }
+    std::string own = read_file("/proc/self/cgroup");  // "0::/PATH\n"
+    own = own.substr(0, own.find('\n'));
+    std::vector<std::string> parents;
+    if (own.rfind("0::", 0) == 0) parents.push_back(root + own.substr(3));
+    parents.push_back(root);
+    for (const std::string& parent : parents) {
+      const std::string subtree = read_file(parent + "/cgroup.subtree_control");
+      if (subtree.find("memory") == std::string::npos &&
+          !write_file(parent + "/cgroup.subtree_control", "+memory")) {
+        continue;
+      }
+      const std::string dir = moe::detail::concat(parent, "/moe_io_limit_", ::getpid());
+      if (::mkdir(dir.c_str(), 0755) != 0) continue;
+      if (!write_file(dir + "/memory.max", std::to_string(limit))) {
+        ::rmdir(dir.c_str());
+        continue;
+      }
+      // memory.swap.max is absent without swap accounting; then only a machine without swap
+      // keeps anonymous pages under the limit.
+      const std::string swaps = read_file("/proc/swaps");
+      no_swap = write_file(dir + "/memory.swap.max", "0") ||
+                std::count(swaps.begin(), swaps.end(), '\n') <= 1;
+      path = dir;
+      return;
+    }
+    reason = "cannot create a group with memory.max under " + parents.front() + " or " + root +
+             " (not root, or the no-internal-process rule)";
+  }
+  ~MemoryCgroup() {
+    if (!path.empty()) ::rmdir(path.c_str());
+  }
+};
+
+// Runs f() in a child process moved into `group` first; f's return value is the child's exit
+// status. Returns the waitpid status, or -1 when the child could not join the group (exit 3).
+template <class F>
+int run_in_cgroup(const std::string& group, F f) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (!write_file(group + "/cgroup.procs", "0")) ::_exit(3);
+    int code = 1;
+    try {
+      code = f();
+    } catch (...) {
+      code = 2;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+// Drops the file's clean pages from the page cache, so that the child reads (and is charged
+// for) what it touches.
+void evict(const std::string& file) {
+  const int fd = ::open(file.c_str(), O_RDONLY);
+  if (fd < 0) return;
+  ::fdatasync(fd);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+}
+
+// 64 bf16 experts of 144 KiB (9 MiB), top-1, under a 4 MiB memory.max: as stored, the layer
+// runs and writes the same outputs as without the limit; loaded fp32 (18 MiB of copies) the
+// same child is killed, which shows the limit binds.
+TEST(IoStoredMemory, RunsUnderACgroupLimitSmallerThanItsExperts) {
+  constexpr long long kLimit = 4 << 20;
+  ScratchDir dir;
+  Json c = moe::test::mixtral_config(1);
+  c["hidden_size"] = 128;
+  c["intermediate_size"] = 192;
+  c["num_local_experts"] = 64;
+  c["num_experts_per_tok"] = 1;
+  moe::test::write_text(dir.file("config.json"), c.dump());
+  const auto spec = moe::io::parse_model_spec(c.dump(), "config.json");
+  std::mt19937_64 rng(8);
+  const auto w = moe::test::random_layer(spec, rng);
+  std::vector<TensorToWrite> tensors;
+  moe::test::add_moe_layer(tensors, spec.family, 0, w, spec.moe, moe::test::Layout::fused,
+                           moe::io::Dtype::BF16);
+  moe::io::write_safetensors(dir.file("model.safetensors"), tensors);
+  const RowMatrix<float> x = moe::test::random_matrix<float>(4, 128, rng, 1.0);
+  const std::string out = dir.file("y.bin");
+  auto run = [&](WeightFormat f) {
+    return [&, f] {
+      moe::io::LoadOptions o;
+      o.weights = f;
+      const auto block = moe::io::load_any_moe_layer<float>(dir.str(), 0, o);
+      const RowMatrix<float> y = block.forward(x);
+      std::ofstream(out, std::ios::binary)
+          .write(reinterpret_cast<const char*>(y.data()), std::streamsize(y.size() * 4));
+      return 0;
+    };
+  };
+  const auto unlimited = moe::io::load_any_moe_layer<float>(dir.str(), 0);
+  ASSERT_GT(unlimited.expert_bytes(), std::size_t(2 * kLimit));
+  const RowMatrix<float> want = unlimited.forward(x);
+
+  MemoryCgroup group(kLimit);
+  if (group.path.empty()) GTEST_SKIP() << "no memory limit test: " << group.reason;
+  evict(dir.file("model.safetensors"));
+  const int stored = run_in_cgroup(group.path, run(WeightFormat::as_stored));
+  if (WIFEXITED(stored) && WEXITSTATUS(stored) == 3) GTEST_SKIP() << "cannot join " << group.path;
+  ASSERT_TRUE(WIFEXITED(stored) && WEXITSTATUS(stored) == 0)
+      << "as-stored child under " << kLimit << " bytes: status " << stored;
+  RowMatrix<float> got(4, 128);
+  std::ifstream(out, std::ios::binary)
+      .read(reinterpret_cast<char*>(got.data()), std::streamsize(got.size() * 4));
+  EXPECT_EQ(got, want);
+
+  if (!group.no_swap) {
+    std::printf("  swap without swap accounting: the fp32 control run is skipped\n");
+    return;
+  }
+  evict(dir.file("model.safetensors"));
+  const int fp32 = run_in_cgroup(group.path, run(WeightFormat::fp32));
+  EXPECT_TRUE(WIFSIGNALED(fp32) && WTERMSIG(fp32) == SIGKILL)
+      << "an fp32 load (" << unlimited.expert_bytes() * 2 << " bytes of copies) was not stopped by "
+      << "memory.max = " << kLimit << ": status " << fp32;
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
 // moe: the block-quantised weights (Q8, Q4, Mxfp4) of the FFN experts of one layer.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "moe/error.hpp"
 #include "moe/experts/quant_matrix.hpp"
+#include "moe/experts/residency.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
@@ -87,6 +89,14 @@ class QuantExpertStack {
     down_[std::size_t(e)] = adopt("wo", e, std::move(wo), d_model_, d_ff_);
   }
 
+  /// Usage counters and memory ranges of the experts (set by the checkpoint loader; mapped ranges
+  /// for views of a checkpoint in the stored layout), or nullptr.
+  const ExpertResidency* residency() const { return residency_.get(); }
+  /// Attaches usage counters / memory ranges (shared by the copies of this stack).
+  void set_residency(std::shared_ptr<const ExpertResidency> residency) {
+    residency_ = std::move(residency);
+  }
+
   /// Bytes of codes and scales of all experts.
   std::size_t bytes() const {
     std::size_t b = 0;
@@ -118,6 +128,7 @@ class QuantExpertStack {
   bool gated_ = true;
   QuantLayout layout_ = QuantLayout::panels;
   std::vector<QuantMatrix<Format>> gate_, up_, down_;
+  std::shared_ptr<const ExpertResidency> residency_;
 };
 
 }  // namespace moe

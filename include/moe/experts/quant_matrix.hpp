@@ -114,6 +114,16 @@ class QuantMatrix {
     return stored_;
   }
 
+  /// `m` holding `owner` alive as long as m or a copy lives: a view of bytes that `owner` keeps
+  /// (a mapped checkpoint file, a buffer of stored-layout bytes).
+  static QuantMatrix with_owner(QuantMatrix m, const std::shared_ptr<const void>& owner) {
+    m.owner_ = owner;
+    return m;
+  }
+
+  /// Whether the matrix owns its bytes (quantize, repack) rather than viewing them.
+  bool owning() const { return storage_ != nullptr; }
+
   /// The dequantised matrix (exact in fp32). Allocates.
   RowMatrix<float> dequantize() const {
     RowMatrix<float> out(rows_, cols_);
@@ -162,6 +172,7 @@ class QuantMatrix {
   Panels panels_{};
   Stored stored_{};
   std::shared_ptr<const Storage> storage_;
+  std::shared_ptr<const void> owner_;  ///< keeps a view's bytes alive (with_owner)
 };
 
 }  // namespace moe

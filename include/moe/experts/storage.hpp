@@ -180,16 +180,21 @@ Index prepared_bytes_per_row(const QuantExpertStack<Format, QuantLayout::panels>
 }
 
 /// Called by the block after routing, before the expert products (counts[e]: rows routed to
-/// expert e): nothing for stacks that own their memory (fp32, packed, block-quantised).
+/// expert e): nothing for stacks that own their memory (fp32, packed).
 template <class Stack>
 void note_routed(const Stack& s, const Index* counts) {
   (void)s, (void)counts;
 }
 
-/// Compact stacks loaded from a checkpoint: usage counters and, for mapped views, a read-ahead
-/// hint for the chosen experts' pages (ExpertResidency::routed). Nothing otherwise.
+/// Compact and block-quantised stacks loaded from a checkpoint: usage counters and, for mapped
+/// views, a read-ahead hint for the chosen experts' pages (ExpertResidency::routed). Nothing
+/// otherwise.
 template <class Format>
 void note_routed(const CompactExpertStack<Format>& s, const Index* counts) {
+  if (s.residency() != nullptr) s.residency()->routed(counts);
+}
+template <class Format, QuantLayout L>
+void note_routed(const QuantExpertStack<Format, L>& s, const Index* counts) {
   if (s.residency() != nullptr) s.residency()->routed(counts);
 }
 

@@ -50,10 +50,15 @@ Block load_moe_layer(const ModelCheckpoint& m, Index layer, const LoadOptions& o
     LoadOptions others = options;
     others.routed_experts = false;
     MoeWeights<float> w = load_moe_weights<float>(m, layer, others);
+    if (m.spec().row().expert_in_bias != nullptr) {
+      throw config_error(moe::detail::concat(
+          "moe: ", m.spec().source, ": ", family_name(m.spec().family),
+          " experts have biases, which compact experts do not support; load with "
+          "LoadOptions::weights = fp32"));
+    }
     const MoeConfig config = layer_config(m.spec(), w);
     return Block(config, std::move(w),
-                 load_compact_experts<typename Block::ExpertStorage::format>(m, layer, options),
-                 options_of_g);
+                 load_expert_stack<typename Block::CompactStack>(m, layer, options), options_of_g);
   } else {
     MoeWeights<typename Block::Scalar> w = load_moe_weights<typename Block::Scalar>(m, layer);
     const MoeConfig config = layer_config(m.spec(), w);
@@ -96,28 +101,47 @@ template <class Block, class Storage>
 using with_storage_t = typename with_storage<Block, Storage>::type;
 
 /// The variant of every family block (native storage) followed, for float, by the same blocks
-/// with bf16, int8 and fp8 experts: alternative s * F + f is family f with storage s.
+/// with bf16, int8, fp8, then q8, q4, mxfp4 (fast), then q8, q4, mxfp4 (exact) experts:
+/// alternative s * F + f is family f with storage s.
 template <class T, class FamilyVariant>
 struct stored_variant {
   using type = FamilyVariant;
 };
 template <class... Blocks>
 struct stored_variant<float, std::variant<Blocks...>> {
-  using type = std::variant<Blocks..., with_storage_t<Blocks, CompactExperts<Bf16>>...,
-                            with_storage_t<Blocks, CompactExperts<Int8>>...,
-                            with_storage_t<Blocks, CompactExperts<Fp8E4M3>>...>;
+  template <class Format, CompactMode Mode = CompactMode::fast>
+  using C = CompactExperts<Format, Mode>;
+  static constexpr CompactMode x = CompactMode::exact;
+  using type = std::variant<
+      Blocks..., with_storage_t<Blocks, C<Bf16>>..., with_storage_t<Blocks, C<Int8>>...,
+      with_storage_t<Blocks, C<Fp8E4M3>>..., with_storage_t<Blocks, C<Q8>>...,
+      with_storage_t<Blocks, C<Q4>>..., with_storage_t<Blocks, C<Mxfp4>>...,
+      with_storage_t<Blocks, C<Q8, x>>..., with_storage_t<Blocks, C<Q4, x>>...,
+      with_storage_t<Blocks, C<Mxfp4, x>>...>;
 };
 
 template <class Storage>
 constexpr WeightFormat format_of() {
   if constexpr (!Storage::compact) {
     return WeightFormat::fp32;
-  } else if constexpr (std::is_same_v<typename Storage::format, Bf16>) {
-    return WeightFormat::bf16;
-  } else if constexpr (std::is_same_v<typename Storage::format, Int8>) {
-    return WeightFormat::int8;
   } else {
-    return WeightFormat::fp8;
+    using F = typename Storage::format;
+    return std::is_same_v<F, Bf16>   ? WeightFormat::bf16
+           : std::is_same_v<F, Int8> ? WeightFormat::int8
+           : std::is_same_v<F, Q8>   ? WeightFormat::q8
+           : std::is_same_v<F, Q4>   ? WeightFormat::q4
+           : std::is_same_v<F, Mxfp4> ? WeightFormat::mxfp4
+                                      : WeightFormat::fp8;
+  }
+}
+
+template <class Storage>
+constexpr bool exact_of() {
+  if constexpr (Storage::compact) {
+    return !moe::detail::is_quant_format_v<typename Storage::format> ||
+           Storage::mode == CompactMode::exact;
+  } else {
+    return true;
   }
 }
 
@@ -136,9 +160,9 @@ class AnyMoeBlock {
                                SparseMoeBlock<T, gating::GroupLimitedTopK, Relu2Mlp>,
                                SparseMoeBlock<T, gating::SoftmaxTopK, GeGLUTanh>,
                                SparseMoeBlock<T, gating::Sparsemixer, SwiGLU>>;
-  /// FamilyVariant's blocks, then (float only) the same with bf16, int8 and fp8 routed experts:
+  /// FamilyVariant's blocks, then (float only) the same with compact routed experts:
   /// alternative s * num_families + f is family alternative f with storage s (0 fp32, 1 bf16,
-  /// 2 int8, 3 fp8).
+  /// 2 int8, 3 fp8, 4 q8, 5 q4, 6 mxfp4 (fast products), 7 q8, 8 q4, 9 mxfp4 (exact products)).
   using Variant = typename detail::stored_variant<T, FamilyVariant>::type;
   /// Number of family alternatives (FamilyVariant's size).
   static constexpr std::size_t num_families = std::variant_size_v<FamilyVariant>;
@@ -181,11 +205,20 @@ class AnyMoeBlock {
   std::size_t index() const { return block_.index(); }
   /// Which family alternative is held (0..3, see the class comment), whatever the storage.
   std::size_t family_index() const { return block_.index() % num_families; }
-  /// What the routed experts are stored as: fp32 (the scalar T), bf16, int8 or fp8.
+  /// What the routed experts are stored as: fp32 (the scalar T), bf16, int8, fp8, q8, q4, mxfp4.
   WeightFormat weight_format() const {
     return std::visit(
         [](const auto& b) {
           return detail::format_of<typename std::decay_t<decltype(b)>::ExpertStorage>();
+        },
+        block_);
+  }
+  /// Whether the expert products are exact (bitwise the fp32 block on the dequantised weights):
+  /// false only for q8, q4, mxfp4 in the fast mode (LoadOptions::exact).
+  bool exact() const {
+    return std::visit(
+        [](const auto& b) {
+          return detail::exact_of<typename std::decay_t<decltype(b)>::ExpertStorage>();
         },
         block_);
   }
@@ -242,18 +275,41 @@ WeightFormat resolve_format(const ModelCheckpoint& m, Index layer, const LoadOpt
   return f;
 }
 
-/// Family block `Block` (native storage) with the routed experts in format f.
+/// A type carried as a value (to pass storage policies to a generic lambda).
+template <class T>
+struct template_type {
+  using type = T;
+};
+
+/// Family block `Block` (native storage) with the routed experts in format f (options.exact:
+/// the exact products of block-quantised formats).
 template <class Any, class Block>
 Any load_stored(const ModelCheckpoint& m, Index layer, const LoadOptions& options,
                 WeightFormat f) {
   if constexpr (std::is_same_v<typename Block::Scalar, float>) {
+    auto as = [&](auto fast, auto exact) -> Any {
+      using Fast = with_storage_t<Block, typename decltype(fast)::type>;
+      using Exact = with_storage_t<Block, typename decltype(exact)::type>;
+      if (options.exact) return load_moe_layer<Exact>(m, layer, options);
+      return load_moe_layer<Fast>(m, layer, options);
+    };
     switch (f) {
       case WeightFormat::bf16:
-        return load_moe_layer<with_storage_t<Block, CompactExperts<Bf16>>>(m, layer, options);
+        return as(template_type<CompactExperts<Bf16>>{}, template_type<CompactExperts<Bf16>>{});
       case WeightFormat::int8:
-        return load_moe_layer<with_storage_t<Block, CompactExperts<Int8>>>(m, layer, options);
+        return as(template_type<CompactExperts<Int8>>{}, template_type<CompactExperts<Int8>>{});
       case WeightFormat::fp8:
-        return load_moe_layer<with_storage_t<Block, CompactExperts<Fp8E4M3>>>(m, layer, options);
+        return as(template_type<CompactExperts<Fp8E4M3>>{},
+                  template_type<CompactExperts<Fp8E4M3>>{});
+      case WeightFormat::q8:
+        return as(template_type<CompactExperts<Q8>>{},
+                  template_type<CompactExperts<Q8, CompactMode::exact>>{});
+      case WeightFormat::q4:
+        return as(template_type<CompactExperts<Q4>>{},
+                  template_type<CompactExperts<Q4, CompactMode::exact>>{});
+      case WeightFormat::mxfp4:
+        return as(template_type<CompactExperts<Mxfp4>>{},
+                  template_type<CompactExperts<Mxfp4, CompactMode::exact>>{});
       default:
         break;
     }

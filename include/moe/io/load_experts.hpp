@@ -10,6 +10,10 @@
 //   stored BF16, Format Bf16                  -> zero-copy view of the mapped bytes
 //   stored F8_E4M3 + W_scale_inv, Format Fp8  -> zero-copy view of the codes; the F32 scales
 //                                                viewed too (other scale dtypes: one small copy)
+//   stored MXFP4 (gpt-oss W_blocks + W_scales), Format Mxfp4, exact mode (stored layout):
+//                                                down_proj a zero-copy view; gate and up a byte
+//                                                copy each (their rows interleave in the file)
+//   the same, fast mode (panels)              -> one lossless repack into the panel layout
 //   anything else                             -> one conversion per expert: its matrices read as
 //                                                fp32 ([d_ff x d_model] at a time; fp8 is
 //                                                dequantised with its scales) and quantised to
@@ -31,11 +35,14 @@
 
 #include "moe/error.hpp"
 #include "moe/experts/compact_expert_stack.hpp"
+#include "moe/experts/quant_expert_stack.hpp"
 #include "moe/experts/residency.hpp"
+#include "moe/experts/storage.hpp"
 #include "moe/io/families.hpp"
 #include "moe/io/load_weights.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"
+#include "moe/io/mxfp4_experts.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::io {
@@ -46,7 +53,8 @@ namespace moe::io {
 struct ExpertTensorNames {
   std::string prefix;               ///< the layer's sparse-block prefix as found in the files
   bool fused = false;               ///< fused_in / fused_out, else gate / up / down
-  std::string fused_in, fused_out;  ///< fused only
+  bool mxfp4 = false;               ///< fused, stored as MXFP4 (NAME_blocks + NAME_scales)
+  std::string fused_in, fused_out;  ///< fused only (MXFP4: the names before _blocks / _scales)
   const FamilyRow* row = nullptr;
   Index layer = 0;
 
@@ -54,7 +62,9 @@ struct ExpertTensorNames {
   std::string up(Index e) const { return name(row->expert_up, e); }
   std::string down(Index e) const { return name(row->expert_down, e); }
   /// The tensor holding expert e's input projection (its dtype is the experts' stored dtype).
-  std::string input(Index e) const { return fused ? fused_in : gate(e); }
+  std::string input(Index e) const {
+    return fused ? (mxfp4 ? Mxfp4Tensor(fused_in).blocks : fused_in) : gate(e);
+  }
 
  private:
   // "" for a family without per-expert names (no tensor has that name).
@@ -78,8 +88,10 @@ inline ExpertTensorNames expert_tensor_names(const ModelCheckpoint& m, Index lay
     const std::string v5 = expand_name(row.sparse_prefix_v5, layer);
     if (has(v5 + row.router)) n.prefix = v5;
   }
-  n.fused = row.fused_gate_up != nullptr &&
-            (has(n.prefix + row.fused_gate_up) || has(n.prefix + row.fused_down));
+  n.mxfp4 = row.fused_gate_up != nullptr && row.fused_down != nullptr && row.gated_experts &&
+            has_mxfp4(m, n.prefix + row.fused_gate_up);
+  n.fused = n.mxfp4 || (row.fused_gate_up != nullptr &&
+                        (has(n.prefix + row.fused_gate_up) || has(n.prefix + row.fused_down)));
   if (n.fused) {
     n.fused_in = n.prefix + row.fused_gate_up;
     n.fused_out = n.prefix + row.fused_down;
@@ -95,12 +107,13 @@ inline bool fp8_blocks_viewable(const ModelSpec& s, Index cols) {
   return s.fp8_block_rows >= 1 && (pow2 || (cols > 0 && bc >= cols));
 }
 
-/// The format the routed experts of sparse layer `layer` are stored in: bf16 for BF16, fp8 for
-/// F8_E4M3 (fp32 when its scale blocks are not the kernels', see fp8_blocks_viewable), fp32 for
-/// every other dtype, judged by expert 0's input projection (fp32 when it is absent: the loaders
-/// then report it). Never as_stored.
+/// The format the routed experts of sparse layer `layer` are stored in: mxfp4 for gpt-oss's
+/// W_blocks + W_scales, bf16 for BF16, fp8 for F8_E4M3 (fp32 when its scale blocks are not the
+/// kernels', see fp8_blocks_viewable), fp32 for every other dtype, judged by expert 0's input
+/// projection (fp32 when it is absent: the loaders then report it). Never as_stored.
 inline WeightFormat stored_format(const ModelCheckpoint& m, Index layer) {
   const ExpertTensorNames n = expert_tensor_names(m, layer);
+  if (n.mxfp4) return WeightFormat::mxfp4;
   const std::string name = n.input(0);
   if (!m.tensors().contains(name)) return WeightFormat::fp32;
   switch (m.tensors().info(name).dtype) {
@@ -124,13 +137,40 @@ struct ViewOwner {
   std::vector<float> scales;
 };
 
-template <class Format>
+/// The format and matrix type of an expert stack (CompactExpertStack or QuantExpertStack).
+template <class Stack>
+struct StackTraits;
+template <class F>
+struct StackTraits<CompactExpertStack<F>> {
+  using format = F;
+  using matrix = CompactMatrix<F>;
+  static constexpr bool quant = false;
+};
+template <class F, QuantLayout L>
+struct StackTraits<QuantExpertStack<F, L>> {
+  using format = F;
+  using matrix = QuantMatrix<F>;
+  static constexpr bool quant = true;
+};
+
+template <class Stack>
 struct ExpertLoader {
-  using Matrix = CompactMatrix<Format>;
+  using Format = typename StackTraits<Stack>::format;
+  using Matrix = typename StackTraits<Stack>::matrix;
   const ModelCheckpoint& m;
   const LayerReader& r;
+  const Stack& stack;
   ExpertResidency& residency;
   bool any_view = false;
+
+  // fp32 weights quantised to the stack's format (and, block-quantised, its layout).
+  Matrix convert(const MatrixRef<float>& w) const {
+    if constexpr (StackTraits<Stack>::quant) {
+      return Matrix::quantize(w, stack.layout());
+    } else {
+      return Matrix::quantize(w);
+    }
+  }
 
   // One [rows x cols] matrix: `name` rows [first_row, first_row + rows), recorded as expert e's.
   Matrix load(const std::string& name, Index first_row, Index rows, Index cols, Index e) {
@@ -139,7 +179,7 @@ struct ExpertLoader {
     const unsigned char* bytes = file.data(name) + std::size_t(first_row * cols) *
                                                        dtype_size(info.dtype);
     const std::string scale_name = name + "_scale_inv";
-    if constexpr (std::is_same_v<Format, Bf16>) {
+    if constexpr (std::is_same_v<Format, Bf16> && !StackTraits<Stack>::quant) {
       if (info.dtype == Dtype::BF16 && reinterpret_cast<std::uintptr_t>(bytes) % 2 == 0) {
         auto owner = std::make_shared<ViewOwner>();
         owner->codes_file = m.tensors().share_file(name);
@@ -183,27 +223,43 @@ struct ExpertLoader {
     } else {
       r.read_rows_into<float>(name, first_row, MutMap<float>(w.data(), rows, cols));
     }
-    return Matrix::quantize(w);
+    return convert(w);
+  }
+
+  // Expert e of an MXFP4 layer (n.mxfp4): as stored for an Mxfp4 stack (down viewed in the
+  // mapped file, gate / up de-interleaved by a byte copy; the stack repacks them into panels in
+  // fast mode), else dequantised to fp32 and converted.
+  void load_mxfp4(const ExpertTensorNames& n, Index e, Stack& out) {
+    const Index H = out.d_model(), I = out.d_ff();
+    if constexpr (std::is_same_v<Format, Mxfp4>) {
+      const kernels::Mxfp4View in = mxfp4_rows(m, n.fused_in, e * 2 * I, 2 * I, H);
+      const kernels::Mxfp4View down = mxfp4_rows(m, n.fused_out, e * H, H, I);
+      const Mxfp4Tensor t(n.fused_out);
+      auto owner = std::make_shared<ViewOwner>();
+      owner->codes_file = m.tensors().share_file(t.blocks);
+      owner->scales_file = m.tensors().share_file(t.scales);
+      if (out.layout() == QuantLayout::stored) {
+        residency.add_range(e, down.codes, std::size_t(H * (I / 32) * 16));
+        residency.add_range(e, down.scales, std::size_t(H * (I / 32)));
+        any_view = true;
+      }
+      out.set_gated(e, mxfp4_strided_rows(in, 0), mxfp4_strided_rows(in, 1),
+                    Matrix::with_owner(Matrix::view(down), owner));
+    } else {
+      RowMatrix<float> gate(I, H), up(I, H), down(H, I);
+      read_mxfp4_expert<float>(m, n.fused_in, n.fused_out, e, H, I,
+                               MutMap<float>(gate.data(), I, H), MutMap<float>(up.data(), I, H),
+                               MutMap<float>(down.data(), H, I));
+      r.check_finite(Mxfp4Tensor(n.fused_in).blocks, gate.data(), I, H, 0);
+      r.check_finite(Mxfp4Tensor(n.fused_in).blocks, up.data(), I, H, 0);
+      r.check_finite(Mxfp4Tensor(n.fused_out).blocks, down.data(), H, I, e * H);
+      out.set_gated(e, convert(gate), convert(up), convert(down));
+    }
   }
 };
 
-}  // namespace detail
-
-/// The routed experts of sparse layer `layer` as CompactExpertStack<Format> (Bf16, Int8 or
-/// Fp8E4M3), every expert in order: views of the mapped file where the stored layout is the
-/// kernels' (see the table at the top of this file), else quantised expert by expert. The stack
-/// carries an ExpertResidency (usage counters; for views, the mapped ranges the block hints
-/// after each routing unless options.prefetch is false).
-/// Shapes are checked against config.json first, as load_moe_weights does, with its messages
-/// (io_error for a missing tensor, shape_error for a wrong shape). Malformed block scales are
-/// io_errors naming the scale tensor: missing ("F8_E4M3 tensor 'W' has no block scales: missing
-/// tensor 'W_scale_inv'"), wrong shape ("block scales 'W_scale_inv' have shape [a x b] of F32,
-/// expected [c x d] ..."), non-finite ("block scales 'W_scale_inv' have a non-finite value (inf
-/// at [k])"). Throws config_error for a dense layer or options.experts not empty.
-template <class Format>
-CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index layer,
-                                                const LoadOptions& options = {}) {
-  const ModelSpec& s = m.spec();
+/// Throws config_error unless `layer` is sparse and options.experts is empty.
+inline void check_whole_sparse_layer(const ModelSpec& s, Index layer, const LoadOptions& options) {
   if (!s.is_moe_layer(layer)) {
     throw config_error(moe::detail::concat("moe: ", s.source, ": layer ", layer,
                                            " is a dense layer, not a sparse MoE layer"));
@@ -212,34 +268,61 @@ CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index 
     throw config_error("moe: load_compact_experts reads every expert; LoadOptions::experts must "
                        "be empty");
   }
+}
+
+}  // namespace detail
+
+/// The routed experts of sparse layer `layer` as Stack: CompactExpertStack<Bf16 | Int8 |
+/// Fp8E4M3> or QuantExpertStack<Q8 | Q4 | Mxfp4, layout> (what CompactExperts<Format, Mode>
+/// holds), every expert in order: views of the mapped file where the stored layout is the
+/// kernels' (see the table at the top of this file), else converted expert by expert, one
+/// matrix at a time. The stack carries an ExpertResidency (usage counters; for views, the
+/// mapped ranges the block hints after each routing unless options.prefetch is false).
+/// Shapes are checked against config.json first, as load_moe_weights does, with its messages
+/// (io_error for a missing tensor, shape_error for a wrong shape). Malformed block scales are
+/// io_errors naming the scale tensor: missing ("F8_E4M3 tensor 'W' has no block scales: missing
+/// tensor 'W_scale_inv'"), wrong shape ("block scales 'W_scale_inv' have shape [a x b] of F32,
+/// expected [c x d] ..."), non-finite ("block scales 'W_scale_inv' have a non-finite value (inf
+/// at [k])"); MXFP4 tensors as check_mxfp4 says. Throws config_error for a dense layer or
+/// options.experts not empty; block-quantised stacks throw shape_error unless d_model and d_ff
+/// are multiples of 32.
+template <class Stack>
+Stack load_expert_stack(const ModelCheckpoint& m, Index layer, const LoadOptions& options = {}) {
+  const ModelSpec& s = m.spec();
+  detail::check_whole_sparse_layer(s, layer, options);
   const MoeConfig& c = s.moe;
   const std::int64_t E = c.num_experts, H = c.d_model, I = c.d_ff;
   const bool gated = s.row().gated_experts;
   const ExpertTensorNames n = expert_tensor_names(m, layer);
   const detail::LayerReader r(m, layer);
   const std::int64_t in_rows = (gated ? 2 : 1) * I;
-  if (n.fused && !(m.tensors().contains(n.fused_in) && m.tensors().contains(n.fused_out) &&
-                   m.tensors().info(n.fused_in).shape == std::vector<std::int64_t>{E, in_rows, H} &&
-                   m.tensors().info(n.fused_out).shape == std::vector<std::int64_t>{E, H, I})) {
+  Stack stack(E, H, I, gated);
+  if (n.fused && !n.mxfp4 &&
+      !(m.tensors().contains(n.fused_in) && m.tensors().contains(n.fused_out) &&
+        m.tensors().info(n.fused_in).shape == std::vector<std::int64_t>{E, in_rows, H} &&
+        m.tensors().info(n.fused_out).shape == std::vector<std::int64_t>{E, H, I})) {
     // A fused layout that is not the kernels' [E, out, in] (or a wrong shape, which
     // load_moe_weights reports): one expert at a time through the fp32 loader, then quantised.
-    CompactExpertStack<Format> stack(E, H, I, gated);
-    using M = CompactMatrix<Format>;
+    auto residency = std::make_shared<ExpertResidency>(E, false, false);
+    detail::ExpertLoader<Stack> load{m, r, stack, *residency};
     for (Index e = 0; e < E; ++e) {
       LoadOptions one = options;
       one.experts = {e};
       const MoeWeights<float> w = load_moe_weights<float>(m, layer, one);
       if (gated) {
-        stack.set_gated(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.up(0)),
-                        M::quantize(w.experts.w_out(0)));
+        stack.set_gated(e, load.convert(w.experts.gate(0)), load.convert(w.experts.up(0)),
+                        load.convert(w.experts.w_out(0)));
       } else {
-        stack.set_plain(e, M::quantize(w.experts.gate(0)), M::quantize(w.experts.w_out(0)));
+        stack.set_plain(e, load.convert(w.experts.gate(0)), load.convert(w.experts.w_out(0)));
       }
     }
-    stack.set_residency(std::make_shared<ExpertResidency>(E, false, false));
+    stack.set_residency(std::move(residency));
     return stack;
   }
-  if (n.fused) {
+  if (n.mxfp4) {
+    check_mxfp4(m, layer, n.fused_in, E, in_rows, H);
+    check_mxfp4(m, layer, n.fused_out, E, H, I);
+  } else if (n.fused) {
     r.check(n.fused_in, {E, in_rows, H});
     r.check(n.fused_out, {E, H, I});
   } else {
@@ -252,10 +335,11 @@ CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index 
   bool mapped = true;
   for (Index e = 0; e < E && mapped; ++e) mapped = m.tensors().file_of(n.input(e)).mapped();
   auto residency = std::make_shared<ExpertResidency>(E, mapped, options.prefetch);
-  detail::ExpertLoader<Format> load{m, r, *residency};
-  CompactExpertStack<Format> stack(E, H, I, gated);
+  detail::ExpertLoader<Stack> load{m, r, stack, *residency};
   for (Index e = 0; e < E; ++e) {
-    if (n.fused) {
+    if (n.mxfp4) {
+      load.load_mxfp4(n, e, stack);
+    } else if (n.fused) {
       auto gate = load.load(n.fused_in, e * in_rows, I, H, e);
       auto down = load.load(n.fused_out, e * H, H, I, e);
       if (gated) {
@@ -276,6 +360,15 @@ CompactExpertStack<Format> load_compact_experts(const ModelCheckpoint& m, Index 
   if (!load.any_view) residency = std::make_shared<ExpertResidency>(E, false, false);
   stack.set_residency(std::move(residency));
   return stack;
+}
+
+/// The routed experts of sparse layer `layer` as CompactExperts<Format, Mode> keeps them
+/// (CompactExpertStack<Format> for Bf16, Int8, Fp8E4M3; QuantExpertStack<Format> in the panel
+/// layout (fast) or the stored layout (exact) for Q8, Q4, Mxfp4): see load_expert_stack.
+template <class Format, CompactMode Mode = CompactMode::fast>
+auto load_compact_experts(const ModelCheckpoint& m, Index layer, const LoadOptions& options = {}) {
+  using Stack = typename CompactExperts<Format, Mode>::template stack<float>;
+  return load_expert_stack<Stack>(m, layer, options);
 }
 
 }  // namespace moe::io

@@ -13,7 +13,7 @@
 // Every tensor's shape is checked against config.json before anything is allocated, so sizes are
 // bounded by the files; every value read is checked finite. Floating dtypes (F32, F64, F16, BF16,
 // F8_E4M3) convert to the scalar; a DeepSeek-V3 FP8 weight W with a sibling W_scale_inv is
-// dequantised block by block.
+// dequantised block by block; gpt-oss's MXFP4 experts (W_blocks + W_scales) are dequantised.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,7 @@
 #include "moe/io/families.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"
+#include "moe/io/mxfp4_experts.hpp"
 #include "moe/tensor.hpp"
 #include "moe/weights.hpp"
 
@@ -218,10 +219,14 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
                                        row.expert_table, "'"));
   }
 
-  // Routed experts: fused or per expert; only the chosen ones are checked and read.
+  // Routed experts: fused (MXFP4 blocks + scales, or floating) or per expert; only the chosen
+  // ones are checked and read.
+  const bool mxfp4 = row.fused_gate_up != nullptr && row.fused_down != nullptr && gated &&
+                     has_mxfp4(m, p + row.fused_gate_up);
   const bool fused =
-      row.fused_gate_up != nullptr && (row.expert_gate == nullptr || r.has(p + row.fused_gate_up) ||
-                                       (row.fused_down != nullptr && r.has(p + row.fused_down)));
+      mxfp4 ||
+      (row.fused_gate_up != nullptr && (row.expert_gate == nullptr || r.has(p + row.fused_gate_up) ||
+                                        (row.fused_down != nullptr && r.has(p + row.fused_down))));
   const std::string fused_in = fused ? p + row.fused_gate_up : "";
   const std::string fused_out = fused && row.fused_down ? p + row.fused_down : "";
   auto expert_name = [&](const char* pattern, Index e) {
@@ -229,12 +234,15 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   };
   const FusedLayout layout = row.fused_layout;
   // Rows of the fused input tensor per expert; zero experts may add unused rows (LongCat).
-  const std::int64_t E_in = fused && r.has(fused_in) &&
+  const std::int64_t E_in = fused && !mxfp4 && r.has(fused_in) &&
                                     m.tensors().info(fused_in).shape.size() == 3 &&
                                     m.tensors().info(fused_in).shape[0] == R
                                 ? R
                                 : E;
-  if (fused) {
+  if (mxfp4) {
+    check_mxfp4(m, layer, fused_in, E, 2 * I, He);
+    check_mxfp4(m, layer, fused_out, E, He, I);
+  } else if (fused) {
     switch (layout) {
       case FusedLayout::out_in:
         r.check(fused_in, {E_in, 2 * I, He});
@@ -317,6 +325,13 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
             layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
         w.experts.in_biases()(slot, i) = b_in(0, at);
       }
+    }
+    if (mxfp4) {
+      read_mxfp4_expert<T>(m, fused_in, fused_out, e, He, I, w.experts.gate(slot),
+                           w.experts.up(slot), w.experts.w_out(slot));
+      r.check_finite(fused_in + "_blocks", w.experts.w_in(slot).data(), 2 * I, He, e * 2 * I);
+      r.check_finite(fused_out + "_blocks", w.experts.w_out(slot).data(), He, I, e * He);
+      continue;
     }
     if (!fused) {
       r.read_into<T>(expert_name(row.expert_gate, e), w.experts.gate(slot));

@@ -44,14 +44,18 @@ class ModelCheckpoint {
 /// What a loaded block keeps its routed experts as (LoadOptions::weights).
 enum class WeightFormat {
   as_stored,  ///< the checkpoint's own format: BF16 -> bf16, F8_E4M3 + weight_scale_inv -> fp8
-              ///< (both zero-copy views of the mapped file), anything else -> fp32 (a copy)
+              ///< (both zero-copy views of the mapped file), MXFP4 blocks + scales -> mxfp4,
+              ///< anything else -> fp32 (a copy)
   fp32,       ///< the block's scalar, converted on load (the pre-issue-14 behaviour)
   bf16,       ///< bf16, quantised on load expert by expert unless stored so (then a view)
   int8,       ///< int8 with per-row scales, quantised on load expert by expert
   fp8,        ///< fp8 e4m3 with 128 x 128 block scales, quantised on load unless stored so
+  q8,         ///< ggml Q8_0 blocks of 32, quantised on load expert by expert
+  q4,         ///< ggml Q4_0 blocks of 32, quantised on load expert by expert
+  mxfp4,      ///< OCP MXFP4 blocks of 32, as stored (gpt-oss) or quantised on load
 };
 
-/// "as-stored", "fp32", "bf16", "int8", "fp8".
+/// "as-stored", "fp32", "bf16", "int8", "fp8", "q8", "q4", "mxfp4".
 inline const char* weight_format_name(WeightFormat f) {
   switch (f) {
     case WeightFormat::as_stored:
@@ -64,6 +68,12 @@ inline const char* weight_format_name(WeightFormat f) {
       return "int8";
     case WeightFormat::fp8:
       return "fp8";
+    case WeightFormat::q8:
+      return "q8";
+    case WeightFormat::q4:
+      return "q4";
+    case WeightFormat::mxfp4:
+      return "mxfp4";
   }
   return "?";
 }
@@ -75,6 +85,11 @@ struct LoadOptions {
   /// load_moe_shard always convert to their scalar T. The router, its bias, norms, the shared
   /// expert and its gate always stay in the block's scalar.
   WeightFormat weights = WeightFormat::as_stored;
+  /// Block-quantised experts (q8, q4, mxfp4) of load_any_moe_layer: the exact products
+  /// (CompactMode::exact: fp32 activations, bitwise the fp32 block on the dequantised weights;
+  /// mxfp4 as stored then views down_proj in the file) instead of the fast ones (int8
+  /// activations, panels). No effect on bf16, int8, fp8 (their products are exact) or fp32.
+  bool exact = false;
   /// Mapped experts: hint the kernel to read the chosen experts' pages ahead after each routing
   /// (MADV_WILLNEED, see experts/residency.hpp).
   bool prefetch = true;
