@@ -77,6 +77,10 @@ TEST(GgmlBlocks, Mxfp4RepackToTheSplitLayoutKeepsEveryValue) {
     const int code = (e % 2 == 0) ? codes[16 * b + e / 2] & 15 : codes[16 * b + e / 2] >> 4;
     EXPECT_EQ(static_cast<float>(e2m1[code] * std::ldexp(1.0, scales[b] - 127)), ref[v]) << v;
   }
+  // And back: the inverse repack gives the original blocks byte for byte.
+  std::vector<unsigned char> again(blocks.size());
+  k::repack_split_to_mxfp4(codes.data(), scales.data(), 96, again.data());
+  EXPECT_EQ(again, blocks);
 }
 
 // The 12 packed scale bytes used below, and the scales/mins they hold, worked out by hand from the

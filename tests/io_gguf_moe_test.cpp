@@ -82,6 +82,20 @@ GgmlType encode(const RowMatrix<float>& m, GgmlType type, std::vector<unsigned c
       q(x, n, out.data());
       return type;
     }
+    case GgmlType::MXFP4: {
+      // Our Mxfp4 quantiser (split codes/scales, row by row), repacked into ggml blocks.
+      const Index nb = n / 32;
+      std::vector<std::uint8_t> codes(static_cast<std::size_t>(nb) * 16),
+          scales(static_cast<std::size_t>(nb));
+      const Index row_blocks = m.cols() / 32;
+      for (Index r = 0; r < m.rows(); ++r) {
+        k::quantize_mxfp4_row(x + r * m.cols(), m.cols(), codes.data() + r * row_blocks * 16,
+                              scales.data() + r * row_blocks, r);
+      }
+      out.resize(static_cast<std::size_t>(nb) * k::ggml_mxfp4_bytes);
+      k::repack_split_to_mxfp4(codes.data(), scales.data(), n, out.data());
+      return type;
+    }
     default:
       out.resize(static_cast<std::size_t>(n) * 4);
       std::memcpy(out.data(), x, out.size());
@@ -606,6 +620,95 @@ TEST(GgufCompact, Q8_0AndQ4_0GoStraightIntoTheQuantFormats) {
                   f, moe::io::read_gguf_moe_spec(f), 0);
             }),
             "moe: q8.gguf: layer 0: the routed experts are not all Q4_0");
+}
+
+/// A [rows x cols] MXFP4 tensor of random ggml blocks: scales around 2^0, random codes, and a
+/// code of magnitude 6 in every block (so that no smaller scale holds the block: re-quantising
+/// its decoded values gives back the same bytes).
+std::vector<unsigned char> random_mxfp4(Index rows, Index cols, std::mt19937& rng) {
+  std::vector<unsigned char> b(static_cast<std::size_t>(rows * cols / 32) * k::ggml_mxfp4_bytes);
+  std::uniform_int_distribution<int> byte(0, 255), scale(122, 130), slot(0, 15);
+  for (std::size_t i = 0; i < b.size(); i += k::ggml_mxfp4_bytes) {
+    b[i] = static_cast<unsigned char>(scale(rng));
+    for (std::size_t j = 1; j < k::ggml_mxfp4_bytes; ++j) b[i + j] = static_cast<unsigned char>(byte(rng));
+    const int s = slot(rng);  // low nibble of qs[s]: +6 or -6
+    b[i + 1 + s] = static_cast<unsigned char>((b[i + 1 + s] & 0xF0) | (byte(rng) & 8) | 7);
+  }
+  return b;
+}
+
+TEST(GgufCompact, Mxfp4GoesStraightIntoMxfp4Blocks) {
+  // MXFP4 experts repacked into Mxfp4's split layout (no fp32): every matrix dequantises to the
+  // file's values bitwise, and the exact-mode block equals, bitwise, the exact-mode block that
+  // quantises the decoded fp32 weights itself (the same bytes: each block holds a 6).
+  const Index D = 64, F = 96, E = 4;
+  std::mt19937 rng(11);
+  moe::MoeConfig cfg;
+  cfg.d_model = D;
+  cfg.d_ff = F;
+  cfg.num_experts = E;
+  cfg.top_k = 2;
+  const auto gate = random_mxfp4(E * F, D, rng), up = random_mxfp4(E * F, D, rng),
+             down = random_mxfp4(E * D, F, rng);
+  std::normal_distribution<float> g;
+  RowMatrix<float> router(E, D), x(31, D);
+  for (Index i = 0; i < router.size(); ++i) router.data()[i] = 0.3f * g(rng);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  GgufWriter w;
+  w.set("general.architecture", "qwen3moe");
+  w.set<std::uint32_t>("qwen3moe.block_count", 1).set<std::uint32_t>("qwen3moe.embedding_length", D);
+  w.set<std::uint32_t>("qwen3moe.expert_count", E).set<std::uint32_t>("qwen3moe.expert_used_count", 2);
+  w.set<std::uint32_t>("qwen3moe.expert_feed_forward_length", F);
+  add(w, "blk.0.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+  w.add_tensor("blk.0.ffn_gate_exps.weight", GgmlType::MXFP4, {D, F, E}, gate.data(), gate.size());
+  w.add_tensor("blk.0.ffn_up_exps.weight", GgmlType::MXFP4, {D, F, E}, up.data(), up.size());
+  w.add_tensor("blk.0.ffn_down_exps.weight", GgmlType::MXFP4, {F, D, E}, down.data(), down.size());
+  const auto f = GgufFile::from_buffer(w.to_bytes(), "mxfp4.gguf");
+  // The writer's round trip keeps the blocks byte for byte.
+  const auto& t = f.tensor("blk.0.ffn_down_exps.weight");
+  EXPECT_EQ(t.type, GgmlType::MXFP4);
+  ASSERT_EQ(t.nbytes, down.size());
+  EXPECT_EQ(std::memcmp(f.data(t), down.data(), down.size()), 0);
+
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  using Exact = QuantBlock<moe::Mxfp4, moe::CompactMode::exact>;
+  const auto stack = moe::io::view_gguf_quant_experts<moe::Mxfp4, Exact::CompactStack>(f, spec, 0);
+  const RowMatrix<float> gate32 = moe::io::gguf_to_float(f, "blk.0.ffn_gate_exps.weight"),
+                         down32 = moe::io::gguf_to_float(f, "blk.0.ffn_down_exps.weight");
+  for (Index e = 0; e < E; ++e) {
+    EXPECT_EQ(stack.gate(e).dequantize(), gate32.middleRows(e * F, F)) << e;
+    EXPECT_EQ(stack.w_out(e).dequantize(), down32.middleRows(e * D, D)) << e;
+  }
+  const auto options = moe::io::gguf_gating_options<moe::gating::SoftmaxTopK>(spec, f.path());
+  const Exact direct = moe::io::load_gguf_moe_layer<Exact>(f, spec, 0);
+  const Exact requantised(cfg, moe::io::load_gguf_moe_weights<float>(f, spec, 0), options);
+  RowMatrix<float> y(x.rows(), D), y_ref(x.rows(), D), y_fast(x.rows(), D);
+  moe::Workspace<float> ws;
+  direct.forward(x, y, ws);
+  requantised.forward(x, y_ref, ws);
+  EXPECT_EQ(y, y_ref);
+  moe::io::load_gguf_moe_layer<QuantBlock<moe::Mxfp4, moe::CompactMode::fast>>(f, spec, 0)
+      .forward(x, y_fast, ws);
+  const RowMatrix<double> native =
+      forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 0), x).cast<double>();
+  const double e_exact = nmse(y.cast<double>(), native), e_fast = nmse(y_fast.cast<double>(), native);
+  std::printf("[ measure  ] MXFP4 experts as Mxfp4 blocks vs fp32: exact NMSE %.3g, fast %.3g\n",
+              e_exact, e_fast);
+  EXPECT_LT(e_exact, 1e-10);
+  EXPECT_LT(e_fast, 1e-3);
+
+  // A NaN scale (E8M0 0xFF) is refused by name.
+  auto bad = down;
+  bad[k::ggml_mxfp4_bytes * 5] = 0xFF;  // block 5: row 1 of expert 0 (F / 32 = 3 blocks a row)
+  GgufWriter w2;
+  for (const auto& kv : f.metadata()) w2.set_value(kv.key, kv.value);
+  for (const auto& ti : f.tensors()) {
+    const bool is_down = ti.name == "blk.0.ffn_down_exps.weight";
+    w2.add_tensor(ti.name, ti.type, ti.dims, is_down ? bad.data() : f.data(ti), ti.nbytes);
+  }
+  const auto fb = GgufFile::from_buffer(w2.to_bytes(), "nan.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Exact>(fb, 0); }),
+            "moe: nan.gguf: tensor 'blk.0.ffn_down_exps.weight' has a non-finite scale in row 1");
 }
 
 TEST(GgufCompact, NonFiniteBf16IsRefusedWhenViewed) {

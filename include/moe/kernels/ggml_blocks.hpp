@@ -212,6 +212,22 @@ inline void repack_mxfp4_to_split(const unsigned char* in, Index count, std::uin
   }
 }
 
+/// The inverse of repack_mxfp4_to_split: `count` values (a multiple of 32) in the split layout
+/// (codes, scales) written as ggml MXFP4 blocks at `out` (17 bytes each). Lossless, no float.
+inline void repack_split_to_mxfp4(const std::uint8_t* codes, const std::uint8_t* scales,
+                                  Index count, unsigned char* out) {
+  for (Index b = 0; b < count / ggml_block; ++b, out += ggml_mxfp4_bytes, codes += 16) {
+    out[0] = scales[b];
+    unsigned char* qs = out + 1;
+    for (int l = 0; l < 16; ++l) {
+      // element l (low nibble of qs[l]) and element l + 16 (high nibble) of the block
+      const int lo = (codes[l / 2] >> (4 * (l % 2))) & 15;
+      const int hi = (codes[(l + 16) / 2] >> (4 * (l % 2))) & 15;
+      qs[l] = static_cast<unsigned char>(lo | (hi << 4));
+    }
+  }
+}
+
 // ---- encoders: plain round-to-nearest, min/max based (not llama.cpp's searched scales) ----
 
 /// Encodes `count` values (a multiple of 32) as Q8_0: d = max|x| / 127 (as f16), q = round(x / d).
