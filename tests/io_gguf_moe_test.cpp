@@ -21,6 +21,7 @@
 #include "moe/io/gguf.hpp"
 #include "moe/io/gguf_any.hpp"
 #include "moe/io/gguf_moe.hpp"
+#include "moe/io/safetensors.hpp"
 #include "moe/moe.hpp"
 
 #include "reference/golden_case.hpp"
@@ -733,7 +734,7 @@ TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
   auto f = GgufFile::from_buffer(w.to_bytes(), "m.gguf");
   EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
             "moe: m.gguf: architecture 'gemma3' has no MoE mapping (supported: llama, qwen2moe, "
-            "qwen3moe, olmoe, deepseek2, glm4moe)");
+            "qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, llama4)");
   GgufWriter dense;
   dense.set("general.architecture", "llama").set<std::uint32_t>("llama.block_count", 2);
   f = GgufFile::from_buffer(dense.to_bytes(), "m.gguf");
@@ -772,6 +773,178 @@ TEST(GgufMoeErrors, TensorsLayersAndGatingAreChecked) {
   EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Qwen3Block>(g, 0); }),
             "moe: nan.gguf: tensor 'blk.0.ffn_up_exps.weight' has a non-finite value at row 300, "
             "column 7");
+}
+
+// ---- gpt-oss and llama4 (gating::ScoredTopK) from the v2 golden cases ----
+
+/// A v2 gpt-oss or llama4 case (HF 5.17 state_dict) as llama.cpp writes it, in `type` (router and
+/// biases F32; rows that are not whole blocks, the down projections with d_ff = 24, stay F32 as
+/// llama.cpp's quantizer leaves them): gpt-oss's interleaved gate_up_proj [E, D, 2F] (gate = even
+/// columns) and Llama 4's [E, D, 2F] (gate = first F columns) split into ffn_gate_exps /
+/// ffn_up_exps [D, F, E]; down_proj [E, F, D] into ffn_down_exps [F, D, E]. `layers` blocks, the
+/// case's MoE layer at index `layers - 1` (llama4 with interleave_moe_layer_step = layers).
+std::vector<unsigned char> gguf_from_v2(const moe::io::SafetensorsFile& c, GgmlType type,
+                                        Index layers = 1) {
+  const std::string family = c.metadata().at("family");
+  const bool oss = family == "gpt_oss";
+  const std::string arch = oss ? "gpt-oss" : "llama4", p = arch + ".";
+  const RowMatrix<float> router = c.read_matrix<float>("hf.router.weight");
+  const RowMatrix<float> gate_up = c.read_matrix<float>("hf.experts.gate_up_proj");  // [E*D x 2F]
+  const RowMatrix<float> down_in = c.read_matrix<float>("hf.experts.down_proj");     // [E*F x D]
+  const Index E = router.rows(), D = router.cols(), F = gate_up.cols() / 2;
+  RowMatrix<float> gate(E * F, D), up(E * F, D), down(E * D, F);
+  for (Index e = 0; e < E; ++e) {
+    for (Index f = 0; f < F; ++f) {
+      for (Index d = 0; d < D; ++d) {
+        gate(e * F + f, d) = gate_up(e * D + d, oss ? 2 * f : f);
+        up(e * F + f, d) = gate_up(e * D + d, oss ? 2 * f + 1 : F + f);
+        down(e * D + d, f) = down_in(e * F + f, d);
+      }
+    }
+  }
+  GgufWriter w;
+  w.set("general.architecture", arch);
+  w.set<std::uint32_t>(p + "block_count", static_cast<std::uint32_t>(layers));
+  w.set<std::uint32_t>(p + "embedding_length", D);
+  w.set<std::uint32_t>(p + "expert_count", E);
+  w.set<std::uint32_t>(p + "expert_used_count", std::stoi(c.metadata().at("k")));
+  w.set<std::uint32_t>(p + "expert_feed_forward_length", F);
+  if (!oss) w.set<std::uint32_t>(p + "interleave_moe_layer_step", static_cast<std::uint32_t>(layers));
+  const std::string b = "blk." + std::to_string(layers - 1) + ".";
+  add(w, b + "ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+  add(w, b + "ffn_gate_exps.weight", gate, type, {D, F, E});
+  add(w, b + "ffn_up_exps.weight", up, type, {D, F, E});
+  add(w, b + "ffn_down_exps.weight", down, type, {F, D, E});
+  if (oss) {
+    const RowMatrix<float> rb = c.read_matrix<float>("hf.router.bias");
+    const RowMatrix<float> in_b = c.read_matrix<float>("hf.experts.gate_up_proj_bias");  // [E x 2F]
+    RowMatrix<float> gate_b(E, F), up_b(E, F);
+    for (Index e = 0; e < E; ++e) {
+      for (Index f = 0; f < F; ++f) {
+        gate_b(e, f) = in_b(e, 2 * f);
+        up_b(e, f) = in_b(e, 2 * f + 1);
+      }
+    }
+    add(w, b + "ffn_gate_inp.bias", rb, GgmlType::F32, {E});
+    add(w, b + "ffn_gate_exps.bias", gate_b, GgmlType::F32, {F, E});
+    add(w, b + "ffn_up_exps.bias", up_b, GgmlType::F32, {F, E});
+    add(w, b + "ffn_down_exps.bias", c.read_matrix<float>("hf.experts.down_proj_bias"),
+        GgmlType::F32, {D, E});
+  } else {
+    const RowMatrix<float> sg = c.read_matrix<float>("hf.shared_expert.gate_proj.weight");
+    const Index Fs = sg.rows();
+    add(w, b + "ffn_gate_shexp.weight", sg, type, {D, Fs});
+    add(w, b + "ffn_up_shexp.weight", c.read_matrix<float>("hf.shared_expert.up_proj.weight"), type,
+        {D, Fs});
+    add(w, b + "ffn_down_shexp.weight", c.read_matrix<float>("hf.shared_expert.down_proj.weight"),
+        type, {Fs, D});
+  }
+  return w.to_bytes();
+}
+
+template <class T>
+using ScoredBlock = moe::SparseMoeBlock<T, moe::gating::ScoredTopK, moe::SwiGLU>;
+
+template <class T>
+RowMatrix<double> run_scored(const ScoredBlock<T>& block, const moe::io::SafetensorsFile& c) {
+  const RowMatrix<T> x = c.read_matrix<T>("input");
+  RowMatrix<T> y(x.rows(), x.cols());
+  moe::Workspace<T> ws;
+  block.forward(x, y, ws);
+  return y.template cast<double>();
+}
+
+class GgufGoldenScored : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GgufGoldenScored, F32ReproducesTheCaseAndQuantTypesHaveTheirFormatsError) {
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/" + GetParam() + ".safetensors");
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  const double scale = 1 + hf.cwiseAbs().maxCoeff();
+  const auto f = GgufFile::from_buffer(gguf_from_v2(c, GgmlType::F32), GetParam() + ".gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.routing, moe::io::GgufRouting::scored_top_k);
+  const RowMatrix<double> d = run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, 0), c);
+  const RowMatrix<double> s = run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(f, 0), c);
+  // The runner's tolerances (tests/reference/golden_v2_runner.hpp).
+  EXPECT_LE((d - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
+  EXPECT_LE((s - hf).cwiseAbs().maxCoeff(), 1e-5 * scale);
+  const moe::io::AnyMoeBlock<double> any = moe::io::load_gguf_any_moe_layer<double>(f, 0);
+  EXPECT_EQ(any.index(), 4u);
+  EXPECT_EQ(any.forward(c.read_matrix<double>("input")), d);
+  const struct {
+    GgmlType type;
+    double max_nmse;  // output NMSE: about twice the weight NMSE (two projections)
+  } types[] = {{GgmlType::Q8_0, 1e-3}, {GgmlType::MXFP4, 5e-2}};
+  for (const auto& t : types) {
+    const auto q = GgufFile::from_buffer(gguf_from_v2(c, t.type), "q.gguf");
+    EXPECT_EQ(q.tensor("blk.0.ffn_gate_exps.weight").type, t.type);
+    const double e = nmse(run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(q, 0), c), hf);
+    EXPECT_LT(e, t.max_nmse) << moe::io::ggml_type_name(t.type);
+    EXPECT_GT(e, 0.0) << moe::io::ggml_type_name(t.type);
+    std::printf("[ measure  ] %s %s output NMSE vs HF %.3g\n", GetParam().c_str(),
+                moe::io::ggml_type_name(t.type), e);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GgufGoldenScored,
+                         ::testing::Values("gpt_oss", "llama4", "llama4_top2"));
+
+TEST(GgufGptOss, ClampedSwiGluAndBiasesAreTheArchs) {
+  // llama.cpp hard-codes gpt-oss's alpha 1.702 and limit 7; the spec carries them, so a caller
+  // can set another limit: with the clamp case's 1.5 the GGUF weights reproduce that case.
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/gpt_oss_clamp.safetensors");
+  const auto f = GgufFile::from_buffer(gguf_from_v2(c, GgmlType::F32), "oss.gguf");
+  auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.arch, "gpt-oss");
+  EXPECT_EQ(spec.moe.expert_glu.alpha, 1.702);
+  EXPECT_EQ(spec.moe.expert_glu.limit, 7.0);
+  EXPECT_EQ(spec.moe.expert_glu.up_offset, 1.0);
+  EXPECT_TRUE(spec.expert_biases);
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  const double scale = 1 + hf.cwiseAbs().maxCoeff();
+  const RowMatrix<double> unclamped =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0), c);
+  EXPECT_GT((unclamped - hf).cwiseAbs().maxCoeff(), 1e-3 * scale);  // the case's clamp is reached
+  spec.moe.expert_glu.limit = 1.5;
+  const RowMatrix<double> clamped =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0), c);
+  EXPECT_LE((clamped - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
+  // Compact storage has no expert biases: refused, not dropped.
+  using Mx = moe::SparseMoeBlock<float, moe::gating::ScoredTopK, moe::SwiGLU,
+                                 moe::CompactExperts<moe::Bf16>>;
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Mx>(f, 0); }),
+            "moe: oss.gguf: gpt-oss experts have biases, which compact expert storage does not "
+            "hold (use a native block)");
+}
+
+TEST(GgufLlama4, InterleavedDenseLayersFollowTheStep) {
+  // interleave_moe_layer_step = 2: layer 0 is dense (no router), layer 1 the case's MoE layer.
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/llama4.safetensors");
+  const auto bytes = gguf_from_v2(c, GgmlType::F32, 2);
+  const auto f = GgufFile::from_buffer(bytes, "l4.gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.moe_layer_step, 2);
+  EXPECT_TRUE(spec.moe.weight_expert_input);
+  EXPECT_EQ(spec.moe.shared_d_ff, 24);
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0); }),
+            "moe: l4.gguf: layer 0 is dense (it has no blk.0.ffn_gate_inp.weight)");
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  EXPECT_LE((run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 1), c) - hf)
+                .cwiseAbs()
+                .maxCoeff(),
+            1e-6 * (1 + hf.cwiseAbs().maxCoeff()));
+  // A step that disagrees with the routers is refused by name.
+  GgufWriter w;
+  for (const auto& kv : f.metadata()) {
+    w.set_value(kv.key, kv.key == "llama4.interleave_moe_layer_step"
+                            ? moe::io::GgufValue::of(std::uint32_t{1})
+                            : kv.value);
+  }
+  for (const auto& t : f.tensors()) w.add_tensor(t.name, t.type, t.dims, f.data(t), t.nbytes);
+  const auto g = GgufFile::from_buffer(w.to_bytes(), "step.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(g); }),
+            "moe: step.gguf: layer 0 has no router (blk.0.ffn_gate_inp.weight) but "
+            "llama4.interleave_moe_layer_step = 1 makes it sparse");
 }
 
 }  // namespace

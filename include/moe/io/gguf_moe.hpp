@@ -6,7 +6,9 @@
 //
 // Architectures: llama (Mixtral), qwen2moe, qwen3moe, olmoe (gating::SoftmaxTopK), deepseek2
 // (gating::DeepSeekV2 for softmax gating, gating::GroupLimitedTopK for sigmoid + exp_probs_b),
-// glm4moe (gating::GroupLimitedTopK); all with SwiGLU experts. Types: whatever gguf_decode.hpp
+// glm4moe (gating::GroupLimitedTopK), gpt-oss and llama4 (gating::ScoredTopK; gpt-oss's clamped
+// SwiGLU and biases, Llama 4's input-weighted experts are MoeConfig / MoeWeights data); all with
+// SwiGLU experts. Types: whatever gguf_decode.hpp
 // decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K), converted to the block's scalar on
 // load; BF16 experts are viewed in place by a CompactExperts<Bf16> block.
 #pragma once
@@ -40,6 +42,8 @@ inline const char* gguf_routing_policy(GgufRouting r) {
       return "gating::DeepSeekV2";
     case GgufRouting::deepseek_v3:
       return "gating::GroupLimitedTopK";
+    case GgufRouting::scored_top_k:
+      return "gating::ScoredTopK";
   }
   return "?";
 }
@@ -76,6 +80,9 @@ typename G::Options gguf_gating_options(const GgufMoeSpec& spec, const std::stri
         G::Options::deepseek_v2(spec.n_group, spec.topk_group, spec.normalize ? 1.0 : spec.scale);
     o.normalize = spec.normalize;
     return o;
+  } else if constexpr (std::is_same_v<G, gating::ScoredTopK>) {
+    require(GgufRouting::scored_top_k, "gating::ScoredTopK");
+    return spec.scored;
   } else {
     static_assert(detail::gguf_no_arch_routes_with_v<G>,
                   "moe::io: no GGUF architecture routes with this gating policy");
@@ -222,6 +229,11 @@ Block load_gguf_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index l
   using T = typename Block::Scalar;
   auto options = gguf_gating_options<typename Block::GatingPolicy>(spec, file.path());
   if constexpr (Block::compact) {
+    if (spec.expert_biases) {
+      throw config_error(moe::detail::concat(
+          "moe: ", file.path(), ": ", spec.arch,
+          " experts have biases, which compact expert storage does not hold (use a native block)"));
+    }
     using Format = typename Block::ExpertStorage::format;
     if constexpr (std::is_same_v<Format, Bf16>) {
       if (gguf_experts_are_bf16(file, spec, layer)) {
