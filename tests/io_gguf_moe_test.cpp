@@ -69,15 +69,27 @@ GgmlType encode(const RowMatrix<float>& m, GgmlType type, std::vector<unsigned c
       return type;
     }
     case GgmlType::Q8_0:
-    case GgmlType::Q4_0:
+    case GgmlType::Q4_0: {
+      // Our Q8 / Q4 quantisers: the same bytes as ggml's Q8_0 / Q4_0 blocks.
+      const Index blocks_per_row = m.cols() / 32;
+      out.resize(static_cast<std::size_t>(n / 32) * (type == GgmlType::Q8_0 ? 34 : 18));
+      for (Index r = 0; r < m.rows(); ++r) {
+        if (type == GgmlType::Q8_0) {
+          k::quantize_q8_row(x + r * m.cols(), m.cols(),
+                             reinterpret_cast<k::BlockQ8*>(out.data()) + r * blocks_per_row, r);
+        } else {
+          k::quantize_q4_row(x + r * m.cols(), m.cols(),
+                             reinterpret_cast<k::BlockQ4*>(out.data()) + r * blocks_per_row, r);
+        }
+      }
+      return type;
+    }
     case GgmlType::Q4_K:
     case GgmlType::Q5_K:
     case GgmlType::Q6_K: {
       const auto t = moe::io::ggml_type_traits(type);
       out.resize(static_cast<std::size_t>(n) / t.block_size * t.type_size);
-      auto* q = type == GgmlType::Q8_0   ? k::quantize_q8_0
-                : type == GgmlType::Q4_0 ? k::quantize_q4_0
-                : type == GgmlType::Q4_K ? k::quantize_q4_k
+      auto* q = type == GgmlType::Q4_K   ? k::quantize_q4_k
                 : type == GgmlType::Q5_K ? k::quantize_q5_k
                                          : k::quantize_q6_k;
       q(x, n, out.data());
