@@ -174,8 +174,6 @@ class SafetensorsFile {
   std::size_t data_section_offset() const { return data_offset_; }
 
  private:
-  SafetensorsFile() = default;
-
   explicit SafetensorsFile(MappedFile file) : file_(std::move(file)) { parse(); }
 
   const unsigned char* data_begin() const { return file_.data() + data_offset_; }
