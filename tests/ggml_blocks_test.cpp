@@ -5,8 +5,6 @@
 // (round-to-nearest and NMSE on seeded Gaussian data).
 #include "moe/kernels/ggml_blocks.hpp"
 
-#include "moe/io/gguf_decode.hpp"
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +12,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "moe/io/gguf_decode.hpp"
 
 namespace {
 

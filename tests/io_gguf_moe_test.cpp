@@ -643,7 +643,8 @@ std::vector<unsigned char> random_mxfp4(Index rows, Index cols, std::mt19937& rn
   std::uniform_int_distribution<int> byte(0, 255), scale(122, 130), slot(0, 15);
   for (std::size_t i = 0; i < b.size(); i += k::ggml_mxfp4_bytes) {
     b[i] = static_cast<unsigned char>(scale(rng));
-    for (std::size_t j = 1; j < k::ggml_mxfp4_bytes; ++j) b[i + j] = static_cast<unsigned char>(byte(rng));
+    for (std::size_t j = 1; j < k::ggml_mxfp4_bytes; ++j)
+      b[i + j] = static_cast<unsigned char>(byte(rng));
     const int s = slot(rng);  // low nibble of qs[s]: +6 or -6
     b[i + 1 + s] = static_cast<unsigned char>((b[i + 1 + s] & 0xF0) | (byte(rng) & 8) | 7);
   }
@@ -669,8 +670,10 @@ TEST(GgufCompact, Mxfp4GoesStraightIntoMxfp4Blocks) {
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
   GgufWriter w;
   w.set("general.architecture", "qwen3moe");
-  w.set<std::uint32_t>("qwen3moe.block_count", 1).set<std::uint32_t>("qwen3moe.embedding_length", D);
-  w.set<std::uint32_t>("qwen3moe.expert_count", E).set<std::uint32_t>("qwen3moe.expert_used_count", 2);
+  w.set<std::uint32_t>("qwen3moe.block_count", 1)
+      .set<std::uint32_t>("qwen3moe.embedding_length", D);
+  w.set<std::uint32_t>("qwen3moe.expert_count", E)
+      .set<std::uint32_t>("qwen3moe.expert_used_count", 2);
   w.set<std::uint32_t>("qwen3moe.expert_feed_forward_length", F);
   add(w, "blk.0.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
   w.add_tensor("blk.0.ffn_gate_exps.weight", GgmlType::MXFP4, {D, F, E}, gate.data(), gate.size());
@@ -704,7 +707,8 @@ TEST(GgufCompact, Mxfp4GoesStraightIntoMxfp4Blocks) {
       .forward(x, y_fast, ws);
   const RowMatrix<double> native =
       forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 0), x).cast<double>();
-  const double e_exact = nmse(y.cast<double>(), native), e_fast = nmse(y_fast.cast<double>(), native);
+  const double e_exact = nmse(y.cast<double>(), native),
+               e_fast = nmse(y_fast.cast<double>(), native);
   std::printf("[ measure  ] MXFP4 experts as Mxfp4 blocks vs fp32: exact NMSE %.3g, fast %.3g\n",
               e_exact, e_fast);
   EXPECT_LT(e_exact, 1e-10);
@@ -821,7 +825,8 @@ std::vector<unsigned char> gguf_from_v2(const moe::io::SafetensorsFile& c, GgmlT
   w.set<std::uint32_t>(p + "expert_count", E);
   w.set<std::uint32_t>(p + "expert_used_count", std::stoi(c.metadata().at("k")));
   w.set<std::uint32_t>(p + "expert_feed_forward_length", F);
-  if (!oss) w.set<std::uint32_t>(p + "interleave_moe_layer_step", static_cast<std::uint32_t>(layers));
+  if (!oss)
+    w.set<std::uint32_t>(p + "interleave_moe_layer_step", static_cast<std::uint32_t>(layers));
   const std::string b = "blk." + std::to_string(layers - 1) + ".";
   add(w, b + "ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
   add(w, b + "ffn_gate_exps.weight", gate, type, {D, F, E});
@@ -875,7 +880,8 @@ TEST_P(GgufGoldenScored, F32ReproducesTheCaseAndQuantTypesHaveTheirFormatsError)
   const auto f = GgufFile::from_buffer(gguf_from_v2(c, GgmlType::F32), GetParam() + ".gguf");
   const auto spec = moe::io::read_gguf_moe_spec(f);
   EXPECT_EQ(spec.routing, moe::io::GgufRouting::scored_top_k);
-  const RowMatrix<double> d = run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, 0), c);
+  const RowMatrix<double> d =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, 0), c);
   const RowMatrix<double> s = run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(f, 0), c);
   // The runner's tolerances (tests/reference/golden_v2_runner.hpp).
   EXPECT_LE((d - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
@@ -890,7 +896,8 @@ TEST_P(GgufGoldenScored, F32ReproducesTheCaseAndQuantTypesHaveTheirFormatsError)
   for (const auto& t : types) {
     const auto q = GgufFile::from_buffer(gguf_from_v2(c, t.type), "q.gguf");
     EXPECT_EQ(q.tensor("blk.0.ffn_gate_exps.weight").type, t.type);
-    const double e = nmse(run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(q, 0), c), hf);
+    const double e =
+        nmse(run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(q, 0), c), hf);
     EXPECT_LT(e, t.max_nmse) << moe::io::ggml_type_name(t.type);
     EXPECT_GT(e, 0.0) << moe::io::ggml_type_name(t.type);
     std::printf("[ measure  ] %s %s output NMSE vs HF %.3g\n", GetParam().c_str(),

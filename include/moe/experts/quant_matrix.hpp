@@ -87,10 +87,9 @@ class QuantMatrix {
     kernels::check_quant_cols(Format::name, "weight", cols);
     const std::size_t blocks = std::size_t(rows) * std::size_t(cols / 32);
     if (rows < 0 || codes.size() != blocks * 16 || scales.size() != blocks) {
-      throw shape_error(moe::detail::concat("moe: mxfp4 weight [", rows, " x ", cols, "] needs ",
-                                            blocks * 16, " code bytes and ", blocks,
-                                            " scales, given ", codes.size(), " and ",
-                                            scales.size()));
+      throw shape_error(moe::detail::concat(
+          "moe: mxfp4 weight [", rows, " x ", cols, "] needs ", blocks * 16, " code bytes and ",
+          blocks, " scales, given ", codes.size(), " and ", scales.size()));
     }
     auto st = std::make_shared<Storage>();
     st->codes = std::move(codes);

@@ -15,8 +15,8 @@
 #include "moe/io/dtype.hpp"
 #include "moe/io/ggml_types.hpp"
 #include "moe/io/gguf_reader.hpp"
-#include "moe/kernels/ggml_blocks.hpp"
 #include "moe/kernels/gemv_quant_exact.hpp"
+#include "moe/kernels/ggml_blocks.hpp"
 #include "moe/kernels/quant_formats.hpp"
 #include "moe/tensor.hpp"
 

@@ -8,9 +8,10 @@
 // (gating::DeepSeekV2 for softmax gating, gating::GroupLimitedTopK for sigmoid + exp_probs_b),
 // glm4moe (gating::GroupLimitedTopK), gpt-oss and llama4 (gating::ScoredTopK; gpt-oss's clamped
 // SwiGLU and biases, Llama 4's input-weighted experts are MoeConfig / MoeWeights data); all with
-// SwiGLU experts. Types: whatever gguf_decode.hpp
-// decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K), converted to the block's scalar on
-// load; BF16 experts are viewed in place by a CompactExperts<Bf16> block.
+// SwiGLU experts. Types: whatever gguf_decode.hpp decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4,
+// Q4_K, Q5_K, Q6_K), converted to the block's scalar on load; BF16 experts are viewed in place by
+// a CompactExperts<Bf16> block, Q8_0 / Q4_0 / MXFP4 experts go into CompactExperts<Q8 | Q4 |
+// Mxfp4> blocks without fp32.
 #pragma once
 
 #include <cstddef>
@@ -139,9 +140,9 @@ inline CompactExpertStack<Bf16> view_gguf_bf16_experts(const GgufFile& file,
 /// (the same codes and scales, ordered differently within a block).
 template <class Format>
 constexpr GgmlType gguf_type_of_quant() {
-  static_assert(std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> ||
-                    std::is_same_v<Format, Mxfp4>,
-                "moe::io: only Q8, Q4 and Mxfp4 have a ggml type (Q8_0, Q4_0, MXFP4)");
+  static_assert(
+      std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> || std::is_same_v<Format, Mxfp4>,
+      "moe::io: only Q8, Q4 and Mxfp4 have a ggml type (Q8_0, Q4_0, MXFP4)");
   return std::is_same_v<Format, Q8>   ? GgmlType::Q8_0
          : std::is_same_v<Format, Q4> ? GgmlType::Q4_0
                                       : GgmlType::MXFP4;
@@ -163,8 +164,8 @@ QuantMatrix<Format> gguf_quant_matrix(const GgufFile& file, GgufRows r, Index ro
                                         r.row0 + Index(b) / (cols / 32)));
   };
   if constexpr (std::is_same_v<Format, Mxfp4>) {
-    const unsigned char* p =
-        file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * kernels::ggml_mxfp4_bytes;
+    const unsigned char* p = file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) *
+                                                        kernels::ggml_mxfp4_bytes;
     for (std::size_t b = 0; b < blocks; ++b) {
       if (p[b * kernels::ggml_mxfp4_bytes] == 0xFF) throw bad_scale(b);  // E8M0 NaN
     }
@@ -172,8 +173,10 @@ QuantMatrix<Format> gguf_quant_matrix(const GgufFile& file, GgufRows r, Index ro
     kernels::repack_mxfp4_to_split(p, rows * cols, codes.data(), scales.data());
     return QuantMatrix<Mxfp4>::own_stored(std::move(codes), std::move(scales), rows, cols);
   } else {
-    using Block = std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
-    const unsigned char* p = file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * sizeof(Block);
+    using Block =
+        std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
+    const unsigned char* p =
+        file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * sizeof(Block);
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(Block) != 0) {
       throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
                                          "' is not 2-byte aligned in memory"));

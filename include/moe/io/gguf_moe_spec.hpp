@@ -185,16 +185,17 @@ inline GgufMoeSpec read_gguf_moe_spec(const GgufFile& file) {
     s.moe.weight_expert_input = true;
     s.moe_layer_step = detail::gguf_count_or(file, p + "interleave_moe_layer_step", 1);
     if (s.moe_layer_step < 1) {
-      throw io_error(where + "metadata key '" + p + "interleave_moe_layer_step' = 0, expected >= 1");
+      throw io_error(where + "metadata key '" + p +
+                     "interleave_moe_layer_step' = 0, expected >= 1");
     }
     for (Index layer = 0; layer < s.num_layers; ++layer) {
       const bool sparse = (layer + 1) % s.moe_layer_step == 0;
       if (sparse != gguf_is_moe_layer(file, layer)) {
-        throw io_error(moe::detail::concat(
-            where, "layer ", layer, (sparse ? " has no " : " has a "), "router (",
-            gguf_block_tensor(layer, "ffn_gate_inp.weight"), ") but ", p,
-            "interleave_moe_layer_step = ", s.moe_layer_step, " makes it ",
-            (sparse ? "sparse" : "dense")));
+        throw io_error(
+            moe::detail::concat(where, "layer ", layer, (sparse ? " has no " : " has a "),
+                                "router (", gguf_block_tensor(layer, "ffn_gate_inp.weight"),
+                                ") but ", p, "interleave_moe_layer_step = ", s.moe_layer_step,
+                                " makes it ", (sparse ? "sparse" : "dense")));
       }
     }
   }

@@ -158,11 +158,13 @@ void gguf_expert_biases(const GgufFile& file, const MoeConfig& c, Index layer,
   experts.add_biases();
   RowMatrix<T>& in = experts.in_biases();  // [E x 2F]
   if (file.contains(name("ffn_gate_up_exps.bias"))) {
-    const auto& t = gguf_expect(file, name("ffn_gate_up_exps.bias"), {2 * F, E}, "[2 n_ff_exp, n_expert]");
+    const auto& t =
+        gguf_expect(file, name("ffn_gate_up_exps.bias"), {2 * F, E}, "[2 n_ff_exp, n_expert]");
     gguf_rows_into<T>(file, t, 0, MutMap<T>(in.data(), E, 2 * F), scratch);
   } else {
     RowMatrix<T> part(E, F);
-    const auto& gate = gguf_expect(file, name("ffn_gate_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
+    const auto& gate =
+        gguf_expect(file, name("ffn_gate_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
     gguf_rows_into<T>(file, gate, 0, MutMap<T>(part.data(), E, F), scratch);
     in.leftCols(F) = part;
     const auto& up = gguf_expect(file, name("ffn_up_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
@@ -191,10 +193,10 @@ inline void gguf_check_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, 
 /// The weights of sparse layer `layer` of `file` (sizes from `spec`), converted to T: router
 /// [E x d_model], every expert's gate/up [d_ff x d_model] and down [d_model x d_ff] from the
 /// stacked, fused or per-expert tensors, the DeepSeek-V3 selection bias, gpt-oss's router and
-/// expert biases, the shared expert and its gate. routed_experts = false leaves w.experts empty (the tensors are still checked): for a
-/// block given its experts compact. Throws config_error for a layer out of range or dense;
-/// io_error for a missing tensor, wrong dims, a type moe does not decode or a non-finite value
-/// (each naming the tensor).
+/// expert biases, the shared expert and its gate. routed_experts = false leaves w.experts empty
+/// (the tensors are still checked): for a block given its experts compact. Throws config_error for
+/// a layer out of range or dense; io_error for a missing tensor, wrong dims, a type moe does not
+/// decode or a non-finite value (each naming the tensor).
 template <class T>
 MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spec, Index layer,
                                     bool routed_experts = true) {

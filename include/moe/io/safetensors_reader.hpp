@@ -162,8 +162,8 @@ class SafetensorsFile {
     }
     const unsigned char* p = data_begin() + ti.offset;
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) {
-      throw io_error(moe::detail::concat("moe: ", file_.name(), ": tensor '", name, "' is not aligned to ",
-                                         alignof(T),
+      throw io_error(moe::detail::concat("moe: ", file_.name(), ": tensor '", name,
+                                         "' is not aligned to ", alignof(T),
                                          " bytes in the file, cannot map it (use read_matrix)"));
     }
     const auto [rows, cols] = matrix_shape(ti);
@@ -240,7 +240,8 @@ class SafetensorsFile {
   void parse() {
     detail::check_little_endian();
     if (file_.size() < 8) {
-      fail(moe::detail::concat("file has ", file_.size(), " bytes, too few for the 8-byte header length"));
+      fail(moe::detail::concat("file has ", file_.size(),
+                               " bytes, too few for the 8-byte header length"));
     }
     std::uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | file_.data()[i];
