@@ -124,6 +124,19 @@ void add(GgufWriter& w, const std::string& name, const RowMatrix<float>& m, Ggml
   w.add_tensor(name, used, std::move(dims), bytes.data(), bytes.size());
 }
 
+/// The common MoE keys of `arch`: block_count, embedding_length, expert_count,
+/// expert_used_count, expert_feed_forward_length.
+void moe_keys(GgufWriter& w, const std::string& arch, Index layers, Index D, Index E, Index top_k,
+              Index F) {
+  const std::string p = arch + ".";
+  w.set("general.architecture", arch);
+  w.set<std::uint32_t>(p + "block_count", static_cast<std::uint32_t>(layers));
+  w.set<std::uint32_t>(p + "embedding_length", static_cast<std::uint32_t>(D));
+  w.set<std::uint32_t>(p + "expert_count", static_cast<std::uint32_t>(E));
+  w.set<std::uint32_t>(p + "expert_used_count", static_cast<std::uint32_t>(top_k));
+  w.set<std::uint32_t>(p + "expert_feed_forward_length", static_cast<std::uint32_t>(F));
+}
+
 /// Rows of several matrices stacked (experts' [F x D] into [E*F x D]).
 RowMatrix<float> stack(const std::vector<RowMatrix<float>>& parts) {
   Index rows = 0;
@@ -669,12 +682,7 @@ TEST(GgufCompact, Mxfp4GoesStraightIntoMxfp4Blocks) {
   for (Index i = 0; i < router.size(); ++i) router.data()[i] = 0.3f * g(rng);
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
   GgufWriter w;
-  w.set("general.architecture", "qwen3moe");
-  w.set<std::uint32_t>("qwen3moe.block_count", 1)
-      .set<std::uint32_t>("qwen3moe.embedding_length", D);
-  w.set<std::uint32_t>("qwen3moe.expert_count", E)
-      .set<std::uint32_t>("qwen3moe.expert_used_count", 2);
-  w.set<std::uint32_t>("qwen3moe.expert_feed_forward_length", F);
+  moe_keys(w, "qwen3moe", 1, D, E, 2, F);
   add(w, "blk.0.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
   w.add_tensor("blk.0.ffn_gate_exps.weight", GgmlType::MXFP4, {D, F, E}, gate.data(), gate.size());
   w.add_tensor("blk.0.ffn_up_exps.weight", GgmlType::MXFP4, {D, F, E}, up.data(), up.size());
@@ -819,12 +827,7 @@ std::vector<unsigned char> gguf_from_v2(const moe::io::SafetensorsFile& c, GgmlT
     }
   }
   GgufWriter w;
-  w.set("general.architecture", arch);
-  w.set<std::uint32_t>(p + "block_count", static_cast<std::uint32_t>(layers));
-  w.set<std::uint32_t>(p + "embedding_length", D);
-  w.set<std::uint32_t>(p + "expert_count", E);
-  w.set<std::uint32_t>(p + "expert_used_count", std::stoi(c.metadata().at("k")));
-  w.set<std::uint32_t>(p + "expert_feed_forward_length", F);
+  moe_keys(w, arch, layers, D, E, std::stoi(c.metadata().at("k")), F);
   if (!oss)
     w.set<std::uint32_t>(p + "interleave_moe_layer_step", static_cast<std::uint32_t>(layers));
   const std::string b = "blk." + std::to_string(layers - 1) + ".";
