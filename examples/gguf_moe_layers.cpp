@@ -189,6 +189,10 @@ int main(int argc, char** argv) {
           y = run<SparseMoeBlock<float, moe::gating::GroupLimitedTopK, SwiGLU>>(
               f, spec, layer, x, pool, load_s, fwd_s);
           break;
+        case moe::io::GgufRouting::scored_top_k:  // gpt-oss, llama4
+          y = run<SparseMoeBlock<float, moe::gating::ScoredTopK, SwiGLU>>(f, spec, layer, x, pool,
+                                                                          load_s, fwd_s);
+          break;
       }
       std::printf("layer %lld [%s]: load %.3f s, forward %.4f s, checksum sum %.6e sumsq %.6e\n",
                   static_cast<long long>(layer), expert_types(f, layer).c_str(), load_s, fwd_s,

@@ -1,7 +1,8 @@
 // Tests of moe/kernels/ggml_blocks.hpp: each ggml block format decoded from hand-built blocks
 // (expected values written from the format's definition, with the packed 6-bit scales worked
-// out by hand), the MXFP4 repack, and the encoders' round trips (round-to-nearest and NMSE on
-// seeded Gaussian data).
+// out by hand; Q8_0, Q4_0 and MXFP4 through io's ggml_decode_to_float, which decodes them with
+// kernels/quant_formats.hpp), the MXFP4 repacks, and the K-quant encoders' round trips
+// (round-to-nearest and NMSE on seeded Gaussian data).
 #include "moe/kernels/ggml_blocks.hpp"
 
 #include <cmath>
@@ -12,10 +13,13 @@
 
 #include <gtest/gtest.h>
 
+#include "moe/io/gguf_decode.hpp"
+
 namespace {
 
 namespace k = moe::kernels;
 using moe::Index;
+using moe::io::GgmlType;
 
 void put_half(unsigned char* p, std::uint16_t h) { std::memcpy(p, &h, 2); }
 
@@ -27,7 +31,7 @@ TEST(GgmlBlocks, Q8_0DecodesScaleTimesCode) {
   for (int l = 0; l < 32; ++l)
     block[2 + l] = static_cast<unsigned char>(static_cast<std::int8_t>(l * 8 - 128));
   float out[32];
-  k::dequantize_q8_0(block, 32, out);
+  moe::io::ggml_decode_to_float(GgmlType::Q8_0, block, 32, out);
   for (int l = 0; l < 32; ++l) EXPECT_EQ(out[l], 0.25f * (l * 8 - 128)) << l;
 }
 
@@ -36,7 +40,7 @@ TEST(GgmlBlocks, Q4_0LowNibblesFirstThenHigh) {
   put_half(block, kHalfHalf);
   for (int l = 0; l < 16; ++l) block[2 + l] = static_cast<unsigned char>(l | ((15 - l) << 4));
   float out[32];
-  k::dequantize_q4_0(block, 32, out);
+  moe::io::ggml_decode_to_float(GgmlType::Q4_0, block, 32, out);
   for (int l = 0; l < 16; ++l) {
     EXPECT_EQ(out[l], 0.5f * (l - 8)) << l;
     EXPECT_EQ(out[16 + l], 0.5f * (15 - l - 8)) << l;
@@ -50,7 +54,7 @@ TEST(GgmlBlocks, Mxfp4E2M1ValuesTimesPowerOfTwo) {
     block[0] = static_cast<unsigned char>(e);
     for (int l = 0; l < 16; ++l) block[1 + l] = static_cast<unsigned char>(l | ((15 - l) << 4));
     float out[32];
-    k::dequantize_mxfp4(block, 32, out);
+    moe::io::ggml_decode_to_float(GgmlType::MXFP4, block, 32, out);
     const double scale = std::ldexp(1.0, e - 127);
     for (int l = 0; l < 16; ++l) {
       EXPECT_EQ(out[l], static_cast<float>(e2m1[l] * scale)) << e << ' ' << l;
@@ -71,12 +75,16 @@ TEST(GgmlBlocks, Mxfp4RepackToTheSplitLayoutKeepsEveryValue) {
   std::vector<std::uint8_t> codes(3 * 16), scales(3);
   k::repack_mxfp4_to_split(blocks.data(), 96, codes.data(), scales.data());
   std::vector<float> ref(96);
-  k::dequantize_mxfp4(blocks.data(), 96, ref.data());
+  moe::io::ggml_decode_to_float(GgmlType::MXFP4, blocks.data(), 96, ref.data());
   for (int v = 0; v < 96; ++v) {
     const int b = v / 32, e = v % 32;
     const int code = (e % 2 == 0) ? codes[16 * b + e / 2] & 15 : codes[16 * b + e / 2] >> 4;
     EXPECT_EQ(static_cast<float>(e2m1[code] * std::ldexp(1.0, scales[b] - 127)), ref[v]) << v;
   }
+  // And back: the inverse repack gives the original blocks byte for byte.
+  std::vector<unsigned char> again(blocks.size());
+  k::repack_split_to_mxfp4(codes.data(), scales.data(), 96, again.data());
+  EXPECT_EQ(again, blocks);
 }
 
 // The 12 packed scale bytes used below, and the scales/mins they hold, worked out by hand from the
@@ -204,29 +212,10 @@ TEST_P(GgmlCodec, ZerosStayZero) {
 
 INSTANTIATE_TEST_SUITE_P(
     Formats, GgmlCodec,
-    ::testing::Values(Codec{"Q8_0", 32, 34, k::quantize_q8_0, k::dequantize_q8_0, 1e-4},
-                      Codec{"Q4_0", 32, 18, k::quantize_q4_0, k::dequantize_q4_0, 2e-2},
-                      Codec{"Q4_K", 256, 144, k::quantize_q4_k, k::dequantize_q4_k, 2e-2},
+    ::testing::Values(Codec{"Q4_K", 256, 144, k::quantize_q4_k, k::dequantize_q4_k, 2e-2},
                       Codec{"Q5_K", 256, 176, k::quantize_q5_k, k::dequantize_q5_k, 5e-3},
                       Codec{"Q6_K", 256, 210, k::quantize_q6_k, k::dequantize_q6_k, 2e-3}),
     [](const ::testing::TestParamInfo<Codec>& info) { return std::string(info.param.name); });
-
-TEST(GgmlBlocks, Q8_0AndQ4_0EncodeGridValuesExactly) {
-  // Values on the format's grid come back bit for bit: Q8_0 with d = 0.5 (max 63.5 / 127),
-  // Q4_0 with d = 0.25 (extreme -2 maps to -8).
-  std::vector<float> x(32), y(32);
-  for (int l = 0; l < 32; ++l) x[l] = 0.5f * ((l * 37) % 255 - 127);
-  x[5] = 63.5f;
-  unsigned char q8[34];
-  k::quantize_q8_0(x.data(), 32, q8);
-  k::dequantize_q8_0(q8, 32, y.data());
-  EXPECT_EQ(x, y);
-  for (int l = 0; l < 32; ++l) x[l] = 0.25f * (l % 16 - 8);
-  unsigned char q4[18];
-  k::quantize_q4_0(x.data(), 32, q4);
-  k::dequantize_q4_0(q4, 32, y.data());
-  EXPECT_EQ(x, y);
-}
 
 TEST(GgmlBlocks, KQuantEncodersRoundToTheNearestLevel) {
   // The encoder's grid covers each sub-block's range (scales rounded up) and its start is within

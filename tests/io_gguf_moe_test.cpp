@@ -21,6 +21,7 @@
 #include "moe/io/gguf.hpp"
 #include "moe/io/gguf_any.hpp"
 #include "moe/io/gguf_moe.hpp"
+#include "moe/io/safetensors.hpp"
 #include "moe/moe.hpp"
 
 #include "reference/golden_case.hpp"
@@ -68,18 +69,44 @@ GgmlType encode(const RowMatrix<float>& m, GgmlType type, std::vector<unsigned c
       return type;
     }
     case GgmlType::Q8_0:
-    case GgmlType::Q4_0:
+    case GgmlType::Q4_0: {
+      // Our Q8 / Q4 quantisers: the same bytes as ggml's Q8_0 / Q4_0 blocks.
+      const Index blocks_per_row = m.cols() / 32;
+      out.resize(static_cast<std::size_t>(n / 32) * (type == GgmlType::Q8_0 ? 34 : 18));
+      for (Index r = 0; r < m.rows(); ++r) {
+        if (type == GgmlType::Q8_0) {
+          k::quantize_q8_row(x + r * m.cols(), m.cols(),
+                             reinterpret_cast<k::BlockQ8*>(out.data()) + r * blocks_per_row, r);
+        } else {
+          k::quantize_q4_row(x + r * m.cols(), m.cols(),
+                             reinterpret_cast<k::BlockQ4*>(out.data()) + r * blocks_per_row, r);
+        }
+      }
+      return type;
+    }
     case GgmlType::Q4_K:
     case GgmlType::Q5_K:
     case GgmlType::Q6_K: {
       const auto t = moe::io::ggml_type_traits(type);
       out.resize(static_cast<std::size_t>(n) / t.block_size * t.type_size);
-      auto* q = type == GgmlType::Q8_0   ? k::quantize_q8_0
-                : type == GgmlType::Q4_0 ? k::quantize_q4_0
-                : type == GgmlType::Q4_K ? k::quantize_q4_k
+      auto* q = type == GgmlType::Q4_K   ? k::quantize_q4_k
                 : type == GgmlType::Q5_K ? k::quantize_q5_k
                                          : k::quantize_q6_k;
       q(x, n, out.data());
+      return type;
+    }
+    case GgmlType::MXFP4: {
+      // Our Mxfp4 quantiser (split codes/scales, row by row), repacked into ggml blocks.
+      const Index nb = n / 32;
+      std::vector<std::uint8_t> codes(static_cast<std::size_t>(nb) * 16),
+          scales(static_cast<std::size_t>(nb));
+      const Index row_blocks = m.cols() / 32;
+      for (Index r = 0; r < m.rows(); ++r) {
+        k::quantize_mxfp4_row(x + r * m.cols(), m.cols(), codes.data() + r * row_blocks * 16,
+                              scales.data() + r * row_blocks, r);
+      }
+      out.resize(static_cast<std::size_t>(nb) * k::ggml_mxfp4_bytes);
+      k::repack_split_to_mxfp4(codes.data(), scales.data(), n, out.data());
       return type;
     }
     default:
@@ -95,6 +122,19 @@ void add(GgufWriter& w, const std::string& name, const RowMatrix<float>& m, Ggml
   std::vector<unsigned char> bytes;
   const GgmlType used = encode(m, type, bytes);
   w.add_tensor(name, used, std::move(dims), bytes.data(), bytes.size());
+}
+
+/// The common MoE keys of `arch`: block_count, embedding_length, expert_count,
+/// expert_used_count, expert_feed_forward_length.
+void moe_keys(GgufWriter& w, const std::string& arch, Index layers, Index D, Index E, Index top_k,
+              Index F) {
+  const std::string p = arch + ".";
+  w.set("general.architecture", arch);
+  w.set<std::uint32_t>(p + "block_count", static_cast<std::uint32_t>(layers));
+  w.set<std::uint32_t>(p + "embedding_length", static_cast<std::uint32_t>(D));
+  w.set<std::uint32_t>(p + "expert_count", static_cast<std::uint32_t>(E));
+  w.set<std::uint32_t>(p + "expert_used_count", static_cast<std::uint32_t>(top_k));
+  w.set<std::uint32_t>(p + "expert_feed_forward_length", static_cast<std::uint32_t>(F));
 }
 
 /// Rows of several matrices stacked (experts' [F x D] into [E*F x D]).
@@ -608,6 +648,94 @@ TEST(GgufCompact, Q8_0AndQ4_0GoStraightIntoTheQuantFormats) {
             "moe: q8.gguf: layer 0: the routed experts are not all Q4_0");
 }
 
+/// A [rows x cols] MXFP4 tensor of random ggml blocks: scales around 2^0, random codes, and a
+/// code of magnitude 6 in every block (so that no smaller scale holds the block: re-quantising
+/// its decoded values gives back the same bytes).
+std::vector<unsigned char> random_mxfp4(Index rows, Index cols, std::mt19937& rng) {
+  std::vector<unsigned char> b(static_cast<std::size_t>(rows * cols / 32) * k::ggml_mxfp4_bytes);
+  std::uniform_int_distribution<int> byte(0, 255), scale(122, 130), slot(0, 15);
+  for (std::size_t i = 0; i < b.size(); i += k::ggml_mxfp4_bytes) {
+    b[i] = static_cast<unsigned char>(scale(rng));
+    for (std::size_t j = 1; j < k::ggml_mxfp4_bytes; ++j)
+      b[i + j] = static_cast<unsigned char>(byte(rng));
+    const int s = slot(rng);  // low nibble of qs[s]: +6 or -6
+    b[i + 1 + s] = static_cast<unsigned char>((b[i + 1 + s] & 0xF0) | (byte(rng) & 8) | 7);
+  }
+  return b;
+}
+
+TEST(GgufCompact, Mxfp4GoesStraightIntoMxfp4Blocks) {
+  // MXFP4 experts repacked into Mxfp4's split layout (no fp32): every matrix dequantises to the
+  // file's values bitwise, and the exact-mode block equals, bitwise, the exact-mode block that
+  // quantises the decoded fp32 weights itself (the same bytes: each block holds a 6).
+  const Index D = 64, F = 96, E = 4;
+  std::mt19937 rng(11);
+  moe::MoeConfig cfg;
+  cfg.d_model = D;
+  cfg.d_ff = F;
+  cfg.num_experts = E;
+  cfg.top_k = 2;
+  const auto gate = random_mxfp4(E * F, D, rng), up = random_mxfp4(E * F, D, rng),
+             down = random_mxfp4(E * D, F, rng);
+  std::normal_distribution<float> g;
+  RowMatrix<float> router(E, D), x(31, D);
+  for (Index i = 0; i < router.size(); ++i) router.data()[i] = 0.3f * g(rng);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  GgufWriter w;
+  moe_keys(w, "qwen3moe", 1, D, E, 2, F);
+  add(w, "blk.0.ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+  w.add_tensor("blk.0.ffn_gate_exps.weight", GgmlType::MXFP4, {D, F, E}, gate.data(), gate.size());
+  w.add_tensor("blk.0.ffn_up_exps.weight", GgmlType::MXFP4, {D, F, E}, up.data(), up.size());
+  w.add_tensor("blk.0.ffn_down_exps.weight", GgmlType::MXFP4, {F, D, E}, down.data(), down.size());
+  const auto f = GgufFile::from_buffer(w.to_bytes(), "mxfp4.gguf");
+  // The writer's round trip keeps the blocks byte for byte.
+  const auto& t = f.tensor("blk.0.ffn_down_exps.weight");
+  EXPECT_EQ(t.type, GgmlType::MXFP4);
+  ASSERT_EQ(t.nbytes, down.size());
+  EXPECT_EQ(std::memcmp(f.data(t), down.data(), down.size()), 0);
+
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  using Exact = QuantBlock<moe::Mxfp4, moe::CompactMode::exact>;
+  const auto stack = moe::io::view_gguf_quant_experts<moe::Mxfp4, Exact::CompactStack>(f, spec, 0);
+  const RowMatrix<float> gate32 = moe::io::gguf_to_float(f, "blk.0.ffn_gate_exps.weight"),
+                         down32 = moe::io::gguf_to_float(f, "blk.0.ffn_down_exps.weight");
+  for (Index e = 0; e < E; ++e) {
+    EXPECT_EQ(stack.gate(e).dequantize(), gate32.middleRows(e * F, F)) << e;
+    EXPECT_EQ(stack.w_out(e).dequantize(), down32.middleRows(e * D, D)) << e;
+  }
+  const auto options = moe::io::gguf_gating_options<moe::gating::SoftmaxTopK>(spec, f.path());
+  const Exact direct = moe::io::load_gguf_moe_layer<Exact>(f, spec, 0);
+  const Exact requantised(cfg, moe::io::load_gguf_moe_weights<float>(f, spec, 0), options);
+  RowMatrix<float> y(x.rows(), D), y_ref(x.rows(), D), y_fast(x.rows(), D);
+  moe::Workspace<float> ws;
+  direct.forward(x, y, ws);
+  requantised.forward(x, y_ref, ws);
+  EXPECT_EQ(y, y_ref);
+  moe::io::load_gguf_moe_layer<QuantBlock<moe::Mxfp4, moe::CompactMode::fast>>(f, spec, 0)
+      .forward(x, y_fast, ws);
+  const RowMatrix<double> native =
+      forward(moe::io::load_gguf_moe_layer<Qwen3Block>(f, spec, 0), x).cast<double>();
+  const double e_exact = nmse(y.cast<double>(), native),
+               e_fast = nmse(y_fast.cast<double>(), native);
+  std::printf("[ measure  ] MXFP4 experts as Mxfp4 blocks vs fp32: exact NMSE %.3g, fast %.3g\n",
+              e_exact, e_fast);
+  EXPECT_LT(e_exact, 1e-10);
+  EXPECT_LT(e_fast, 1e-3);
+
+  // A NaN scale (E8M0 0xFF) is refused by name.
+  auto bad = down;
+  bad[k::ggml_mxfp4_bytes * 5] = 0xFF;  // block 5: row 1 of expert 0 (F / 32 = 3 blocks a row)
+  GgufWriter w2;
+  for (const auto& kv : f.metadata()) w2.set_value(kv.key, kv.value);
+  for (const auto& ti : f.tensors()) {
+    const bool is_down = ti.name == "blk.0.ffn_down_exps.weight";
+    w2.add_tensor(ti.name, ti.type, ti.dims, is_down ? bad.data() : f.data(ti), ti.nbytes);
+  }
+  const auto fb = GgufFile::from_buffer(w2.to_bytes(), "nan.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Exact>(fb, 0); }),
+            "moe: nan.gguf: tensor 'blk.0.ffn_down_exps.weight' has a non-finite scale in row 1");
+}
+
 TEST(GgufCompact, NonFiniteBf16IsRefusedWhenViewed) {
   const moe::golden::Case c(data_dir() + "qwen3_moe.safetensors");
   auto bytes = gguf_from_case(c, GgmlType::BF16, Layout::stacked);
@@ -630,7 +758,7 @@ TEST(GgufMoeErrors, ArchitectureAndModelAreNamed) {
   auto f = GgufFile::from_buffer(w.to_bytes(), "m.gguf");
   EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(f); }),
             "moe: m.gguf: architecture 'gemma3' has no MoE mapping (supported: llama, qwen2moe, "
-            "qwen3moe, olmoe, deepseek2, glm4moe)");
+            "qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, llama4)");
   GgufWriter dense;
   dense.set("general.architecture", "llama").set<std::uint32_t>("llama.block_count", 2);
   f = GgufFile::from_buffer(dense.to_bytes(), "m.gguf");
@@ -669,6 +797,176 @@ TEST(GgufMoeErrors, TensorsLayersAndGatingAreChecked) {
   EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Qwen3Block>(g, 0); }),
             "moe: nan.gguf: tensor 'blk.0.ffn_up_exps.weight' has a non-finite value at row 300, "
             "column 7");
+}
+
+// ---- gpt-oss and llama4 (gating::ScoredTopK) from the v2 golden cases ----
+
+/// A v2 gpt-oss or llama4 case (HF 5.17 state_dict) as llama.cpp writes it, in `type` (router and
+/// biases F32; rows that are not whole blocks, the down projections with d_ff = 24, stay F32 as
+/// llama.cpp's quantizer leaves them): gpt-oss's interleaved gate_up_proj [E, D, 2F] (gate = even
+/// columns) and Llama 4's [E, D, 2F] (gate = first F columns) split into ffn_gate_exps /
+/// ffn_up_exps [D, F, E]; down_proj [E, F, D] into ffn_down_exps [F, D, E]. `layers` blocks, the
+/// case's MoE layer at index `layers - 1` (llama4 with interleave_moe_layer_step = layers).
+std::vector<unsigned char> gguf_from_v2(const moe::io::SafetensorsFile& c, GgmlType type,
+                                        Index layers = 1) {
+  const std::string family = c.metadata().at("family");
+  const bool oss = family == "gpt_oss";
+  const std::string arch = oss ? "gpt-oss" : "llama4", p = arch + ".";
+  const RowMatrix<float> router = c.read_matrix<float>("hf.router.weight");
+  const RowMatrix<float> gate_up = c.read_matrix<float>("hf.experts.gate_up_proj");  // [E*D x 2F]
+  const RowMatrix<float> down_in = c.read_matrix<float>("hf.experts.down_proj");     // [E*F x D]
+  const Index E = router.rows(), D = router.cols(), F = gate_up.cols() / 2;
+  RowMatrix<float> gate(E * F, D), up(E * F, D), down(E * D, F);
+  for (Index e = 0; e < E; ++e) {
+    for (Index f = 0; f < F; ++f) {
+      for (Index d = 0; d < D; ++d) {
+        gate(e * F + f, d) = gate_up(e * D + d, oss ? 2 * f : f);
+        up(e * F + f, d) = gate_up(e * D + d, oss ? 2 * f + 1 : F + f);
+        down(e * D + d, f) = down_in(e * F + f, d);
+      }
+    }
+  }
+  GgufWriter w;
+  moe_keys(w, arch, layers, D, E, std::stoi(c.metadata().at("k")), F);
+  if (!oss)
+    w.set<std::uint32_t>(p + "interleave_moe_layer_step", static_cast<std::uint32_t>(layers));
+  const std::string b = "blk." + std::to_string(layers - 1) + ".";
+  add(w, b + "ffn_gate_inp.weight", router, GgmlType::F32, {D, E});
+  add(w, b + "ffn_gate_exps.weight", gate, type, {D, F, E});
+  add(w, b + "ffn_up_exps.weight", up, type, {D, F, E});
+  add(w, b + "ffn_down_exps.weight", down, type, {F, D, E});
+  if (oss) {
+    const RowMatrix<float> rb = c.read_matrix<float>("hf.router.bias");
+    const RowMatrix<float> in_b = c.read_matrix<float>("hf.experts.gate_up_proj_bias");  // [E x 2F]
+    RowMatrix<float> gate_b(E, F), up_b(E, F);
+    for (Index e = 0; e < E; ++e) {
+      for (Index f = 0; f < F; ++f) {
+        gate_b(e, f) = in_b(e, 2 * f);
+        up_b(e, f) = in_b(e, 2 * f + 1);
+      }
+    }
+    add(w, b + "ffn_gate_inp.bias", rb, GgmlType::F32, {E});
+    add(w, b + "ffn_gate_exps.bias", gate_b, GgmlType::F32, {F, E});
+    add(w, b + "ffn_up_exps.bias", up_b, GgmlType::F32, {F, E});
+    add(w, b + "ffn_down_exps.bias", c.read_matrix<float>("hf.experts.down_proj_bias"),
+        GgmlType::F32, {D, E});
+  } else {
+    const RowMatrix<float> sg = c.read_matrix<float>("hf.shared_expert.gate_proj.weight");
+    const Index Fs = sg.rows();
+    add(w, b + "ffn_gate_shexp.weight", sg, type, {D, Fs});
+    add(w, b + "ffn_up_shexp.weight", c.read_matrix<float>("hf.shared_expert.up_proj.weight"), type,
+        {D, Fs});
+    add(w, b + "ffn_down_shexp.weight", c.read_matrix<float>("hf.shared_expert.down_proj.weight"),
+        type, {Fs, D});
+  }
+  return w.to_bytes();
+}
+
+template <class T>
+using ScoredBlock = moe::SparseMoeBlock<T, moe::gating::ScoredTopK, moe::SwiGLU>;
+
+template <class T>
+RowMatrix<double> run_scored(const ScoredBlock<T>& block, const moe::io::SafetensorsFile& c) {
+  const RowMatrix<T> x = c.read_matrix<T>("input");
+  RowMatrix<T> y(x.rows(), x.cols());
+  moe::Workspace<T> ws;
+  block.forward(x, y, ws);
+  return y.template cast<double>();
+}
+
+class GgufGoldenScored : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GgufGoldenScored, F32ReproducesTheCaseAndQuantTypesHaveTheirFormatsError) {
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/" + GetParam() + ".safetensors");
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  const double scale = 1 + hf.cwiseAbs().maxCoeff();
+  const auto f = GgufFile::from_buffer(gguf_from_v2(c, GgmlType::F32), GetParam() + ".gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.routing, moe::io::GgufRouting::scored_top_k);
+  const RowMatrix<double> d =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, 0), c);
+  const RowMatrix<double> s = run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(f, 0), c);
+  // The runner's tolerances (tests/reference/golden_v2_runner.hpp).
+  EXPECT_LE((d - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
+  EXPECT_LE((s - hf).cwiseAbs().maxCoeff(), 1e-5 * scale);
+  const moe::io::AnyMoeBlock<double> any = moe::io::load_gguf_any_moe_layer<double>(f, 0);
+  EXPECT_EQ(any.index(), 4u);
+  EXPECT_EQ(any.forward(c.read_matrix<double>("input")), d);
+  const struct {
+    GgmlType type;
+    double max_nmse;  // output NMSE: about twice the weight NMSE (two projections)
+  } types[] = {{GgmlType::Q8_0, 1e-3}, {GgmlType::MXFP4, 5e-2}};
+  for (const auto& t : types) {
+    const auto q = GgufFile::from_buffer(gguf_from_v2(c, t.type), "q.gguf");
+    EXPECT_EQ(q.tensor("blk.0.ffn_gate_exps.weight").type, t.type);
+    const double e =
+        nmse(run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<float>>(q, 0), c), hf);
+    EXPECT_LT(e, t.max_nmse) << moe::io::ggml_type_name(t.type);
+    EXPECT_GT(e, 0.0) << moe::io::ggml_type_name(t.type);
+    std::printf("[ measure  ] %s %s output NMSE vs HF %.3g\n", GetParam().c_str(),
+                moe::io::ggml_type_name(t.type), e);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GgufGoldenScored,
+                         ::testing::Values("gpt_oss", "llama4", "llama4_top2"));
+
+TEST(GgufGptOss, ClampedSwiGluAndBiasesAreTheArchs) {
+  // llama.cpp hard-codes gpt-oss's alpha 1.702 and limit 7; the spec carries them, so a caller
+  // can set another limit: with the clamp case's 1.5 the GGUF weights reproduce that case.
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/gpt_oss_clamp.safetensors");
+  const auto f = GgufFile::from_buffer(gguf_from_v2(c, GgmlType::F32), "oss.gguf");
+  auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.arch, "gpt-oss");
+  EXPECT_EQ(spec.moe.expert_glu.alpha, 1.702);
+  EXPECT_EQ(spec.moe.expert_glu.limit, 7.0);
+  EXPECT_EQ(spec.moe.expert_glu.up_offset, 1.0);
+  EXPECT_TRUE(spec.expert_biases);
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  const double scale = 1 + hf.cwiseAbs().maxCoeff();
+  const RowMatrix<double> unclamped =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0), c);
+  EXPECT_GT((unclamped - hf).cwiseAbs().maxCoeff(), 1e-3 * scale);  // the case's clamp is reached
+  spec.moe.expert_glu.limit = 1.5;
+  const RowMatrix<double> clamped =
+      run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0), c);
+  EXPECT_LE((clamped - hf).cwiseAbs().maxCoeff(), 1e-6 * scale);
+  // Compact storage has no expert biases: refused, not dropped.
+  using Mx = moe::SparseMoeBlock<float, moe::gating::ScoredTopK, moe::SwiGLU,
+                                 moe::CompactExperts<moe::Bf16>>;
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<Mx>(f, 0); }),
+            "moe: oss.gguf: gpt-oss experts have biases, which compact expert storage does not "
+            "hold (use a native block)");
+}
+
+TEST(GgufLlama4, InterleavedDenseLayersFollowTheStep) {
+  // interleave_moe_layer_step = 2: layer 0 is dense (no router), layer 1 the case's MoE layer.
+  const auto c = moe::io::SafetensorsFile::open(data_dir() + "v2/llama4.safetensors");
+  const auto bytes = gguf_from_v2(c, GgmlType::F32, 2);
+  const auto f = GgufFile::from_buffer(bytes, "l4.gguf");
+  const auto spec = moe::io::read_gguf_moe_spec(f);
+  EXPECT_EQ(spec.moe_layer_step, 2);
+  EXPECT_TRUE(spec.moe.weight_expert_input);
+  EXPECT_EQ(spec.moe.shared_d_ff, 24);
+  EXPECT_EQ(error_of([&] { (void)moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 0); }),
+            "moe: l4.gguf: layer 0 is dense (it has no blk.0.ffn_gate_inp.weight)");
+  const RowMatrix<double> hf = c.read_matrix<double>("output");
+  EXPECT_LE((run_scored(moe::io::load_gguf_moe_layer<ScoredBlock<double>>(f, spec, 1), c) - hf)
+                .cwiseAbs()
+                .maxCoeff(),
+            1e-6 * (1 + hf.cwiseAbs().maxCoeff()));
+  // A step that disagrees with the routers is refused by name.
+  GgufWriter w;
+  for (const auto& kv : f.metadata()) {
+    w.set_value(kv.key, kv.key == "llama4.interleave_moe_layer_step"
+                            ? moe::io::GgufValue::of(std::uint32_t{1})
+                            : kv.value);
+  }
+  for (const auto& t : f.tensors()) w.add_tensor(t.name, t.type, t.dims, f.data(t), t.nbytes);
+  const auto g = GgufFile::from_buffer(w.to_bytes(), "step.gguf");
+  EXPECT_EQ(error_of([&] { (void)moe::io::read_gguf_moe_spec(g); }),
+            "moe: step.gguf: layer 0 has no router (blk.0.ffn_gate_inp.weight) but "
+            "llama4.interleave_moe_layer_step = 1 makes it sparse");
 }
 
 }  // namespace

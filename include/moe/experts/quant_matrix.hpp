@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -73,6 +74,28 @@ class QuantMatrix {
     m.cols_ = w.cols;
     m.layout_ = QuantLayout::stored;
     m.stored_ = w;
+    return m;
+  }
+
+  /// An owning Mxfp4 matrix in the stored layout from its split codes (rows * cols / 2 bytes) and
+  /// E8M0 scales (rows * cols / 32 bytes), moved in: bytes repacked elsewhere (ggml MXFP4 blocks,
+  /// io/gguf_moe.hpp) without a pass through fp32. Throws like view(), and shape_error when the
+  /// byte counts do not match rows x cols.
+  template <class F = Format, class = std::enable_if_t<std::is_same_v<F, Mxfp4>>>
+  static QuantMatrix own_stored(std::vector<std::uint8_t> codes, std::vector<std::uint8_t> scales,
+                                Index rows, Index cols) {
+    kernels::check_quant_cols(Format::name, "weight", cols);
+    const std::size_t blocks = std::size_t(rows) * std::size_t(cols / 32);
+    if (rows < 0 || codes.size() != blocks * 16 || scales.size() != blocks) {
+      throw shape_error(moe::detail::concat(
+          "moe: mxfp4 weight [", rows, " x ", cols, "] needs ", blocks * 16, " code bytes and ",
+          blocks, " scales, given ", codes.size(), " and ", scales.size()));
+    }
+    auto st = std::make_shared<Storage>();
+    st->codes = std::move(codes);
+    st->scales8 = std::move(scales);
+    QuantMatrix m(rows, cols, std::move(st));
+    check_stored(m.stored_);
     return m;
   }
 

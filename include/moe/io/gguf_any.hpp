@@ -15,7 +15,8 @@ namespace moe::io {
 
 /// Sparse layer `layer` of `file` as the AnyMoeBlock<T> alternative its routing needs:
 /// SoftmaxTopK (llama/Mixtral, qwen2moe, qwen3moe, olmoe), DeepSeekV2 (deepseek2 with softmax
-/// gating) or GroupLimitedTopK (deepseek2 with sigmoid gating, glm4moe). Same errors as
+/// gating), GroupLimitedTopK (deepseek2 with sigmoid gating, glm4moe) or ScoredTopK (gpt-oss,
+/// llama4). Same errors as
 /// load_gguf_moe_layer.
 template <class T>
 AnyMoeBlock<T> load_gguf_any_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index layer) {
@@ -27,6 +28,8 @@ AnyMoeBlock<T> load_gguf_any_moe_layer(const GgufFile& file, const GgufMoeSpec& 
       return load_gguf_moe_layer<typename Any::template Alternative<1>>(file, spec, layer);
     case GgufRouting::deepseek_v3:
       return load_gguf_moe_layer<typename Any::template Alternative<2>>(file, spec, layer);
+    case GgufRouting::scored_top_k:
+      return load_gguf_moe_layer<typename Any::template Alternative<4>>(file, spec, layer);
   }
   throw value_error("moe: unknown GgufRouting");
 }

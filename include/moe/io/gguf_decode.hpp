@@ -4,16 +4,20 @@
 // are meant to go into moe's compact formats without passing through float.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "moe/error.hpp"
 #include "moe/io/dtype.hpp"
 #include "moe/io/ggml_types.hpp"
 #include "moe/io/gguf_reader.hpp"
+#include "moe/kernels/gemv_quant_exact.hpp"
 #include "moe/kernels/ggml_blocks.hpp"
+#include "moe/kernels/quant_formats.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::io {
@@ -40,6 +44,47 @@ inline bool ggml_type_decodes_to_float(GgmlType type) {
       return false;
   }
 }
+
+namespace detail {
+
+/// Decodes `count` values (a multiple of 32) of ggml Q8_0 / Q4_0 blocks (Format Q8 / Q4: the same
+/// bytes) or MXFP4 blocks (Format Mxfp4) with the formats' own decoder (kernels/quant_formats.hpp),
+/// 64 blocks at a time through a local buffer: a copy (file data need not be 2-byte aligned) or,
+/// for MXFP4, the repack into the split layout.
+// dequantize_stored_rows' AVX-512 intrinsics, inlined here, trip GCC 12's false -Wuninitialized
+// on _mm512_undefined_* (as in the kernels that use them directly).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+template <class Format>
+void ggml_decode_quant(const unsigned char* bytes, Index count, float* out) {
+  constexpr Index kChunk = 64;
+  const Index blocks = count / kernels::quant_block;
+  for (Index b0 = 0; b0 < blocks; b0 += kChunk) {
+    const Index nb = std::min(kChunk, blocks - b0), n = nb * kernels::quant_block;
+    float* dst = out + b0 * kernels::quant_block;
+    if constexpr (std::is_same_v<Format, Mxfp4>) {
+      std::uint8_t codes[kChunk * 16], scales[kChunk];
+      kernels::repack_mxfp4_to_split(bytes + std::size_t(b0) * kernels::ggml_mxfp4_bytes, n, codes,
+                                     scales);
+      kernels::dequantize_stored_rows<Mxfp4>(kernels::Mxfp4View{codes, scales, 1, n}, 0, 1, dst);
+    } else {
+      using Block =
+          std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
+      Block local[kChunk];
+      std::memcpy(local, bytes + std::size_t(b0) * sizeof(Block), std::size_t(nb) * sizeof(Block));
+      kernels::dequantize_stored_rows<Format>(kernels::QuantView<Format>{local, 1, n}, 0, 1, dst);
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace detail
 
 /// Decodes `count` values of `type` stored at `bytes` into `out` (count a multiple of the block
 /// size; the caller has checked the byte range). Returns false for a type it does not decode.
@@ -74,13 +119,13 @@ inline bool ggml_decode_to_float(GgmlType type, const unsigned char* bytes, Inde
       });
       return true;
     case GgmlType::Q8_0:
-      kernels::dequantize_q8_0(bytes, count, out);
+      detail::ggml_decode_quant<Q8>(bytes, count, out);
       return true;
     case GgmlType::Q4_0:
-      kernels::dequantize_q4_0(bytes, count, out);
+      detail::ggml_decode_quant<Q4>(bytes, count, out);
       return true;
     case GgmlType::MXFP4:
-      kernels::dequantize_mxfp4(bytes, count, out);
+      detail::ggml_decode_quant<Mxfp4>(bytes, count, out);
       return true;
     case GgmlType::Q4_K:
       kernels::dequantize_q4_k(bytes, count, out);

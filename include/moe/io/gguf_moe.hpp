@@ -6,13 +6,19 @@
 //
 // Architectures: llama (Mixtral), qwen2moe, qwen3moe, olmoe (gating::SoftmaxTopK), deepseek2
 // (gating::DeepSeekV2 for softmax gating, gating::GroupLimitedTopK for sigmoid + exp_probs_b),
-// glm4moe (gating::GroupLimitedTopK); all with SwiGLU experts. Types: whatever gguf_decode.hpp
-// decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K), converted to the block's scalar on
-// load; BF16 experts are viewed in place by a CompactExperts<Bf16> block.
+// glm4moe (gating::GroupLimitedTopK), gpt-oss and llama4 (gating::ScoredTopK; gpt-oss's clamped
+// SwiGLU and biases, Llama 4's input-weighted experts are MoeConfig / MoeWeights data); all with
+// SwiGLU experts. Types: whatever gguf_decode.hpp decodes (F32, F16, BF16, Q8_0, Q4_0, MXFP4,
+// Q4_K, Q5_K, Q6_K), converted to the block's scalar on load; BF16 experts are viewed in place by
+// a CompactExperts<Bf16> block, Q8_0 / Q4_0 / MXFP4 experts go into CompactExperts<Q8 | Q4 |
+// Mxfp4> blocks without fp32.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "moe/activations.hpp"
 #include "moe/block.hpp"
@@ -23,6 +29,7 @@
 #include "moe/io/gguf_moe_spec.hpp"
 #include "moe/io/gguf_moe_weights.hpp"
 #include "moe/io/gguf_reader.hpp"
+#include "moe/kernels/ggml_blocks.hpp"
 
 namespace moe::io {
 
@@ -36,6 +43,8 @@ inline const char* gguf_routing_policy(GgufRouting r) {
       return "gating::DeepSeekV2";
     case GgufRouting::deepseek_v3:
       return "gating::GroupLimitedTopK";
+    case GgufRouting::scored_top_k:
+      return "gating::ScoredTopK";
   }
   return "?";
 }
@@ -72,6 +81,9 @@ typename G::Options gguf_gating_options(const GgufMoeSpec& spec, const std::stri
         G::Options::deepseek_v2(spec.n_group, spec.topk_group, spec.normalize ? 1.0 : spec.scale);
     o.normalize = spec.normalize;
     return o;
+  } else if constexpr (std::is_same_v<G, gating::ScoredTopK>) {
+    require(GgufRouting::scored_top_k, "gating::ScoredTopK");
+    return spec.scored;
   } else {
     static_assert(detail::gguf_no_arch_routes_with_v<G>,
                   "moe::io: no GGUF architecture routes with this gating policy");
@@ -124,23 +136,69 @@ inline CompactExpertStack<Bf16> view_gguf_bf16_experts(const GgufFile& file,
   return stack;
 }
 
-/// The ggml type whose blocks are Format's bytes: Q8_0 for Q8, Q4_0 for Q4.
+/// The ggml type of Format's blocks: Q8_0 for Q8, Q4_0 for Q4 (the same bytes), MXFP4 for Mxfp4
+/// (the same codes and scales, ordered differently within a block).
 template <class Format>
 constexpr GgmlType gguf_type_of_quant() {
-  static_assert(std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4>,
-                "moe::io: only Q8 and Q4 share ggml's block bytes (Q8_0, Q4_0)");
-  return std::is_same_v<Format, Q8> ? GgmlType::Q8_0 : GgmlType::Q4_0;
+  static_assert(
+      std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> || std::is_same_v<Format, Mxfp4>,
+      "moe::io: only Q8, Q4 and Mxfp4 have a ggml type (Q8_0, Q4_0, MXFP4)");
+  return std::is_same_v<Format, Q8>   ? GgmlType::Q8_0
+         : std::is_same_v<Format, Q4> ? GgmlType::Q4_0
+                                      : GgmlType::MXFP4;
 }
 
-/// Layer `layer`'s routed experts as a quantised stack (Stack: QuantExpertStack<Q8 | Q4, layout>)
-/// built from the file's Q8_0 / Q4_0 blocks without passing through fp32: each projection is a
-/// zero-copy view of the file's bytes, which a panels stack repacks (lossless) and a stored
-/// stack keeps as a view (then it must not outlive `file`). Every block's f16 scale is checked
-/// finite. Throws io_error when a routed-expert tensor is of another type, its data are not
-/// 2-byte aligned in memory, or a scale is NaN / infinite.
+namespace detail {
+
+/// Rows [r.row0, r.row0 + rows) of a Q8_0 / Q4_0 / MXFP4 tensor as a QuantMatrix<Format> in the
+/// stored layout, never through fp32: Q8_0 / Q4_0 are viewed in the file (zero-copy), MXFP4
+/// blocks are repacked into Mxfp4's split codes/scales (a byte shuffle into owned storage).
+/// Throws io_error naming the tensor for a non-finite scale or (Q8_0 / Q4_0) data not 2-byte
+/// aligned in memory.
+template <class Format>
+QuantMatrix<Format> gguf_quant_matrix(const GgufFile& file, GgufRows r, Index rows, Index cols) {
+  const std::size_t blocks = std::size_t(rows) * std::size_t(cols / 32);
+  auto bad_scale = [&](std::size_t b) {
+    return io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
+                                        "' has a non-finite scale in row ",
+                                        r.row0 + Index(b) / (cols / 32)));
+  };
+  if constexpr (std::is_same_v<Format, Mxfp4>) {
+    const unsigned char* p = file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) *
+                                                        kernels::ggml_mxfp4_bytes;
+    for (std::size_t b = 0; b < blocks; ++b) {
+      if (p[b * kernels::ggml_mxfp4_bytes] == 0xFF) throw bad_scale(b);  // E8M0 NaN
+    }
+    std::vector<std::uint8_t> codes(blocks * 16), scales(blocks);
+    kernels::repack_mxfp4_to_split(p, rows * cols, codes.data(), scales.data());
+    return QuantMatrix<Mxfp4>::own_stored(std::move(codes), std::move(scales), rows, cols);
+  } else {
+    using Block =
+        std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
+    const unsigned char* p =
+        file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * sizeof(Block);
+    if (reinterpret_cast<std::uintptr_t>(p) % alignof(Block) != 0) {
+      throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
+                                         "' is not 2-byte aligned in memory"));
+    }
+    const auto* q = reinterpret_cast<const Block*>(p);
+    for (std::size_t b = 0; b < blocks; ++b) {
+      if ((q[b].d & 0x7C00u) == 0x7C00u) throw bad_scale(b);  // f16 exponent all ones
+    }
+    return QuantMatrix<Format>::view(kernels::QuantView<Format>{q, rows, cols});
+  }
+}
+
+}  // namespace detail
+
+/// Layer `layer`'s routed experts as a quantised stack (Stack: QuantExpertStack<Q8 | Q4 | Mxfp4,
+/// layout>) built from the file's Q8_0 / Q4_0 / MXFP4 blocks without passing through fp32:
+/// Q8_0 / Q4_0 projections are zero-copy views of the file's bytes (a panels stack repacks them,
+/// lossless; a stored stack keeps the view, then it must not outlive `file`); MXFP4 blocks are
+/// repacked into owned Mxfp4 storage. Throws io_error when a routed-expert tensor is of another
+/// type, a scale is NaN / infinite, or Q8_0 / Q4_0 data are not 2-byte aligned in memory.
 template <class Format, class Stack>
 Stack view_gguf_quant_experts(const GgufFile& file, const GgufMoeSpec& spec, Index layer) {
-  using Block = std::conditional_t<std::is_same_v<Format, Q8>, kernels::BlockQ8, kernels::BlockQ4>;
   constexpr GgmlType type = gguf_type_of_quant<Format>();
   detail::gguf_check_moe_layer(file, spec, layer);
   const detail::GgufRoutedExperts experts(file, spec.moe, layer);
@@ -148,28 +206,12 @@ Stack view_gguf_quant_experts(const GgufFile& file, const GgufMoeSpec& spec, Ind
     throw io_error(moe::detail::concat("moe: ", file.path(), ": layer ", layer,
                                        ": the routed experts are not all ", ggml_type_name(type)));
   }
-  auto view = [&](detail::GgufRows r, Index rows, Index cols) {
-    const unsigned char* p =
-        file.data(*r.tensor) + std::size_t(r.row0) * std::size_t(cols / 32) * sizeof(Block);
-    if (reinterpret_cast<std::uintptr_t>(p) % alignof(Block) != 0) {
-      throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
-                                         "' is not 2-byte aligned in memory"));
-    }
-    const auto* blocks = reinterpret_cast<const Block*>(p);
-    for (Index b = 0; b < rows * (cols / 32); ++b) {
-      if ((blocks[b].d & 0x7C00u) == 0x7C00u) {  // f16 exponent all ones: infinity or NaN
-        throw io_error(moe::detail::concat("moe: ", file.path(), ": tensor '", r.tensor->name,
-                                           "' has a non-finite scale in row ",
-                                           r.row0 + b / (cols / 32)));
-      }
-    }
-    return QuantMatrix<Format>::view(kernels::QuantView<Format>{blocks, rows, cols});
-  };
   const Index D = spec.moe.d_model, F = spec.moe.d_ff;
   Stack stack(spec.moe.num_experts, D, F, /*gated=*/true);
   for (Index e = 0; e < spec.moe.num_experts; ++e) {
-    stack.set_gated(e, view(experts.gate(e), F, D), view(experts.up(e), F, D),
-                    view(experts.down(e), D, F));
+    stack.set_gated(e, detail::gguf_quant_matrix<Format>(file, experts.gate(e), F, D),
+                    detail::gguf_quant_matrix<Format>(file, experts.up(e), F, D),
+                    detail::gguf_quant_matrix<Format>(file, experts.down(e), D, F));
   }
   return stack;
 }
@@ -177,8 +219,9 @@ Stack view_gguf_quant_experts(const GgufFile& file, const GgufMoeSpec& spec, Ind
 /// Sparse layer `layer` of `file` as Block: a SparseMoeBlock with SwiGLU experts and the arch's
 /// gating policy, native (weights converted to T) or compact. CompactExperts<Bf16> with BF16
 /// expert tensors views them in the file (zero-copy: the block must not outlive `file`);
-/// CompactExperts<Q8 | Q4> with Q8_0 / Q4_0 experts takes their blocks without fp32 (fast mode
-/// repacks them into panels, exact mode views them in the file); any
+/// CompactExperts<Q8 | Q4 | Mxfp4> with Q8_0 / Q4_0 / MXFP4 experts takes their blocks without
+/// fp32 (fast mode repacks them into panels, exact mode views Q8_0 / Q4_0 in the file and holds
+/// MXFP4 repacked to Mxfp4's split layout); any
 /// other compact case decodes the experts to fp32 and the block quantises them (a K-quant into
 /// Bf16 adds NMSE 2.7e-6, docs/gguf.md). Throws config_error when the gating policy is not the
 /// arch's or the layer is out of range or dense, plus the io_errors of load_gguf_moe_weights.
@@ -189,13 +232,19 @@ Block load_gguf_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index l
   using T = typename Block::Scalar;
   auto options = gguf_gating_options<typename Block::GatingPolicy>(spec, file.path());
   if constexpr (Block::compact) {
+    if (spec.expert_biases) {
+      throw config_error(moe::detail::concat(
+          "moe: ", file.path(), ": ", spec.arch,
+          " experts have biases, which compact expert storage does not hold (use a native block)"));
+    }
     using Format = typename Block::ExpertStorage::format;
     if constexpr (std::is_same_v<Format, Bf16>) {
       if (gguf_experts_are_bf16(file, spec, layer)) {
         return Block(spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
                      view_gguf_bf16_experts(file, spec, layer), options);
       }
-    } else if constexpr (std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4>) {
+    } else if constexpr (std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> ||
+                         std::is_same_v<Format, Mxfp4>) {
       if (gguf_experts_are(file, spec, layer, gguf_type_of_quant<Format>())) {
         return Block(
             spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),

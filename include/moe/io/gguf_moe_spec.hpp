@@ -4,7 +4,8 @@
 //   block_count, embedding_length (d_model), expert_feed_forward_length (d_ff; Mixtral files,
 //   arch "llama", have only feed_forward_length), expert_count, expert_used_count (top_k),
 //   expert_shared_count, expert_weights_norm, expert_weights_scale, expert_gating_func (1 softmax,
-//   2 sigmoid), expert_group_count, expert_group_used_count, leading_dense_block_count.
+//   2 sigmoid), expert_group_count, expert_group_used_count, leading_dense_block_count,
+//   interleave_moe_layer_step (llama4: layer N is sparse when (N + 1) % step == 0).
 // What llama.cpp hardcodes per arch (whether top-k weights are renormalised when
 // expert_weights_norm is absent, whether the shared expert has a sigmoid gate) is the arch's row
 // of kGgufMoeArchs below: adding an arch is adding a row. The shared expert's width is read from
@@ -18,6 +19,7 @@
 
 #include "moe/config.hpp"
 #include "moe/error.hpp"
+#include "moe/gating/families.hpp"
 #include "moe/io/gguf_reader.hpp"
 #include "moe/tensor.hpp"
 
@@ -28,6 +30,15 @@ enum class GgufRouting {
   softmax_top_k,  ///< gating::SoftmaxTopK (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
   deepseek_v2,    ///< gating::DeepSeekV2: softmax, group-limited (expert_gating_func 1 or absent)
   deepseek_v3,    ///< gating::GroupLimitedTopK: sigmoid + exp_probs_b bias (expert_gating_func 2)
+  scored_top_k,   ///< gating::ScoredTopK on the chosen logits (gpt-oss softmax, Llama 4 sigmoid)
+};
+
+/// What an arch reads beyond the common keys and tensors.
+enum class GgufArchKind {
+  plain,     ///< softmax top-k, SwiGLU experts
+  deepseek,  ///< the DeepSeek keys (gating func, groups, scale, dense lead), exp_probs_b
+  gpt_oss,   ///< router and expert biases, clamped SwiGLU, softmax over the chosen logits
+  llama4,    ///< sigmoid of the chosen logit scales the expert's input; interleaved dense layers
 };
 
 /// One llama.cpp architecture whose MoE layers moe reads.
@@ -35,7 +46,7 @@ struct GgufMoeArch {
   const char* arch;    ///< general.architecture
   const char* models;  ///< the Hugging Face families it carries (for messages and docs)
   bool normalize;      ///< top-k weights renormalised when expert_weights_norm is absent
-  bool deepseek;       ///< reads the DeepSeek keys (gating func, groups, scale, dense lead)
+  GgufArchKind kind;   ///< what the arch reads beyond the common keys
   bool shared_gate;    ///< a shared expert, when present, is scaled by a sigmoid gate
   int gating_func;     ///< expert_gating_func when absent: 1 softmax, 2 sigmoid (DeepSeek keys)
 };
@@ -43,16 +54,24 @@ struct GgufMoeArch {
 /// The supported architectures (llama.cpp's names; norm defaults as llama.cpp builds them, which
 /// match the HF configs: Qwen2-MoE and OLMoE norm_topk_prob false, Qwen3-MoE and Mixtral true).
 /// GLM-4.5 routes like DeepSeek-V3: sigmoid, exp_probs_b, shared experts, dense lead layers.
+/// gpt-oss and llama4 route as llama.cpp's build_moe_ffn does for them (gating func "softmax
+/// weight": softmax over the k chosen logits; sigmoid of each chosen logit, applied to the input).
 inline constexpr GgufMoeArch kGgufMoeArchs[] = {
-    {"llama", "Mixtral (llama with experts)", true, false, false, 1},
-    {"qwen2moe", "Qwen2-MoE", false, false, true, 1},
-    {"qwen3moe", "Qwen3-MoE", true, false, false, 1},
-    {"olmoe", "OLMoE", false, false, false, 1},
-    {"deepseek2", "DeepSeek-V2, DeepSeek-V3", false, true, false, 1},
-    {"glm4moe", "GLM-4.5, GLM-4.5-Air", true, true, false, 2},
+    {"llama", "Mixtral (llama with experts)", true, GgufArchKind::plain, false, 1},
+    {"qwen2moe", "Qwen2-MoE", false, GgufArchKind::plain, true, 1},
+    {"qwen3moe", "Qwen3-MoE", true, GgufArchKind::plain, false, 1},
+    {"olmoe", "OLMoE", false, GgufArchKind::plain, false, 1},
+    {"deepseek2", "DeepSeek-V2, DeepSeek-V3", false, GgufArchKind::deepseek, false, 1},
+    {"glm4moe", "GLM-4.5, GLM-4.5-Air", true, GgufArchKind::deepseek, false, 2},
+    {"gpt-oss", "gpt-oss", false, GgufArchKind::gpt_oss, false, 1},
+    {"llama4", "Llama 4 (Scout, Maverick)", false, GgufArchKind::llama4, false, 1},
 };
 
-/// "llama, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe".
+/// gpt-oss's clamped SwiGLU, which llama.cpp hard-codes (no metadata key): silu slope 1.702,
+/// limit 7, up + 1 (HF GptOssExperts alpha, limit, and the "+ 1").
+inline constexpr double kGgufGptOssAlpha = 1.702, kGgufGptOssLimit = 7.0;
+
+/// "llama, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, llama4".
 inline std::string gguf_moe_arch_list() {
   std::string s;
   for (const auto& a : kGgufMoeArchs) s += (s.empty() ? "" : ", ") + std::string(a.arch);
@@ -70,6 +89,10 @@ struct GgufMoeSpec {
   double scale = 1.0;       ///< expert_weights_scale (DeepSeek routed_scaling_factor); 1 if absent
   Index n_group = 1;        ///< expert_group_count (1 = no group limit)
   Index topk_group = 1;     ///< expert_group_used_count
+  /// ScoredTopK's options (routing scored_top_k): gating::GptOss or gating::Llama4 defaults.
+  gating::ScoredTopK::Options scored{};
+  bool expert_biases = false;  ///< gpt-oss: ffn_gate_inp.bias, ffn_{gate,up,down}_exps.bias
+  Index moe_layer_step = 1;    ///< interleave_moe_layer_step (llama4); 1: every layer sparse
 };
 
 /// "blk.<layer>.<suffix>", llama.cpp's tensor name.
@@ -77,7 +100,8 @@ inline std::string gguf_block_tensor(Index layer, const char* suffix) {
   return "blk." + std::to_string(layer) + "." + suffix;
 }
 
-/// Whether layer `layer` of `file` is sparse: it has a router (blk.N.ffn_gate_inp.weight).
+/// Whether layer `layer` of `file` is sparse: it has a router (blk.N.ffn_gate_inp.weight). (A
+/// llama4 file's interleave_moe_layer_step is checked against the routers by read_gguf_moe_spec.)
 inline bool gguf_is_moe_layer(const GgufFile& file, Index layer) {
   return file.contains(gguf_block_tensor(layer, "ffn_gate_inp.weight"));
 }
@@ -132,7 +156,7 @@ inline GgufMoeSpec read_gguf_moe_spec(const GgufFile& file) {
   s.normalize = file.contains_key(p + "expert_weights_norm")
                     ? file.get_bool(p + "expert_weights_norm")
                     : row->normalize;
-  if (row->deepseek) {
+  if (row->kind == GgufArchKind::deepseek) {
     s.leading_dense = detail::gguf_count_or(file, p + "leading_dense_block_count", 0);
     if (file.contains_key(p + "expert_weights_scale")) {
       const float scale = file.get_f32(p + "expert_weights_scale");
@@ -147,6 +171,33 @@ inline GgufMoeSpec read_gguf_moe_spec(const GgufFile& file) {
                                          " is neither 1 (softmax) nor 2 (sigmoid)"));
     }
     s.routing = func == 2 ? GgufRouting::deepseek_v3 : GgufRouting::deepseek_v2;
+  }
+  if (row->kind == GgufArchKind::gpt_oss) {
+    s.routing = GgufRouting::scored_top_k;
+    s.scored = gating::GptOss::defaults();
+    s.expert_biases = true;
+    s.moe.expert_glu.alpha = kGgufGptOssAlpha;
+    s.moe.expert_glu.limit = kGgufGptOssLimit;
+    s.moe.expert_glu.up_offset = 1.0;
+  } else if (row->kind == GgufArchKind::llama4) {
+    s.routing = GgufRouting::scored_top_k;
+    s.scored = gating::Llama4::defaults();
+    s.moe.weight_expert_input = true;
+    s.moe_layer_step = detail::gguf_count_or(file, p + "interleave_moe_layer_step", 1);
+    if (s.moe_layer_step < 1) {
+      throw io_error(where + "metadata key '" + p +
+                     "interleave_moe_layer_step' = 0, expected >= 1");
+    }
+    for (Index layer = 0; layer < s.num_layers; ++layer) {
+      const bool sparse = (layer + 1) % s.moe_layer_step == 0;
+      if (sparse != gguf_is_moe_layer(file, layer)) {
+        throw io_error(
+            moe::detail::concat(where, "layer ", layer, (sparse ? " has no " : " has a "),
+                                "router (", gguf_block_tensor(layer, "ffn_gate_inp.weight"),
+                                ") but ", p, "interleave_moe_layer_step = ", s.moe_layer_step,
+                                " makes it ", (sparse ? "sparse" : "dense")));
+      }
+    }
   }
   // The shared expert: width from the first sparse layer's tensor, gate where the arch has one.
   for (Index layer = 0; layer < s.num_layers; ++layer) {

@@ -11,6 +11,10 @@
 //   files) blk.N.exp_probs_b.bias           [n_expert]                      DeepSeek-V3 selection
 //   bias blk.N.ffn_{gate,up}_shexp.weight [n_embd, n_ff_shexp], ffn_down_shexp [n_ff_shexp, n_embd]
 //   blk.N.ffn_gate_inp_shexp.weight  [n_embd]                        Qwen2-MoE shared expert gate
+//   blk.N.ffn_gate_inp.bias          [n_expert]                      gpt-oss router logit bias
+//   blk.N.ffn_{gate,up}_exps.bias    [n_ff_exp, n_expert]            gpt-oss expert biases (or
+//   blk.N.ffn_gate_up_exps.bias      [2 n_ff_exp, n_expert]          fused: gate, then up)
+//   blk.N.ffn_down_exps.bias         [n_embd, n_expert]
 // Every tensor's dims are checked against the spec before anything is decoded; the weights are
 // decoded to float one expert at a time (any type gguf_decode.hpp reads: F32, F16, BF16, Q8_0,
 // Q4_0, MXFP4, Q4_K, Q5_K, Q6_K) and every value is checked finite.
@@ -143,6 +147,34 @@ class GgufRoutedExperts {
   std::vector<const GgufTensorInfo*> gates_, ups_, downs_;
 };
 
+/// gpt-oss's expert biases of `layer` into `experts` (add_biases: in_bias(e) = gate entries, then
+/// up; out_bias(e) = down), from ffn_{gate,up}_exps.bias or the fused ffn_gate_up_exps.bias, and
+/// ffn_down_exps.bias. Throws io_error for a missing tensor or wrong dims.
+template <class T>
+void gguf_expert_biases(const GgufFile& file, const MoeConfig& c, Index layer,
+                        ExpertStack<T>& experts, std::vector<float>& scratch) {
+  auto name = [&](const char* suffix) { return gguf_block_tensor(layer, suffix); };
+  const Index D = c.d_model, F = c.d_ff, E = c.num_experts;
+  experts.add_biases();
+  RowMatrix<T>& in = experts.in_biases();  // [E x 2F]
+  if (file.contains(name("ffn_gate_up_exps.bias"))) {
+    const auto& t =
+        gguf_expect(file, name("ffn_gate_up_exps.bias"), {2 * F, E}, "[2 n_ff_exp, n_expert]");
+    gguf_rows_into<T>(file, t, 0, MutMap<T>(in.data(), E, 2 * F), scratch);
+  } else {
+    RowMatrix<T> part(E, F);
+    const auto& gate =
+        gguf_expect(file, name("ffn_gate_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
+    gguf_rows_into<T>(file, gate, 0, MutMap<T>(part.data(), E, F), scratch);
+    in.leftCols(F) = part;
+    const auto& up = gguf_expect(file, name("ffn_up_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
+    gguf_rows_into<T>(file, up, 0, MutMap<T>(part.data(), E, F), scratch);
+    in.rightCols(F) = part;
+  }
+  const auto& down = gguf_expect(file, name("ffn_down_exps.bias"), {D, E}, "[n_embd, n_expert]");
+  gguf_rows_into<T>(file, down, 0, MutMap<T>(experts.out_biases().data(), E, D), scratch);
+}
+
 /// Throws config_error unless `layer` is a sparse layer of `file` within the spec's range.
 inline void gguf_check_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index layer) {
   if (layer < 0 || layer >= spec.num_layers) {
@@ -160,11 +192,11 @@ inline void gguf_check_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, 
 
 /// The weights of sparse layer `layer` of `file` (sizes from `spec`), converted to T: router
 /// [E x d_model], every expert's gate/up [d_ff x d_model] and down [d_model x d_ff] from the
-/// stacked, fused or per-expert tensors, the DeepSeek-V3 selection bias, the shared expert and
-/// its gate. routed_experts = false leaves w.experts empty (the tensors are still checked): for a
-/// block given its experts compact. Throws config_error for a layer out of range or dense;
-/// io_error for a missing tensor, wrong dims, a type moe does not decode or a non-finite value
-/// (each naming the tensor).
+/// stacked, fused or per-expert tensors, the DeepSeek-V3 selection bias, gpt-oss's router and
+/// expert biases, the shared expert and its gate. routed_experts = false leaves w.experts empty
+/// (the tensors are still checked): for a block given its experts compact. Throws config_error for
+/// a layer out of range or dense; io_error for a missing tensor, wrong dims, a type moe does not
+/// decode or a non-finite value (each naming the tensor).
 template <class T>
 MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spec, Index layer,
                                     bool routed_experts = true) {
@@ -185,6 +217,12 @@ MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spe
     detail::gguf_rows_into<T>(file, bias, 0, MutMap<T>(w.router_bias.data(), 1, E), scratch);
   }
 
+  if (spec.expert_biases) {
+    const auto& bias = detail::gguf_expect(file, name("ffn_gate_inp.bias"), {E}, "[n_expert]");
+    w.router_logit_bias = Vector<T>(E);
+    detail::gguf_rows_into<T>(file, bias, 0, MutMap<T>(w.router_logit_bias.data(), 1, E), scratch);
+  }
+
   const detail::GgufRoutedExperts experts(file, c, layer);  // checks the tensors in any case
   if (routed_experts) {
     w.experts = ExpertStack<T>(E, D, c.d_ff, /*gated=*/true);
@@ -194,6 +232,7 @@ MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spe
       detail::gguf_rows_into<T>(file, *u.tensor, u.row0, w.experts.up(e), scratch);
       detail::gguf_rows_into<T>(file, *d.tensor, d.row0, w.experts.w_out(e), scratch);
     }
+    if (spec.expert_biases) detail::gguf_expert_biases(file, c, layer, w.experts, scratch);
   }
 
   if (Fs > 0) {

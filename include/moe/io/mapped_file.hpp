@@ -87,6 +87,8 @@ class MappedFile {
   const unsigned char* data() const { return bytes_; }
   /// Byte count.
   std::size_t size() const { return size_; }
+  /// True when the bytes are a mapping (open()), false when held in memory (from_buffer()).
+  bool mapped() const { return mapping_ != nullptr; }
 
  private:
   MappedFile() = default;

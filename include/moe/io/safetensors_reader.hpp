@@ -10,7 +10,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -27,13 +26,9 @@
 #include "moe/error.hpp"
 #include "moe/io/dtype.hpp"
 #include "moe/io/json.hpp"
+#include "moe/io/mapped_file.hpp"
 #include "moe/io/tensor_info.hpp"
 #include "moe/tensor.hpp"
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace moe::io {
 
@@ -47,68 +42,31 @@ inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 /// while it is mapped, reads fault (SIGBUS): treat checkpoint files as read-only.
 class SafetensorsFile {
  public:
-  /// Maps `path` and validates its header (see the header comment of this file).
-  /// Throws io_error when the file cannot be opened or mapped, or is malformed.
+  /// Maps `path` (MappedFile::open) and validates its header (see the header comment of this
+  /// file). Throws io_error when the file cannot be opened or mapped, or is malformed.
   static SafetensorsFile open(const std::string& path) {
-    SafetensorsFile f;
-    f.path_ = path;
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      throw io_error(moe::detail::concat("moe: ", path, ": cannot open: ", std::strerror(errno)));
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      throw io_error(moe::detail::concat("moe: ", path, ": not a regular file"));
-    }
-    f.size_ = static_cast<std::size_t>(st.st_size);
-    if (f.size_ > 0) {
-      void* p = ::mmap(nullptr, f.size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        const int err = errno;
-        ::close(fd);
-        throw io_error(moe::detail::concat("moe: ", path, ": cannot map ", f.size_,
-                                           " bytes: ", std::strerror(err)));
-      }
-      f.mapping_ = p;
-      f.bytes_ = static_cast<const unsigned char*>(p);
-    }
-    ::close(fd);  // the mapping keeps the file alive
-    f.parse();
-    return f;
+    return SafetensorsFile(MappedFile::open(path));
   }
 
   /// Takes ownership of an in-memory file (tests, fuzzing). `name` stands for the path in
   /// messages. Same validation as open(); throws io_error.
   static SafetensorsFile from_buffer(std::vector<unsigned char> bytes, std::string name) {
-    SafetensorsFile f;
-    f.path_ = std::move(name);
-    f.buffer_ = std::move(bytes);
-    f.bytes_ = f.buffer_.data();
-    f.size_ = f.buffer_.size();
-    f.parse();
-    return f;
+    return SafetensorsFile(MappedFile::from_buffer(std::move(bytes), std::move(name)));
   }
 
-  SafetensorsFile(SafetensorsFile&& other) noexcept { swap(other); }
-  SafetensorsFile& operator=(SafetensorsFile&& other) noexcept {
-    if (this != &other) {
-      SafetensorsFile tmp(std::move(other));
-      swap(tmp);
-    }
-    return *this;
-  }
+  // Move-only (MappedFile): a moved file's bytes stay where they were, so pointers into them
+  // survive the move.
+  SafetensorsFile(SafetensorsFile&&) noexcept = default;
+  SafetensorsFile& operator=(SafetensorsFile&&) noexcept = default;
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
-  ~SafetensorsFile() {
-    if (mapping_ != nullptr) ::munmap(mapping_, size_);
-  }
+  ~SafetensorsFile() = default;
 
   /// True for a memory-mapped file (open()), false for one held in memory (from_buffer()).
-  bool mapped() const { return mapping_ != nullptr; }
+  bool mapped() const { return file_.mapped(); }
 
   /// The path given to open(), or the name given to from_buffer().
-  const std::string& path() const { return path_; }
+  const std::string& path() const { return file_.name(); }
 
   /// Every tensor name, sorted (std::string order).
   std::vector<std::string> names() const {
@@ -128,7 +86,7 @@ class SafetensorsFile {
   const TensorInfo& info(const std::string& name) const {
     const auto it = tensors_.find(name);
     if (it == tensors_.end()) {
-      throw io_error(moe::detail::concat("moe: ", path_, ": no tensor named '", name, "'"));
+      throw io_error(moe::detail::concat("moe: ", file_.name(), ": no tensor named '", name, "'"));
     }
     return it->second;
   }
@@ -198,14 +156,14 @@ class SafetensorsFile {
     constexpr Dtype want = detail::native_dtype<T>();
     const TensorInfo& ti = info(name);
     if (ti.dtype != want) {
-      throw io_error(moe::detail::concat("moe: ", path_, ": tensor '", name, "' is ",
+      throw io_error(moe::detail::concat("moe: ", file_.name(), ": tensor '", name, "' is ",
                                          dtype_name(ti.dtype), ", cannot map it as ",
                                          dtype_name(want), " (use read_matrix to convert)"));
     }
     const unsigned char* p = data_begin() + ti.offset;
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) {
-      throw io_error(moe::detail::concat("moe: ", path_, ": tensor '", name, "' is not aligned to ",
-                                         alignof(T),
+      throw io_error(moe::detail::concat("moe: ", file_.name(), ": tensor '", name,
+                                         "' is not aligned to ", alignof(T),
                                          " bytes in the file, cannot map it (use read_matrix)"));
     }
     const auto [rows, cols] = matrix_shape(ti);
@@ -216,22 +174,11 @@ class SafetensorsFile {
   std::size_t data_section_offset() const { return data_offset_; }
 
  private:
-  SafetensorsFile() = default;
+  explicit SafetensorsFile(MappedFile file) : file_(std::move(file)) { parse(); }
 
-  void swap(SafetensorsFile& o) noexcept {
-    std::swap(path_, o.path_);
-    std::swap(buffer_, o.buffer_);
-    std::swap(mapping_, o.mapping_);
-    std::swap(bytes_, o.bytes_);
-    std::swap(size_, o.size_);
-    std::swap(data_offset_, o.data_offset_);
-    std::swap(tensors_, o.tensors_);
-    std::swap(metadata_, o.metadata_);
-  }
+  const unsigned char* data_begin() const { return file_.data() + data_offset_; }
 
-  const unsigned char* data_begin() const { return bytes_ + data_offset_; }
-
-  std::string where() const { return "moe: " + path_; }
+  std::string where() const { return "moe: " + file_.name(); }
 
   [[noreturn]] void fail(const std::string& what) const { throw io_error(where() + ": " + what); }
   [[noreturn]] void fail_tensor(const std::string& name, const std::string& what) const {
@@ -292,12 +239,13 @@ class SafetensorsFile {
 
   void parse() {
     detail::check_little_endian();
-    if (size_ < 8) {
-      fail(moe::detail::concat("file has ", size_, " bytes, too few for the 8-byte header length"));
+    if (file_.size() < 8) {
+      fail(moe::detail::concat("file has ", file_.size(),
+                               " bytes, too few for the 8-byte header length"));
     }
     std::uint64_t n = 0;
-    for (int i = 7; i >= 0; --i) n = (n << 8) | bytes_[i];
-    const std::uint64_t after = size_ - 8;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | file_.data()[i];
+    const std::uint64_t after = file_.size() - 8;
     if (n > kMaxHeaderBytes) {
       fail(moe::detail::concat("header length ", n, " exceeds the limit of ", kMaxHeaderBytes,
                                " bytes"));
@@ -307,8 +255,8 @@ class SafetensorsFile {
                                " bytes that follow it"));
     }
     data_offset_ = static_cast<std::size_t>(8 + n);
-    const std::size_t data_size = size_ - data_offset_;
-    const char* text = reinterpret_cast<const char*>(bytes_ + 8);
+    const std::size_t data_size = file_.size() - data_offset_;
+    const char* text = reinterpret_cast<const char*>(file_.data() + 8);
     const nlohmann::json header = detail::parse_untrusted_json(text, text + n, where() + ": header",
                                                                /*max_depth=*/8, "tensor");
     if (!header.is_object()) {
@@ -442,11 +390,7 @@ class SafetensorsFile {
     return ti;
   }
 
-  std::string path_;
-  std::vector<unsigned char> buffer_;  // from_buffer storage
-  void* mapping_ = nullptr;            // open() storage
-  const unsigned char* bytes_ = nullptr;
-  std::size_t size_ = 0;
+  MappedFile file_;  // the bytes: mapped (open) or owned (from_buffer)
   std::size_t data_offset_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;

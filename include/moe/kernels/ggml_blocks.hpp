@@ -1,14 +1,11 @@
-// moe/kernels: decoding ggml's block formats to float (Q8_0, Q4_0, MXFP4 and the K-quants Q4_K,
-// Q5_K, Q6_K), plain encoders of the K-quants (Q8_0 and Q4_0 too) for tests and conversion, and
-// the repack of MXFP4 blocks into gpt-oss's split codes/scales layout.
+// moe/kernels: ggml's K-quant codecs (decoding Q4_K, Q5_K, Q6_K to float; plain encoders for
+// tests and conversion) and the repack of ggml MXFP4 blocks to and from Mxfp4's split
+// codes/scales layout. Q8_0 and Q4_0 are the Q8 / Q4 blocks of kernels/quant_formats.hpp (same
+// bytes), which decodes them; MXFP4 values decode there too once repacked.
 //
 // Layouts, from the format definitions in ggml-common.h (f16 = IEEE half, little-endian):
-//   Q8_0  (32 values, 34 B):  f16 d | i8 q[32]                       x = d * q
-//   Q4_0  (32 values, 18 B):  f16 d | u8 qs[16]                      x = d * (nibble - 8); value l
+//   MXFP4 (32 values, 17 B):  u8 e (E8M0) | u8 qs[16]   x = e2m1(nibble) * 2^(e - 127); value l
 //                             is the low nibble of qs[l], value 16 + l the high one
-//   MXFP4 (32 values, 17 B):  u8 e (E8M0) | u8 qs[16]                x = e2m1(nibble) * 2^(e -
-//   127),
-//                             nibbles placed as in Q4_0
 //   Q4_K (256 values, 144 B): f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
 //        8 sub-blocks of 32, each with a 6-bit scale sc and a 6-bit min m:  x = d*sc*q - dmin*m.
 //        64 values share 32 bytes of qs: low nibbles for sub-block 2c, high nibbles for 2c+1.
@@ -37,12 +34,12 @@
 
 namespace moe::kernels {
 
-/// Values per block of Q8_0, Q4_0 and MXFP4; per super-block of the K-quants.
+/// Values per block of MXFP4; per super-block of the K-quants.
 inline constexpr Index ggml_block = 32;
 inline constexpr Index ggml_super_block = 256;
 /// Bytes per block.
-inline constexpr std::size_t ggml_q8_0_bytes = 34, ggml_q4_0_bytes = 18, ggml_mxfp4_bytes = 17,
-                             ggml_q4_k_bytes = 144, ggml_q5_k_bytes = 176, ggml_q6_k_bytes = 210;
+inline constexpr std::size_t ggml_mxfp4_bytes = 17, ggml_q4_k_bytes = 144, ggml_q5_k_bytes = 176,
+                             ggml_q6_k_bytes = 210;
 
 namespace ggml_detail {
 
@@ -79,53 +76,12 @@ inline void k_pack_scale_min(const int* sc, const int* m, unsigned char* s) {
   }
 }
 
-/// The E2M1 (FP4) value of a nibble, doubled so that it is an integer: 0, 1, 2, 3, 4, 6, 8, 12.
-inline int e2m1_doubled_value(unsigned nibble) {
-  static constexpr int table[8] = {0, 1, 2, 3, 4, 6, 8, 12};
-  const int v = table[nibble & 7];
-  return (nibble & 8) ? -v : v;
-}
-
 }  // namespace ggml_detail
 
 // The codecs below multiply small integer codes (at most 8 bits, exactly representable in float)
 // by float scales, and index within 256-value super-blocks with int arithmetic that cannot
 // overflow: the narrowing and widening clang-tidy reports here are exact by the formats' definition.
 // NOLINTBEGIN(bugprone-narrowing-conversions, bugprone-implicit-widening-of-multiplication-result)
-
-/// Decodes `count` values (a multiple of 32) of Q8_0 blocks at `in` into `out`.
-inline void dequantize_q8_0(const unsigned char* in, Index count, float* out) {
-  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_q8_0_bytes, out += ggml_block) {
-    const float d = ggml_detail::load_half(in);
-    for (Index l = 0; l < ggml_block; ++l) out[l] = d * static_cast<std::int8_t>(in[2 + l]);
-  }
-}
-
-/// Decodes `count` values (a multiple of 32) of Q4_0 blocks.
-inline void dequantize_q4_0(const unsigned char* in, Index count, float* out) {
-  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_q4_0_bytes, out += ggml_block) {
-    const float d = ggml_detail::load_half(in);
-    unsigned char qs[16];  // a local copy: stores to `out` cannot alias it (0.24 -> 2.1 G values/s)
-    std::memcpy(qs, in + 2, 16);
-    for (Index l = 0; l < 16; ++l) {
-      out[l] = d * ((qs[l] & 15) - 8);
-      out[l + 16] = d * ((qs[l] >> 4) - 8);
-    }
-  }
-}
-
-/// Decodes `count` values (a multiple of 32) of MXFP4 blocks (OCP MX: E8M0 scale, E2M1 values).
-inline void dequantize_mxfp4(const unsigned char* in, Index count, float* out) {
-  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_mxfp4_bytes, out += ggml_block) {
-    const float half_scale = std::ldexp(1.0f, int(in[0]) - 128);  // doubled values: 2^(e-127)/2
-    unsigned char qs[16];
-    std::memcpy(qs, in + 1, 16);
-    for (Index l = 0; l < 16; ++l) {
-      out[l] = half_scale * ggml_detail::e2m1_doubled_value(qs[l] & 15);
-      out[l + 16] = half_scale * ggml_detail::e2m1_doubled_value(qs[l] >> 4);
-    }
-  }
-}
 
 /// Decodes `count` values (a multiple of 256) of Q4_K super-blocks.
 inline void dequantize_q4_k(const unsigned char* in, Index count, float* out) {
@@ -212,41 +168,23 @@ inline void repack_mxfp4_to_split(const unsigned char* in, Index count, std::uin
   }
 }
 
+/// The inverse of repack_mxfp4_to_split: `count` values (a multiple of 32) in the split layout
+/// (codes, scales) written as ggml MXFP4 blocks at `out` (17 bytes each). Lossless, no float.
+inline void repack_split_to_mxfp4(const std::uint8_t* codes, const std::uint8_t* scales,
+                                  Index count, unsigned char* out) {
+  for (Index b = 0; b < count / ggml_block; ++b, out += ggml_mxfp4_bytes, codes += 16) {
+    out[0] = scales[b];
+    unsigned char* qs = out + 1;
+    for (int l = 0; l < 16; ++l) {
+      // element l (low nibble of qs[l]) and element l + 16 (high nibble) of the block
+      const int lo = (codes[l / 2] >> (4 * (l % 2))) & 15;
+      const int hi = (codes[(l + 16) / 2] >> (4 * (l % 2))) & 15;
+      qs[l] = static_cast<unsigned char>(lo | (hi << 4));
+    }
+  }
+}
+
 // ---- encoders: plain round-to-nearest, min/max based (not llama.cpp's searched scales) ----
-
-/// Encodes `count` values (a multiple of 32) as Q8_0: d = max|x| / 127 (as f16), q = round(x / d).
-inline void quantize_q8_0(const float* in, Index count, unsigned char* out) {
-  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_block, out += ggml_q8_0_bytes) {
-    float amax = 0;
-    for (Index l = 0; l < ggml_block; ++l) amax = std::max(amax, std::fabs(in[l]));
-    ggml_detail::store_half(out, amax / 127);
-    const float d = ggml_detail::load_half(out);
-    for (Index l = 0; l < ggml_block; ++l) {
-      const float q = d == 0 ? 0.0f : std::nearbyint(in[l] / d);
-      out[2 + l] =
-          static_cast<unsigned char>(static_cast<std::int8_t>(std::clamp(q, -127.f, 127.f)));
-    }
-  }
-}
-
-/// Encodes `count` values (a multiple of 32) as Q4_0: the value of largest magnitude maps to -8.
-inline void quantize_q4_0(const float* in, Index count, unsigned char* out) {
-  for (Index b = 0; b < count / ggml_block; ++b, in += ggml_block, out += ggml_q4_0_bytes) {
-    float extreme = 0;
-    for (Index l = 0; l < ggml_block; ++l) {
-      if (std::fabs(in[l]) > std::fabs(extreme)) extreme = in[l];
-    }
-    ggml_detail::store_half(out, extreme / -8);
-    const float d = ggml_detail::load_half(out);
-    auto code = [&](float x) {
-      const float q = d == 0 ? 0.0f : std::nearbyint(x / d);
-      return static_cast<unsigned>(std::clamp(q, -8.f, 7.f) + 8);
-    };
-    for (Index l = 0; l < 16; ++l) {
-      out[2 + l] = static_cast<unsigned char>(code(in[l]) | (code(in[l + 16]) << 4));
-    }
-  }
-}
 
 namespace ggml_detail {
 
