@@ -20,8 +20,8 @@
 // a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
 // one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
 //
-// Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|q8_exact|q4_exact|
-// mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
+// Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|bf16_exact|q8_exact|
+// q4_exact|mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
 // SparseMoeBlock<float, Mixtral, SwiGLU, CompactExperts<Format, Mode>> (the router stays fp32),
 // for mixtral_quarter, olmoe and qwen3 (1, 8, 64, 512 tokens) and mixtral_8x7b (1, 8, 16, 32);
 // fp32_packed: the fp32 block with PackedExperts (issue 16), also at 2048 tokens with fp32.
@@ -311,7 +311,7 @@ DtypeSet erase(std::shared_ptr<Block> block) {
 }
 
 // Compact experts generated one fp32 matrix at a time (same value law as fill_ffn).
-template <class Format>
+template <class Format, moe::CompactMode Mode = moe::CompactMode::fast>
 DtypeSet make_compact(const Config& c, std::uint64_t seed) {
   const moe::MoeConfig mc = moe_config(c);
   moe::MoeWeights<float> w;
@@ -330,8 +330,8 @@ DtypeSet make_compact(const Config& c, std::uint64_t seed) {
     fill(m, seed + 5 + 10 * std::uint64_t(e), s_out);
     stack.set_gated(e, std::move(gate), std::move(up), M::quantize(m));
   }
-  using Block =
-      moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU, moe::CompactExperts<Format>>;
+  using Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU,
+                                    moe::CompactExperts<Format, Mode>>;
   return erase(std::make_shared<Block>(mc, std::move(w), std::move(stack)));
 }
 
@@ -413,6 +413,7 @@ DtypeSet make_set(const Config& c, const std::string& dtype, std::uint64_t seed)
   if (dtype == "q4_exact") return make_quant<moe::Q4, CompactMode::exact>(c, seed);
   if (dtype == "mxfp4_exact") return make_quant<moe::Mxfp4, CompactMode::exact>(c, seed);
   if (dtype == "bf16") return make_compact<moe::Bf16>(c, seed);
+  if (dtype == "bf16_exact") return make_compact<moe::Bf16, CompactMode::exact>(c, seed);
   if (dtype == "int8") return make_compact<moe::Int8>(c, seed);
   if (dtype == "fp8") return make_compact<moe::Fp8E4M3>(c, seed);
   auto w = moe::MoeWeights<float>::zeros(moe_config(c));
@@ -553,7 +554,8 @@ const bool registered = [] {
     const std::vector<Index> tokens = c.name == "mixtral_8x7b" ? std::vector<Index>{1, 8, 16, 32}
                                                                : std::vector<Index>{1, 8, 64, 512};
     for (const std::string dtype : {"fp32", "fp32_packed", "bf16", "int8", "fp8", "q8", "q4",
-                                    "mxfp4", "q8_exact", "q4_exact", "mxfp4_exact"}) {
+                                    "mxfp4", "bf16_exact", "q8_exact", "q4_exact",
+                                    "mxfp4_exact"}) {
       if (c.name == "mixtral_8x7b" && dtype == std::string("fp32_packed")) continue;
       for (Index t : tokens) {
         for (Index threads : thread_counts) {

@@ -123,4 +123,22 @@ class CompactExpertStack {
   std::shared_ptr<const ExpertResidency> residency_;
 };
 
+/// The stack of CompactExperts<Bf16> in the fast mode: the same matrices as
+/// CompactExpertStack<Bf16>, whose operands (Bf16FastOperand, experts/quant_operand.hpp) round
+/// each job's activations to bf16 once and stream the codes through kernels::gemv_bf16_nt at
+/// decode. Converts implicitly from CompactExpertStack<Bf16> (what the checkpoint loaders return),
+/// keeping views as views; the exact mode uses CompactExpertStack<Bf16> itself.
+class Bf16FastExpertStack : public CompactExpertStack<Bf16> {
+ public:
+  using CompactExpertStack<Bf16>::CompactExpertStack;
+  Bf16FastExpertStack() = default;
+  // NOLINTNEXTLINE(google-explicit-constructor): a loaded stack passes as the fast block's stack
+  Bf16FastExpertStack(CompactExpertStack<Bf16> s) : CompactExpertStack<Bf16>(std::move(s)) {}
+
+  /// Rounds every expert of an fp32 stack to bf16 (CompactExpertStack<Bf16>::from).
+  static Bf16FastExpertStack from(const ExpertStack<float>& w) {
+    return CompactExpertStack<Bf16>::from(w);
+  }
+};
+
 }  // namespace moe

@@ -81,7 +81,7 @@ auto grouped_expert_job(const Stack& experts, const GroupedRows<T>& rows, Index 
     const Index N = rows.offsets[experts.num_experts() - 1] + rows.counts[experts.num_experts() - 1];
     const Index bx = Operand::input_bytes_per_row(job.d), ba = Operand::input_bytes_per_row(job.f);
     job.gate.bind_input(rows.prepared + begin * bx, job.n, job.d);
-    job.up.input = job.gate.input;
+    job.up.bind_input(rows.prepared + begin * bx, job.n, job.d);  // gate's rows, converted once
     job.down.bind_input(rows.prepared + N * bx + begin * ba, job.n, job.f);
   }
   return job;
