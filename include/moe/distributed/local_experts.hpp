@@ -60,8 +60,8 @@ void run_local_experts(const Stack& experts, const Index* counts, const Index* o
     rows.scratch = s.decode.ensure(executor.num_workers() * rows.scratch_stride);
   }
   // Fast compact modes (bf16, Q8 / Q4 / Mxfp4): the rows' x and activations converted once.
-  const Index prepared_bytes = rows_total * prepared_bytes_per_row(experts);
-  if (prepared_bytes > 0) rows.prepared = s.prepared.ensure(prepared_bytes);
+  const Index prepared = prepared_bytes(experts, rows_total);
+  if (prepared > 0) rows.prepared = s.prepared.ensure(prepared);
   const bool has_shared = shared.num_experts() > 0 && x.rows() > 0;
   T* s_hidden = has_shared ? s.shared_hidden.ensure(x.rows() * shared.in_rows()) : nullptr;
   using SharedJob = decltype(moe::detail::expert_job(shared, Index(0), x.data(), Index(0), Index(0),

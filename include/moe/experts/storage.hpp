@@ -200,6 +200,20 @@ inline Index prepared_bytes_per_row(const Bf16FastExpertStack& s) {
          Bf16FastOperand::input_bytes_per_row(s.d_ff());
 }
 
+/// Bytes of GroupedRows::prepared for `rows` grouped rows of a stack (what the block reserves).
+template <class Stack>
+Index prepared_bytes(const Stack& s, Index rows) {
+  return rows * prepared_bytes_per_row(s);
+}
+/// Packed: each expert's x packed once per forward for its input-phase tasks, when some expert
+/// can get more than kernels::small_batch_rows rows (prefill); 0 otherwise.
+template <class T>
+Index prepared_bytes(const PackedExpertStack<T>& s, Index rows) {
+  if (rows <= kernels::small_batch_rows || s.empty()) return 0;
+  return PackedOperand<T>::xpack_region_size(rows, s.num_experts(), s.d_model()) *
+         Index(sizeof(T));
+}
+
 /// Called by the block after routing, before the expert products (counts[e]: rows routed to
 /// expert e): nothing for stacks that own their memory (fp32, packed, block-quantised).
 template <class Stack>
