@@ -20,6 +20,10 @@
 // a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
 // one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
 //
+// Serial parts (issue 16): serial/<config>/part:<route|plan|gather|combine|all>/tokens:<T>/
+// threads:<n> for mixtral_quarter, olmoe and qwen3: the forward's parts other than the expert
+// products, alone on the same shapes (all: the four in sequence), GB/s of the rows they move.
+//
 // Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|bf16_exact|q8_exact|
 // q4_exact|mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
 // SparseMoeBlock<float, Mixtral, SwiGLU, CompactExperts<Format, Mode>> (the router stays fp32),
@@ -487,6 +491,53 @@ void bm_dtype(benchmark::State& state, const Config* c, std::string dtype, Index
   set_label(state);
 }
 
+// The serial parts of a sparse forward (issue 16: what limits scaling to 16+ cores), timed alone
+// on the block's shapes with fp32 routing: part route (router logits + gating, serial), plan
+// (DispatchPlan::build, serial), gather (gather_rows, serial), combine (combine_expert_outputs on
+// the executor), all (the four in sequence: a forward minus its expert products). Counter
+// share_of_forward is not computed here: divide by sparse/<config>/tokens:<T>/threads:<n>.
+void bm_serial_part(benchmark::State& state, const Config* c, std::string part, Index tokens,
+                    Index threads) {
+  const moe::MoeConfig mc = moe_config(*c);
+  moe::MoeWeights<float> w;
+  w.router = RowMatrix<float>(c->num_experts, c->d_model);
+  fill(w.router, 1002, 3.0f / std::sqrt(float(c->d_model)));
+  const moe::Router<float, moe::gating::Mixtral> router;
+  const moe::Executor& ex = executor(threads);
+  RowMatrix<float> x(tokens, c->d_model), y(tokens, c->d_model);
+  fill(x, 77, 1.0f);
+  moe::Workspace<float> ws;
+  moe::DispatchPlan plan;
+  router.route(mc, x, w, ws);
+  plan.build(ws.routing());
+  std::vector<float> x_rows(std::size_t(plan.num_rows * c->d_model));
+  std::vector<float> y_rows(x_rows.size());
+  fill(y_rows.data(), y_rows.size(), 78, 1.0f);
+  const bool all = part == "all";
+  for (auto _ : state) {
+    if (all || part == "route") router.route(mc, x, w, ws);
+    if (all || part == "plan") plan.build(ws.routing());
+    if (all || part == "gather") moe::gather_rows<float>(x, plan, x_rows.data());
+    if (all || part == "combine") {
+      moe::combine_expert_outputs<float, float>(plan, ws.routing().weights(), y_rows.data(),
+                                                nullptr, nullptr, y, ex);
+    }
+    benchmark::DoNotOptimize(x_rows.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  // Bytes the part moves: gather reads and writes num_rows rows, combine reads them and writes
+  // the tokens (the router reads x and W_r).
+  const double row_bytes = double(c->d_model) * sizeof(float);
+  double bytes = 0;
+  if (all || part == "route") bytes += double(tokens + c->num_experts) * row_bytes;
+  if (all || part == "gather") bytes += 2.0 * double(plan.num_rows) * row_bytes;
+  if (all || part == "combine") bytes += double(plan.num_rows + tokens) * row_bytes;
+  using benchmark::Counter;
+  state.counters["GB/s"] = Counter(bytes * 1e-9 * double(state.iterations()), Counter::kIsRate);
+  set_label(state);
+}
+
 // Thread counts of every benchmark: 1 and 2 (the 2-core development machine), or the list in
 // MOE_BENCH_THREADS (e.g. "1,2,4,8,16" on a server: docs/benchmarks.md's scaling table).
 std::vector<Index> bench_threads() {
@@ -542,6 +593,23 @@ const bool registered = [] {
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond)
               ->MinTime(0.3);
+        }
+      }
+    }
+  }
+  for (const Config& c : configs()) {
+    if (c.name != "mixtral_quarter" && c.name != "olmoe" && c.name != "qwen3") continue;
+    for (const char* part : {"route", "plan", "gather", "combine", "all"}) {
+      for (Index tokens : c.tokens) {
+        for (Index threads : thread_counts) {
+          const std::string name = std::string("serial/") + c.name + "/part:" + part +
+                                   "/tokens:" + std::to_string(tokens) +
+                                   "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(name.c_str(), bm_serial_part, &c, std::string(part),
+                                       tokens, threads)
+              ->UseRealTime()
+              ->Unit(benchmark::kMicrosecond)
+              ->MinTime(0.1);
         }
       }
     }
