@@ -152,13 +152,14 @@ TEST(PackedExperts, SharedPackedXEqualsPerTaskPacking) {
                                            nullptr, want, *ex);
       EXPECT_EQ(std::memcmp(y.data(), want.data(), sizeof(float) * std::size_t(y.size())), 0)
           << tokens << " tokens, " << ex->num_workers() << " workers";
-      // The experts with more than small_batch_rows rows read x packed once, where the block
-      // put it: after the workers' scratch, at each expert's offset.
+      // Beyond decode every expert reads its x packed once, where the block put it: after the
+      // workers' scratch, at the expert's offset.
+      if (N <= kernels::small_batch_rows) continue;
       const float* region = moe::detail::WorkspaceAccess::compact_scratch(ws).ensure(0) +
                             ex->num_workers() * stride;
       for (Index e = 0; e < cfg.num_experts; ++e) {
         const Index n = plan.counts[e], begin = plan.offsets[e];
-        if (n <= kernels::small_batch_rows) continue;
+        if (n == 0) continue;
         std::vector<float> packed(std::size_t(kernels::gemm_packed_x_size<float>(n, d)));
         kernels::gemm_packed_pack_x(x_rows.data() + begin * d, n, d, d, packed.data());
         const float* got = region + PackedOperand<float>::xpack_offset(begin, e, d);

@@ -110,10 +110,11 @@ struct PackedOperand {
   bool streams(Index n) const { return n <= kernels::small_batch_rows; }
   /// Per-worker scratch: the packed rows of x (up to one row block) and the accumulator block.
   Index scratch_floats(Index n) const { return kernels::gemm_packed_scratch_size<T>(n, w.k); }
-  /// Whether the input product of n rows reads xpack: prefill only. A decode task packs at most
-  /// small_batch_rows rows of x (under 3% of its weight bytes), less than the barrier of a
-  /// separate packing pass costs.
-  bool uses_xpack(Index n) const { return xpack != nullptr && !streams(n); }
+  /// Whether the input product of n rows reads xpack: whenever the caller bound a region (the
+  /// block does when a forward has more than small_batch_rows rows in all: prefill, and batches
+  /// like 64 tokens where each of many experts gets a few rows over several column tasks). At
+  /// decode each task packs its few rows itself: cheaper than the barrier of a packing pass.
+  bool uses_xpack(Index n) const { return xpack != nullptr && n > 0; }
   /// Packs x [n x w.k] into xpack once for all input-phase tasks (no-op unless uses_xpack(n)).
   void prepare_rows(const T* x, Index n, Index ldx) const {
     if (uses_xpack(n)) kernels::gemm_packed_pack_x(x, n, ldx, w.k, xpack);

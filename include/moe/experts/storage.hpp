@@ -205,8 +205,8 @@ template <class Stack>
 Index prepared_bytes(const Stack& s, Index rows) {
   return rows * prepared_bytes_per_row(s);
 }
-/// Packed: each expert's x packed once per forward for its input-phase tasks, when some expert
-/// can get more than kernels::small_batch_rows rows (prefill); 0 otherwise.
+/// Packed: each expert's x packed once per forward for its input-phase tasks, when the forward
+/// has more than kernels::small_batch_rows rows in all; 0 at decode.
 template <class T>
 Index prepared_bytes(const PackedExpertStack<T>& s, Index rows) {
   if (rows <= kernels::small_batch_rows || s.empty()) return 0;
