@@ -20,8 +20,12 @@
 // a real decode step. Data are seeded pseudo-random values, never zeros. Models are built lazily,
 // one at a time (the previous one is freed), only when the filter selects one of their benchmarks.
 //
-// Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|q8_exact|q4_exact|
-// mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
+// Serial parts (issue 16): serial/<config>/part:<route|plan|gather|combine|all>/tokens:<T>/
+// threads:<n> for mixtral_quarter, olmoe and qwen3: the forward's parts other than the expert
+// products, alone on the same shapes (all: the four in sequence), GB/s of the rows they move.
+//
+// Dtypes (issues 6, 13): sparse/<config>/dtype:<fp32|bf16|int8|fp8|q8|q4|mxfp4|bf16_exact|q8_exact|
+// q4_exact|mxfp4_exact>/tokens:<T>/threads:<n>, the same block with its routed experts stored as
 // SparseMoeBlock<float, Mixtral, SwiGLU, CompactExperts<Format, Mode>> (the router stays fp32),
 // for mixtral_quarter, olmoe and qwen3 (1, 8, 64, 512 tokens) and mixtral_8x7b (1, 8, 16, 32);
 // fp32_packed: the fp32 block with PackedExperts (issue 16), also at 2048 tokens with fp32.
@@ -311,7 +315,7 @@ DtypeSet erase(std::shared_ptr<Block> block) {
 }
 
 // Compact experts generated one fp32 matrix at a time (same value law as fill_ffn).
-template <class Format>
+template <class Format, moe::CompactMode Mode = moe::CompactMode::fast>
 DtypeSet make_compact(const Config& c, std::uint64_t seed) {
   const moe::MoeConfig mc = moe_config(c);
   moe::MoeWeights<float> w;
@@ -330,8 +334,8 @@ DtypeSet make_compact(const Config& c, std::uint64_t seed) {
     fill(m, seed + 5 + 10 * std::uint64_t(e), s_out);
     stack.set_gated(e, std::move(gate), std::move(up), M::quantize(m));
   }
-  using Block =
-      moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU, moe::CompactExperts<Format>>;
+  using Block = moe::SparseMoeBlock<float, moe::gating::Mixtral, moe::SwiGLU,
+                                    moe::CompactExperts<Format, Mode>>;
   return erase(std::make_shared<Block>(mc, std::move(w), std::move(stack)));
 }
 
@@ -413,6 +417,7 @@ DtypeSet make_set(const Config& c, const std::string& dtype, std::uint64_t seed)
   if (dtype == "q4_exact") return make_quant<moe::Q4, CompactMode::exact>(c, seed);
   if (dtype == "mxfp4_exact") return make_quant<moe::Mxfp4, CompactMode::exact>(c, seed);
   if (dtype == "bf16") return make_compact<moe::Bf16>(c, seed);
+  if (dtype == "bf16_exact") return make_compact<moe::Bf16, CompactMode::exact>(c, seed);
   if (dtype == "int8") return make_compact<moe::Int8>(c, seed);
   if (dtype == "fp8") return make_compact<moe::Fp8E4M3>(c, seed);
   auto w = moe::MoeWeights<float>::zeros(moe_config(c));
@@ -486,6 +491,53 @@ void bm_dtype(benchmark::State& state, const Config* c, std::string dtype, Index
   set_label(state);
 }
 
+// The serial parts of a sparse forward (issue 16: what limits scaling to 16+ cores), timed alone
+// on the block's shapes with fp32 routing: part route (router logits + gating, serial), plan
+// (DispatchPlan::build, serial), gather (gather_rows, serial), combine (combine_expert_outputs on
+// the executor), all (the four in sequence: a forward minus its expert products). Counter
+// share_of_forward is not computed here: divide by sparse/<config>/tokens:<T>/threads:<n>.
+void bm_serial_part(benchmark::State& state, const Config* c, std::string part, Index tokens,
+                    Index threads) {
+  const moe::MoeConfig mc = moe_config(*c);
+  moe::MoeWeights<float> w;
+  w.router = RowMatrix<float>(c->num_experts, c->d_model);
+  fill(w.router, 1002, 3.0f / std::sqrt(float(c->d_model)));
+  const moe::Router<float, moe::gating::Mixtral> router;
+  const moe::Executor& ex = executor(threads);
+  RowMatrix<float> x(tokens, c->d_model), y(tokens, c->d_model);
+  fill(x, 77, 1.0f);
+  moe::Workspace<float> ws;
+  moe::DispatchPlan plan;
+  router.route(mc, x, w, ws);
+  plan.build(ws.routing());
+  std::vector<float> x_rows(std::size_t(plan.num_rows * c->d_model));
+  std::vector<float> y_rows(x_rows.size());
+  fill(y_rows.data(), y_rows.size(), 78, 1.0f);
+  const bool all = part == "all";
+  for (auto _ : state) {
+    if (all || part == "route") router.route(mc, x, w, ws);
+    if (all || part == "plan") plan.build(ws.routing());
+    if (all || part == "gather") moe::gather_rows<float>(x, plan, x_rows.data());
+    if (all || part == "combine") {
+      moe::combine_expert_outputs<float, float>(plan, ws.routing().weights(), y_rows.data(),
+                                                nullptr, nullptr, y, ex);
+    }
+    benchmark::DoNotOptimize(x_rows.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  // Bytes the part moves: gather reads and writes num_rows rows, combine reads them and writes
+  // the tokens (the router reads x and W_r).
+  const double row_bytes = double(c->d_model) * sizeof(float);
+  double bytes = 0;
+  if (all || part == "route") bytes += double(tokens + c->num_experts) * row_bytes;
+  if (all || part == "gather") bytes += 2.0 * double(plan.num_rows) * row_bytes;
+  if (all || part == "combine") bytes += double(plan.num_rows + tokens) * row_bytes;
+  using benchmark::Counter;
+  state.counters["GB/s"] = Counter(bytes * 1e-9 * double(state.iterations()), Counter::kIsRate);
+  set_label(state);
+}
+
 // Thread counts of every benchmark: 1 and 2 (the 2-core development machine), or the list in
 // MOE_BENCH_THREADS (e.g. "1,2,4,8,16" on a server: docs/benchmarks.md's scaling table).
 std::vector<Index> bench_threads() {
@@ -546,6 +598,23 @@ const bool registered = [] {
     }
   }
   for (const Config& c : configs()) {
+    if (c.name != "mixtral_quarter" && c.name != "olmoe" && c.name != "qwen3") continue;
+    for (const char* part : {"route", "plan", "gather", "combine", "all"}) {
+      for (Index tokens : c.tokens) {
+        for (Index threads : thread_counts) {
+          const std::string name = std::string("serial/") + c.name + "/part:" + part +
+                                   "/tokens:" + std::to_string(tokens) +
+                                   "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(name.c_str(), bm_serial_part, &c, std::string(part),
+                                       tokens, threads)
+              ->UseRealTime()
+              ->Unit(benchmark::kMicrosecond)
+              ->MinTime(0.1);
+        }
+      }
+    }
+  }
+  for (const Config& c : configs()) {
     if (c.name != "mixtral_quarter" && c.name != "mixtral_8x7b" && c.name != "olmoe" &&
         c.name != "qwen3") {
       continue;
@@ -553,7 +622,8 @@ const bool registered = [] {
     const std::vector<Index> tokens = c.name == "mixtral_8x7b" ? std::vector<Index>{1, 8, 16, 32}
                                                                : std::vector<Index>{1, 8, 64, 512};
     for (const std::string dtype : {"fp32", "fp32_packed", "bf16", "int8", "fp8", "q8", "q4",
-                                    "mxfp4", "q8_exact", "q4_exact", "mxfp4_exact"}) {
+                                    "mxfp4", "bf16_exact", "q8_exact", "q4_exact",
+                                    "mxfp4_exact"}) {
       if (c.name == "mixtral_8x7b" && dtype == std::string("fp32_packed")) continue;
       for (Index t : tokens) {
         for (Index threads : thread_counts) {

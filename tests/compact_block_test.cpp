@@ -1,5 +1,5 @@
-// The sparse block with compact routed experts (CompactExperts<Bf16 | Int8 | Fp8E4M3>) against
-// the fp32 block: accuracy on random weights and on the golden reference cases, exactness against
+// The sparse block with compact routed experts (CompactExperts<Bf16 | Int8 | Fp8E4M3> in the
+// exact mode; the fast bf16 mode is tested in quant_block_test.cpp) against the fp32 block: accuracy on random weights and on the golden reference cases, exactness against
 // an fp32 block holding the dequantised weights, small-batch and prefill paths, thread
 // determinism, and a workspace that stops growing.
 #include <algorithm>
@@ -104,7 +104,7 @@ TYPED_TEST(CompactBlock, RandomWeightsWithinLimit) {
     std::mt19937_64 rng(7);
     const MoeWeights<float> w = test::random_weights<float>(c, rng);
     SparseMoeBlock<float> ref(c, w);
-    SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> block(c, w);
+    SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> block(c, w);
     EXPECT_EQ(block.weights().experts.num_experts(), 0);  // fp32 experts freed
     for (Index tokens : {Index(1), Index(5), Index(300)}) {
       const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
@@ -127,10 +127,10 @@ TYPED_TEST(CompactBlock, EqualsFp32OnDequantisedWeights) {
   const MoeConfig c = small_config(32);
   std::mt19937_64 rng(11);
   const MoeWeights<float> w = test::random_weights<float>(c, rng);
-  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> block(c, w);
+  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> block(c, w);
   SparseMoeBlock<float> ref(c, dequantised(w, block.experts()));
   const MoeWeights<float> wp = test::random_weights<float>(c, rng, /*gated=*/false);
-  SparseMoeBlock<float, gating::Mixtral, ReluMlp, CompactExperts<F>> plain(c, wp);
+  SparseMoeBlock<float, gating::Mixtral, ReluMlp, CompactExperts<F, CompactMode::exact>> plain(c, wp);
   SparseMoeBlock<float, gating::Mixtral, ReluMlp> plain_ref(c, dequantised(wp, plain.experts()));
   for (Index tokens : {Index(3), Index(17), Index(250)}) {
     const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
@@ -146,7 +146,7 @@ TYPED_TEST(CompactBlock, ThreadPoolBitwiseEqualsSerial) {
   c.d_model = 256;
   c.d_ff = 640;  // several column blocks per expert
   std::mt19937_64 rng(3);
-  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> block(
+  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> block(
       c, test::random_weights<float>(c, rng));
   ThreadPool pool(3);
   for (Index tokens : {Index(1), Index(8), Index(40), Index(400)}) {
@@ -161,7 +161,7 @@ TYPED_TEST(CompactBlock, WorkspaceStopsGrowing) {
   using F = TypeParam;
   const MoeConfig c = small_config();
   std::mt19937_64 rng(5);
-  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> block(
+  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> block(
       c, test::random_weights<float>(c, rng));
   ThreadPool pool(2);
   for (Index tokens : {Index(1), Index(8), Index(200)}) {
@@ -192,7 +192,7 @@ TYPED_TEST(CompactBlock, ViewsOfExternalCodes) {
   const MoeConfig c = small_config();
   std::mt19937_64 rng(9);
   MoeWeights<float> w = test::random_weights<float>(c, rng);
-  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> block(c, w);
+  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> block(c, w);
   const auto& q = block.experts();
   CompactExpertStack<F> views(c.num_experts, c.d_model, c.d_ff, true);
   auto view = [](const M& m) {
@@ -203,7 +203,7 @@ TYPED_TEST(CompactBlock, ViewsOfExternalCodes) {
   }
   EXPECT_EQ(views.bytes(), block.expert_bytes());
   w.experts = ExpertStack<float>();
-  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>> viewed(c, w, std::move(views));
+  SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>> viewed(c, w, std::move(views));
   for (Index tokens : {Index(4), Index(100)}) {
     const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
     const RowMatrix<float> a = run(block, x), b = run(viewed, x);
@@ -216,7 +216,7 @@ TYPED_TEST(CompactBlock, RejectsBadExperts) {
   const MoeConfig c = small_config();
   std::mt19937_64 rng(1);
   MoeWeights<float> w = test::random_weights<float>(c, rng);
-  using B = SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F>>;
+  using B = SparseMoeBlock<float, gating::Mixtral, SwiGLU, CompactExperts<F, CompactMode::exact>>;
   // fp32 experts passed as well as compact ones.
   EXPECT_THROW(B(c, w, CompactExpertStack<F>::from(w.experts)), config_error);
   auto wrong = CompactExpertStack<F>::from(w.experts);
@@ -237,7 +237,7 @@ void reference_case(const golden::Case& k, const typename Gating::Options& o, bo
   const MoeWeights<float> w = k.weights<float>(c, Ffn::gated, bias);
   const RowMatrix<float> x = k.mat<float>("input");
   SparseMoeBlock<float, Gating, Ffn> ref(c, w, o);
-  SparseMoeBlock<float, Gating, Ffn, CompactExperts<F>> block(c, w, o);
+  SparseMoeBlock<float, Gating, Ffn, CompactExperts<F, CompactMode::exact>> block(c, w, o);
   const double e = all.add(run(block, x), run(ref, x));
   std::printf("[ compact  ] reference %s %s tokens=%lld nmse=%.3g\n", file.c_str(), F::name,
               static_cast<long long>(x.rows()), e);

@@ -52,6 +52,9 @@ void expect_pieces_equal_block(const Block& block, Index tokens, const Executor&
   rows.y = y_rows.data();
   rows.scratch = stride > 0 ? scratch.data() : nullptr;
   rows.scratch_stride = stride;
+  // Fast compact stacks (bf16 here) read their rows converted once: N rows of x, N of activations.
+  std::vector<unsigned char> prepared(std::size_t(prepared_bytes(block.experts(), N)));
+  rows.prepared = prepared.empty() ? nullptr : prepared.data();
   std::vector<Index> task_begin(std::size_t(c.num_experts + 1));
   run_grouped_experts<Ffn>(block.experts(), rows, task_begin.data(), executor);
   RowMatrix<float> y(tokens, d);

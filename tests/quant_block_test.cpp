@@ -217,5 +217,165 @@ TYPED_TEST(QuantBlock, ReferenceCasesWithinLimit) {
   EXPECT_GE(ran, 2);
 }
 
+// ---- bf16: the fast mode (bf16 activations, kernels::gemv_bf16_nt) and the exact mode --------
+
+template <CompactMode M = CompactMode::fast, class Ffn = SwiGLU>
+using Bf16Block = SparseMoeBlock<float, gating::Mixtral, Ffn, CompactExperts<Bf16, M>>;
+
+// Sizes that are not whole blocks of 32 (x's and the activations' bf16 rows are zero-padded).
+MoeConfig awkward_config(Index shared = 0) {
+  MoeConfig c;
+  c.d_model = 72;
+  c.d_ff = 100;
+  c.num_experts = 7;
+  c.top_k = 2;
+  c.shared_d_ff = shared;
+  return c;
+}
+
+// The fast block's output, rebuilt from the pieces: the block's own routing and dispatch plan,
+// each expert's rows through the kernels' scalar reference (activations_to_bf16 then
+// gemv_bf16_nt_scalar, SwiGLU on the block's activation kernel), then the block's combine. Bit for
+// bit the block's output: the block reads the right rows, codes and converted inputs, and its
+// SIMD path is the scalar arithmetic.
+RowMatrix<float> bf16_fast_by_scalar_kernels(const Bf16Block<>& block, const RowMatrix<float>& x,
+                                             const Workspace<float>& ws) {
+  const DispatchPlan& plan = ws.plan();
+  const MoeConfig& c = block.config();
+  const Index d = c.d_model, f = c.d_ff, N = plan.num_rows;
+  const Index ldx = kernels::bf16_padded_cols(d), lda = kernels::bf16_padded_cols(f);
+  std::vector<float> x_rows(std::size_t(N * d)), hidden(std::size_t(N * 2 * f)),
+      y_rows(std::size_t(N * d));
+  gather_rows<float>(x, plan, x_rows.data());
+  for (Index e = 0; e < c.num_experts; ++e) {
+    const Index n = plan.counts[std::size_t(e)], begin = plan.offsets[std::size_t(e)];
+    if (n == 0) continue;
+    const auto& s = block.experts();
+    std::vector<std::uint16_t> xb(std::size_t(n * ldx)), ab(std::size_t(n * lda));
+    float* h = hidden.data() + begin * 2 * f;
+    kernels::activations_to_bf16(x_rows.data() + begin * d, n, d, d, xb.data(), ldx);
+    kernels::gemv_bf16_nt_scalar(xb.data(), n, ldx, s.gate(e).codes(), d, d, 0, f, h, 2 * f);
+    kernels::gemv_bf16_nt_scalar(xb.data(), n, ldx, s.up(e).codes(), d, d, 0, f, h + f, 2 * f);
+    detail::apply_activation_cols<SwiGLU>(h, 2 * f, n, f, 0, f, h, 2 * f);
+    kernels::activations_to_bf16(h, n, f, 2 * f, ab.data(), lda);
+    kernels::gemv_bf16_nt_scalar(ab.data(), n, lda, s.w_out(e).codes(), f, f, 0, d,
+                                 y_rows.data() + begin * d, d);
+  }
+  RowMatrix<float> y(x.rows(), d);
+  combine_expert_outputs<float, float>(plan, ws.routing().weights(), y_rows.data(), nullptr,
+                                       nullptr, y, serial_executor());
+  return y;
+}
+
+TEST(Bf16FastBlock, BitwiseTheScalarKernelsOnTheBlocksRouting) {
+  const MoeConfig c = awkward_config();
+  std::mt19937_64 rng(31);
+  const Bf16Block<> block(c, test::random_weights<float>(c, rng));
+  ThreadPool pool(3);
+  for (Index tokens : {Index(1), Index(7), Index(kernels::small_batch_rows)}) {
+    for (const Executor* ex : {&serial_executor(), static_cast<const Executor*>(&pool)}) {
+      const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+      RowMatrix<float> y(tokens, c.d_model);
+      Workspace<float> ws;
+      block.forward(x, y, ws, *ex);
+      const RowMatrix<float> want = bf16_fast_by_scalar_kernels(block, x, ws);
+      EXPECT_EQ(std::memcmp(y.data(), want.data(), sizeof(float) * std::size_t(y.size())), 0)
+          << tokens << " tokens, " << ex->num_workers() << " workers";
+    }
+  }
+}
+
+// Against the plain fp32 block on the bf16-rounded weights: the fast mode adds only the rounding
+// of x and of the activations to bf16 (8 significant bits: relative variance ~1.3e-6 each, two
+// roundings per expert, plus the fp32 summation order). Bound: the bf16 fast target,
+// 3e-5. The exact mode stays that block up to fp32 summation order (its kernel,
+// gemm_compact_nt, sums in another order than gemm_small_nt: compact_block_test's bound);
+// prefill (decoded tiles) is bitwise the same in both modes.
+TEST(Bf16FastBlock, WithinToleranceOfFp32OnRoundedWeights) {
+  for (Index shared : {Index(0), Index(40)}) {
+    const MoeConfig c = awkward_config(shared);
+    std::mt19937_64 rng(32);
+    const MoeWeights<float> w = test::random_weights<float>(c, rng);
+    const Bf16Block<> fast(c, w);
+    const Bf16Block<CompactMode::exact> exact(c, w);
+    const SparseMoeBlock<float> ref(c, dequantised(w, exact.experts()));
+    for (Index tokens : {Index(1), Index(7), Index(16), Index(31)}) {
+      const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+      const RowMatrix<float> yf = run(fast, x), ye = run(exact, x), yr = run(ref, x);
+      const double e = nmse(yf, yr);
+      std::printf("[ quant    ] bf16 fast tokens=%lld shared=%lld nmse=%.3g\n",
+                  static_cast<long long>(tokens), static_cast<long long>(shared), e);
+      EXPECT_GT(e, 0.0) << tokens;  // the activations are rounded
+      EXPECT_LE(e, 3e-5) << tokens;
+      EXPECT_LE(nmse(ye, yr), 1e-11) << tokens << " exact";
+    }
+    const RowMatrix<float> big = test::random_matrix<float>(300, c.d_model, rng);
+    const RowMatrix<float> a = run(fast, big), b = run(exact, big);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())), 0);
+  }
+}
+
+// Mixtral-quarter with random weights at decode (1 and 8 tokens): the bf16 target.
+TEST(Bf16FastBlock, MixtralQuarterWithinLimit) {
+  MoeConfig c;
+  c.d_model = 1024;
+  c.d_ff = 3584;
+  c.num_experts = 8;
+  c.top_k = 2;
+  std::mt19937_64 rng(33);
+  const MoeWeights<float> w = test::random_weights<float>(c, rng);
+  const SparseMoeBlock<float> ref(c, w);
+  const Bf16Block<> fast(c, w);
+  for (Index tokens : {Index(1), Index(8)}) {
+    const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+    const double e = nmse(run(fast, x), run(ref, x));
+    std::printf("[ quant    ] mixtral_quarter bf16 fast tokens=%lld nmse=%.3g (target 3e-5)\n",
+                static_cast<long long>(tokens), e);
+    EXPECT_LE(e, 3e-5) << tokens;
+  }
+}
+
+TEST(Bf16FastBlock, ThreadPoolBitwiseAndNoGrowthAfterReserve) {
+  const MoeConfig c = awkward_config(24);
+  std::mt19937_64 rng(34);
+  const Bf16Block<> block(c, test::random_weights<float>(c, rng));
+  ThreadPool pool(3);
+  Workspace<float> ws;
+  block.reserve(ws, 64, pool.num_workers());
+  const std::size_t reserved = ws.bytes();
+  for (Index tokens : {Index(1), Index(7), Index(64)}) {
+    const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+    RowMatrix<float> y(tokens, c.d_model);
+    block.forward(x, y, ws, pool);
+    EXPECT_EQ(ws.bytes(), reserved) << tokens;
+    const RowMatrix<float> serial = run(block, x);
+    EXPECT_EQ(std::memcmp(y.data(), serial.data(), sizeof(float) * std::size_t(y.size())), 0)
+        << tokens;
+  }
+}
+
+// A loaded CompactExpertStack<Bf16> (views of a checkpoint's codes) passes as the fast block's
+// stack: same results as quantising in the block, and a plain FFN works too.
+TEST(Bf16FastBlock, TakesACompactStackAndPlainFfn) {
+  const MoeConfig c = awkward_config();
+  std::mt19937_64 rng(35);
+  MoeWeights<float> w = test::random_weights<float>(c, rng);
+  const Bf16Block<> block(c, w);
+  CompactExpertStack<Bf16> stack = CompactExpertStack<Bf16>::from(w.experts);
+  w.experts = ExpertStack<float>();
+  const Bf16Block<> given(c, w, std::move(stack));
+  const MoeWeights<float> wp = test::random_weights<float>(c, rng, /*gated=*/false);
+  const Bf16Block<CompactMode::fast, ReluMlp> plain(c, wp);
+  const Bf16Block<CompactMode::exact, ReluMlp> plain_exact(c, wp);
+  for (Index tokens : {Index(1), Index(7)}) {
+    const RowMatrix<float> x = test::random_matrix<float>(tokens, c.d_model, rng);
+    const RowMatrix<float> a = run(block, x), b = run(given, x);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())), 0);
+    const double e = nmse(run(plain, x), run(plain_exact, x));
+    EXPECT_GT(e, 0.0);
+    EXPECT_LE(e, 3e-5);
+  }
+}
+
 }  // namespace
 }  // namespace moe

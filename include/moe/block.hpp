@@ -196,8 +196,7 @@ class SparseMoeBlock {
   /// max_tokens < 0 or num_workers < 1.
   void reserve(Workspace<T>& ws, Index max_tokens, Index num_workers = 1) const {
     const Index slots = router_.gating().slots(config_);
-    const Index prepared_floats =
-        (max_tokens * slots * prepared_bytes_per_row(experts()) + 3) / 4;
+    const Index prepared_floats = (prepared_bytes(experts(), max_tokens * slots) + 3) / 4;
     detail::WorkspaceAccess::reserve(ws, config_, max_tokens, num_workers, slots,
                                      decode_scratch_floats(experts(), max_tokens),
                                      prepared_floats);
@@ -362,7 +361,7 @@ class SparseMoeBlock {
         *std::max_element(plan.counts.begin(), plan.counts.begin() + config_.num_experts);
     rows.scratch_stride = decode_scratch_floats(experts(), max_rows);
     // Converted inputs (fast compact modes) after the workers' decode scratch, in floats.
-    const Index prepared_floats = (N * prepared_bytes_per_row(experts()) + 3) / 4;
+    const Index prepared_floats = (prepared_bytes(experts(), N) + 3) / 4;
     if (rows.scratch_stride > 0 || prepared_floats > 0) {
       T* scratch =
           Access::compact_scratch(ws).ensure(workers * rows.scratch_stride + prepared_floats);

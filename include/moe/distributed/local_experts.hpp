@@ -25,11 +25,12 @@ struct LocalExpertScratch {
   moe::detail::GrowBuffer<T> shared_hidden;   ///< [tokens x shared in_rows]
   moe::detail::GrowBuffer<T> shared_gate;     ///< [tokens] the shared expert's scale
   moe::detail::GrowBuffer<T> decode;          ///< per-worker decode scratch (compact prefill)
+  moe::detail::GrowBuffer<unsigned char> prepared;  ///< converted inputs (fast compact modes)
   moe::detail::GrowBuffer<Index> task_begin;  ///< [local experts + 2]
 
   std::size_t bytes() const {
     return hidden.bytes() + shared_hidden.bytes() + shared_gate.bytes() + decode.bytes() +
-           task_begin.bytes();
+           prepared.bytes() + task_begin.bytes();
   }
 };
 
@@ -58,6 +59,9 @@ void run_local_experts(const Stack& experts, const Index* counts, const Index* o
   if (rows.scratch_stride > 0) {
     rows.scratch = s.decode.ensure(executor.num_workers() * rows.scratch_stride);
   }
+  // Fast compact modes (bf16, Q8 / Q4 / Mxfp4): the rows' x and activations converted once.
+  const Index prepared = prepared_bytes(experts, rows_total);
+  if (prepared > 0) rows.prepared = s.prepared.ensure(prepared);
   const bool has_shared = shared.num_experts() > 0 && x.rows() > 0;
   T* s_hidden = has_shared ? s.shared_hidden.ensure(x.rows() * shared.in_rows()) : nullptr;
   using SharedJob = decltype(moe::detail::expert_job(shared, Index(0), x.data(), Index(0), Index(0),

@@ -8,6 +8,7 @@
 
 #include "moe/error.hpp"
 #include "moe/experts/compact_matrix.hpp"
+#include "moe/experts/expert_matrices.hpp"
 #include "moe/experts/expert_stack.hpp"
 #include "moe/experts/residency.hpp"
 #include "moe/tensor.hpp"
@@ -21,21 +22,16 @@ namespace moe {
 /// DeepSeek-V3 stores gate_proj / up_proj / down_proj), so checkpoint tensors can be viewed
 /// without a copy. Immutable once built; one stack serves many threads.
 template <class Format>
-class CompactExpertStack {
+class CompactExpertStack : public detail::ExpertMatrices<CompactMatrix<Format>> {
+  using Base = detail::ExpertMatrices<CompactMatrix<Format>>;
+  using Base::gate_, Base::up_, Base::down_, Base::d_model_, Base::d_ff_;
+
  public:
   CompactExpertStack() = default;
   /// Empty matrices for num_experts experts, to be filled with set_gated / set_plain.
+  /// Throws config_error on negative sizes.
   CompactExpertStack(Index num_experts, Index d_model, Index d_ff, bool gated)
-      : num_experts_(num_experts), d_model_(d_model), d_ff_(d_ff), gated_(gated) {
-    if (num_experts < 0 || d_model < 0 || d_ff < 0) {
-      throw config_error(detail::concat(
-          "moe: CompactExpertStack sizes must be >= 0, got num_experts = ", num_experts,
-          ", d_model = ", d_model, ", d_ff = ", d_ff));
-    }
-    gate_.resize(std::size_t(num_experts));
-    up_.resize(gated ? std::size_t(num_experts) : 0);
-    down_.resize(std::size_t(num_experts));
-  }
+      : Base("CompactExpertStack", num_experts, d_model, d_ff, gated) {}
 
   /// Quantises every expert of an fp32 stack (fp8: 128 x 128 blocks per projection).
   static CompactExpertStack from(const ExpertStack<float>& w) {
@@ -49,27 +45,10 @@ class CompactExpertStack {
     return s;
   }
 
-  Index num_experts() const { return num_experts_; }
-  Index d_model() const { return d_model_; }
-  Index d_ff() const { return d_ff_; }
-  bool gated() const { return gated_; }
-  Index in_rows() const { return gated_ ? 2 * d_ff_ : d_ff_; }
-
-  /// [d_ff x d_model] gate (or, for a plain FFN, the only) input projection of expert e.
-  const CompactMatrix<Format>& gate(Index e) const { return gate_[std::size_t(e)]; }
-  /// [d_ff x d_model] up projection of expert e (gated only).
-  const CompactMatrix<Format>& up(Index e) const {
-    MOE_ASSERT(gated_);
-    return up_[std::size_t(e)];
-  }
-  /// [d_model x d_ff] output projection of expert e.
-  const CompactMatrix<Format>& w_out(Index e) const { return down_[std::size_t(e)]; }
-
   /// Sets a gated expert's matrices (quantised or checkpoint views). Throws shape_error.
   void set_gated(Index e, CompactMatrix<Format> gate_w, CompactMatrix<Format> up_w,
                  CompactMatrix<Format> down_w) {
-    check_expert(e);
-    if (!gated_) throw config_error("moe: set_gated called on a plain (non-gated) expert stack");
+    this->check_set(e, /*gated_call=*/true);
     check("gate", e, gate_w, d_ff_, d_model_);
     check("up", e, up_w, d_ff_, d_model_);
     check("down", e, down_w, d_model_, d_ff_);
@@ -79,8 +58,7 @@ class CompactExpertStack {
   }
   /// Sets a plain expert's matrices (wi [d_ff x d_model], wo [d_model x d_ff]).
   void set_plain(Index e, CompactMatrix<Format> wi, CompactMatrix<Format> wo) {
-    check_expert(e);
-    if (gated_) throw config_error("moe: set_plain called on a gated expert stack");
+    this->check_set(e, /*gated_call=*/false);
     check("wi", e, wi, d_ff_, d_model_);
     check("wo", e, wo, d_model_, d_ff_);
     gate_[std::size_t(e)] = std::move(wi);
@@ -95,32 +73,32 @@ class CompactExpertStack {
     residency_ = std::move(residency);
   }
 
-  /// Bytes of codes and scales of all experts (owned or viewed).
-  std::size_t bytes() const {
-    std::size_t b = 0;
-    for (const auto& m : gate_) b += m.bytes();
-    for (const auto& m : up_) b += m.bytes();
-    for (const auto& m : down_) b += m.bytes();
-    return b;
-  }
-
  private:
-  void check_expert(Index e) const {
-    if (e < 0 || e >= num_experts_) {
-      throw config_error(
-          detail::concat("moe: expert index ", e, " out of range [0, ", num_experts_, ")"));
-    }
-  }
   static void check(const char* what, Index e, const CompactMatrix<Format>& m, Index rows,
                     Index cols) {
     const std::string name = detail::concat("expert ", e, ' ', what, " weight");
     detail::check_shape(name.c_str(), m.rows(), m.cols(), rows, cols);
   }
 
-  Index num_experts_ = 0, d_model_ = 0, d_ff_ = 0;
-  bool gated_ = true;
-  std::vector<CompactMatrix<Format>> gate_, up_, down_;
   std::shared_ptr<const ExpertResidency> residency_;
+};
+
+/// The stack of CompactExperts<Bf16> in the fast mode: the same matrices as
+/// CompactExpertStack<Bf16>, whose operands (Bf16FastOperand, experts/quant_operand.hpp) round
+/// each job's activations to bf16 once and stream the codes through kernels::gemv_bf16_nt at
+/// decode. Converts implicitly from CompactExpertStack<Bf16> (what the checkpoint loaders return),
+/// keeping views as views; the exact mode uses CompactExpertStack<Bf16> itself.
+class Bf16FastExpertStack : public CompactExpertStack<Bf16> {
+ public:
+  using CompactExpertStack<Bf16>::CompactExpertStack;
+  Bf16FastExpertStack() = default;
+  // NOLINTNEXTLINE(google-explicit-constructor): a loaded stack passes as the fast block's stack
+  Bf16FastExpertStack(CompactExpertStack<Bf16> s) : CompactExpertStack<Bf16>(std::move(s)) {}
+
+  /// Rounds every expert of an fp32 stack to bf16 (CompactExpertStack<Bf16>::from).
+  static Bf16FastExpertStack from(const ExpertStack<float>& w) {
+    return CompactExpertStack<Bf16>::from(w);
+  }
 };
 
 }  // namespace moe

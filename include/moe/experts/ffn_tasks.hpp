@@ -54,6 +54,15 @@ struct prepares_input<Operand, std::enable_if_t<Operand::prepares_input>> : std:
 template <class Operand>
 inline constexpr bool prepares_input_v = prepares_input<Operand>::value;
 
+/// Operands whose x is packed once per job for all its input-phase tasks (packed weights) declare
+/// prepacks_x = true and provide prepare_rows and uses_xpack(n).
+template <class Operand, class = void>
+struct prepacks_x : std::false_type {};
+template <class Operand>
+struct prepacks_x<Operand, std::enable_if_t<Operand::prepacks_x>> : std::true_type {};
+template <class Operand>
+inline constexpr bool prepacks_x_v = prepacks_x<Operand>::value;
+
 /// Granule of the input phase's column blocks: also a whole number of the down operand's
 /// conversion blocks, so that each task converts the activation columns it computed.
 /// Column granule of an operand's tasks: Operand::granule when it has one (the packed operand:
@@ -201,10 +210,22 @@ void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index w
   }
 }
 
-/// Converts a job's x once for its gate and up products (operands that prepare their input).
+/// Whether a job's x is converted or packed before its input phase (ffn_prepare_task).
+template <class T, class Operand>
+bool ffn_needs_prepare(const FfnJob<T, Operand>& job) {
+  if constexpr (prepares_input_v<Operand>) {
+    return job.n > 0 && job.gate.reads_input(job.n);
+  } else if constexpr (prepacks_x_v<Operand>) {
+    return job.n > 0 && job.gate.uses_xpack(job.n);
+  } else {
+    return false;
+  }
+}
+
+/// Converts (or packs) a job's x once for its gate and up products.
 template <class T, class Operand>
 void ffn_prepare_task(const FfnJob<T, Operand>& job) {
-  if constexpr (prepares_input_v<Operand>) {
+  if constexpr (prepares_input_v<Operand> || prepacks_x_v<Operand>) {
     if (job.n > 0) job.gate.prepare_rows(job.x, job.n, job.ldx);
   }
 }
@@ -280,11 +301,20 @@ void run_ffn_jobs(Index num_first, const FirstAt& first_at, Index num_second,
   };
   plan_phase([&](Index j) { return at(j, [](const auto& job) { return ffn_up_parts<Ffn>(job); }); },
              [&](Index j) { return at(j, up_info); }, [&](Index j) { return at(j, work); });
-  // Operands that read converted inputs: one task per job converts its x first (gate and up
-  // share it). A separate run: every column block of the input phase reads all of it.
+  // Operands that read converted (or packed) inputs: one task per job converts its x first (gate
+  // and up share it). A separate run, skipped when no job needs it (decode of packed or exact
+  // quantised weights): every column block of the input phase reads all of it.
   using FirstOperand = decltype(first_at(0).gate);
   using SecondOperand = decltype(second_at(0).gate);
-  if constexpr (prepares_input_v<FirstOperand> || prepares_input_v<SecondOperand>) {
+  constexpr bool may_prepare = prepares_input_v<FirstOperand> || prepares_input_v<SecondOperand> ||
+                               prepacks_x_v<FirstOperand> || prepacks_x_v<SecondOperand>;
+  bool any_prepare = false;
+  if constexpr (may_prepare) {
+    for (Index j = 0; j < num_jobs && !any_prepare; ++j) {
+      any_prepare = at(j, [](const auto& job) { return ffn_needs_prepare(job); });
+    }
+  }
+  if (any_prepare) {
     executor.run(num_jobs, [&](Index j, Index) {
       if (j < num_first) {
         ffn_prepare_task(first_at(j));

@@ -76,12 +76,17 @@ auto grouped_expert_job(const Stack& experts, const GroupedRows<T>& rows, Index 
                         rows.hidden + begin * experts.in_rows(), rows.act + begin * rows.ld_act,
                         rows.ld_act, rows.y + begin * d, rows.scratch, rows.scratch_stride);
   using Operand = decltype(job.gate);
+  if constexpr (prepacks_x_v<Operand>) {
+    if (rows.prepared != nullptr) {  // else each input-phase task packs its own copy of x
+      job.gate.xpack = reinterpret_cast<T*>(rows.prepared) + Operand::xpack_offset(begin, e, d);
+    }
+  }
   if constexpr (prepares_input_v<Operand>) {
     if (rows.prepared == nullptr) return job;  // no operand of this stack reads converted inputs
     const Index N = rows.offsets[experts.num_experts() - 1] + rows.counts[experts.num_experts() - 1];
     const Index bx = Operand::input_bytes_per_row(job.d), ba = Operand::input_bytes_per_row(job.f);
     job.gate.bind_input(rows.prepared + begin * bx, job.n, job.d);
-    job.up.input = job.gate.input;
+    job.up.bind_input(rows.prepared + begin * bx, job.n, job.d);  // gate's rows, converted once
     job.down.bind_input(rows.prepared + N * bx + begin * ba, job.n, job.f);
   }
   return job;

@@ -97,6 +97,12 @@ struct PackedOperand {
   static constexpr Index granule =
       std::lcm(std::lcm(Index(16), Shape::nr), Shape::gated_granule / 2);
   static constexpr bool split_invariant = true;
+  /// The job's x is packed once per forward (prepare_rows) for all its input-phase tasks.
+  static constexpr bool prepacks_x = true;
+
+  /// This job's x packed by kernels::gemm_packed_pack_x (gemm_packed_x_size<T>(n, w.k) elements
+  /// of the caller's workspace), or nullptr: then each input-phase task packs its own copy.
+  T* xpack = nullptr;
 
   Index weight_bytes() const { return Index(sizeof(T)); }
   /// Few rows: task sizing as for the streaming kernels (the packed kernel's few-row path reads
@@ -104,6 +110,24 @@ struct PackedOperand {
   bool streams(Index n) const { return n <= kernels::small_batch_rows; }
   /// Per-worker scratch: the packed rows of x (up to one row block) and the accumulator block.
   Index scratch_floats(Index n) const { return kernels::gemm_packed_scratch_size<T>(n, w.k); }
+  /// Whether the input product of n rows reads xpack: whenever the caller bound a region (the
+  /// block does when a forward has more than small_batch_rows rows in all: prefill, and batches
+  /// like 64 tokens where each of many experts gets a few rows over several column tasks). At
+  /// decode each task packs its few rows itself: cheaper than the barrier of a packing pass.
+  bool uses_xpack(Index n) const { return xpack != nullptr && n > 0; }
+  /// Packs x [n x w.k] into xpack once for all input-phase tasks (no-op unless uses_xpack(n)).
+  void prepare_rows(const T* x, Index n, Index ldx) const {
+    if (uses_xpack(n)) kernels::gemm_packed_pack_x(x, n, ldx, w.k, xpack);
+  }
+  /// Where expert e's packed x starts in a region shared by grouped experts (its rows from
+  /// `begin`, inner dimension k): each expert's rows rounded up to whole register tiles, so
+  /// the regions of consecutive experts never overlap.
+  static Index xpack_offset(Index begin, Index e, Index k) { return (begin + e * (Shape::mr - 1)) * k; }
+  /// Elements of such a region for `rows` grouped rows over num_experts experts.
+  static Index xpack_region_size(Index rows, Index num_experts, Index k) {
+    return xpack_offset(rows, num_experts, k);
+  }
+
   /// out[:, c0:c1] = x * W[c0:c1, :]^T (plain packing only).
   void product(const T* x, Index n, Index ldx, Index c0, Index c1, T* out, Index ldo, T* scratch,
                Index scratch_size) const {
@@ -116,18 +140,24 @@ struct PackedOperand {
   void fused_input(const T* x, Index n, Index ldx, Index a, Index b, Index d_ff, T* act,
                    Index ld_act, T* scratch) const {
     using A = typename Ffn::activation;
+    // Bitwise the same either way (gemm_packed_nt_prepacked's contract); scratch holds the
+    // accumulator block first in both.
+    auto product = [&](Index c0, Index c1, const auto& epilogue) {
+      if (uses_xpack(n)) {
+        kernels::gemm_packed_nt_prepacked(xpack, n, w, c0, c1, epilogue, scratch);
+      } else {
+        kernels::gemm_packed_nt(x, n, ldx, w, c0, c1, epilogue, scratch);
+      }
+    };
     if constexpr (Ffn::gated) {
       const Index c1 = b >= d_ff ? w.cols : 2 * b;
       if constexpr (std::is_same_v<A, Silu>) {
-        kernels::gemm_packed_nt(x, n, ldx, w, 2 * a, c1,
-                                kernels::SwiGluEpilogue<T>{act, ld_act, d_ff}, scratch);
+        product(2 * a, c1, kernels::SwiGluEpilogue<T>{act, ld_act, d_ff});
       } else {
-        kernels::gemm_packed_nt(x, n, ldx, w, 2 * a, c1,
-                                kernels::GatedEpilogue<T, A>{act, ld_act, d_ff}, scratch);
+        product(2 * a, c1, kernels::GatedEpilogue<T, A>{act, ld_act, d_ff});
       }
     } else {
-      kernels::gemm_packed_nt(x, n, ldx, w, a, b, kernels::ActivationEpilogue<T, A>{act, ld_act},
-                              scratch);
+      product(a, b, kernels::ActivationEpilogue<T, A>{act, ld_act});
     }
   }
 };

@@ -27,9 +27,11 @@ struct NativeExperts {
 };
 
 /// How a compact block multiplies its experts' weights at decode: fast (the default) converts
-/// the activations once per job (int8 per block of 32 for Q8 / Q4 / Mxfp4) and uses the integer
-/// dot products; exact keeps fp32 activations and decodes the weights in registers, bitwise the
-/// fp32 block on the dequantised weights. Bf16, Int8 and Fp8E4M3 have only the exact products.
+/// the activations once per job (int8 per block of 32 for Q8 / Q4 / Mxfp4, bf16 for Bf16) and
+/// uses the integer / bf16 dot products; exact keeps fp32 activations and decodes the weights in
+/// registers, bitwise the fp32 block on the dequantised weights. Int8 and Fp8E4M3 have only the
+/// exact products (both modes run them). Prefill (more than kernels::small_batch_rows rows per
+/// expert) is the same in both modes.
 enum class CompactMode { fast, exact };
 
 namespace detail {
@@ -40,6 +42,10 @@ inline constexpr bool is_quant_format_v =
 template <class Format, CompactMode Mode, class = void>
 struct CompactStackOf {
   using type = CompactExpertStack<Format>;
+};
+template <>
+struct CompactStackOf<Bf16, CompactMode::fast> {
+  using type = Bf16FastExpertStack;
 };
 template <class Format, CompactMode Mode>
 struct CompactStackOf<Format, Mode, std::enable_if_t<is_quant_format_v<Format>>> {
@@ -121,6 +127,16 @@ ExpertOperands<CompactOperand<Format>> expert_operands(const CompactExpertStack<
   return ops;
 }
 
+/// The operands of expert e of a fast bf16 stack; their inputs are bound per job by
+/// grouped_expert_job (experts/grouped.hpp).
+inline ExpertOperands<Bf16FastOperand> expert_operands(const Bf16FastExpertStack& s, Index e) {
+  ExpertOperands<Bf16FastOperand> ops;
+  ops.gate.w = s.gate(e).kernel_view();
+  if (s.gated()) ops.up.w = s.up(e).kernel_view();
+  ops.down.w = s.w_out(e).kernel_view();
+  return ops;
+}
+
 /// The operands of expert e of a block-quantised stack: fast (panels) or exact (stored layout).
 /// Their inputs (fast mode) are bound per job by bind_prepared_inputs.
 template <class Format, QuantLayout L>
@@ -178,6 +194,25 @@ Index prepared_bytes_per_row(const QuantExpertStack<Format, QuantLayout::panels>
   return Index(kernels::activations_i8_bytes(1, s.d_model()) +
                kernels::activations_i8_bytes(1, s.d_ff()));
 }
+/// Fast bf16: x and the activations rounded to bf16, rows padded to 32 values.
+inline Index prepared_bytes_per_row(const Bf16FastExpertStack& s) {
+  return Bf16FastOperand::input_bytes_per_row(s.d_model()) +
+         Bf16FastOperand::input_bytes_per_row(s.d_ff());
+}
+
+/// Bytes of GroupedRows::prepared for `rows` grouped rows of a stack (what the block reserves).
+template <class Stack>
+Index prepared_bytes(const Stack& s, Index rows) {
+  return rows * prepared_bytes_per_row(s);
+}
+/// Packed: each expert's x packed once per forward for its input-phase tasks, when the forward
+/// has more than kernels::small_batch_rows rows in all; 0 at decode.
+template <class T>
+Index prepared_bytes(const PackedExpertStack<T>& s, Index rows) {
+  if (rows <= kernels::small_batch_rows || s.empty()) return 0;
+  return PackedOperand<T>::xpack_region_size(rows, s.num_experts(), s.d_model()) *
+         Index(sizeof(T));
+}
 
 /// Called by the block after routing, before the expert products (counts[e]: rows routed to
 /// expert e): nothing for stacks that own their memory (fp32, packed).
@@ -195,6 +230,9 @@ void note_routed(const CompactExpertStack<Format>& s, const Index* counts) {
 }
 template <class Format, QuantLayout L>
 void note_routed(const QuantExpertStack<Format, L>& s, const Index* counts) {
+  if (s.residency() != nullptr) s.residency()->routed(counts);
+}
+inline void note_routed(const Bf16FastExpertStack& s, const Index* counts) {
   if (s.residency() != nullptr) s.residency()->routed(counts);
 }
 

@@ -17,6 +17,7 @@
 
 #include "moe/error.hpp"
 #include "moe/kernels/quant_activations.hpp"
+#include "moe/kernels/row_tiles.hpp"
 #include "moe/tensor.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -115,19 +116,6 @@ EIGEN_DONT_INLINE void gemv_bf16_tile(const std::uint16_t* __restrict xb, Index 
   }
 }
 
-template <int RowsW>
-inline void gemv_bf16_rows(const std::uint16_t* xb, Index n, Index ldxb, const std::uint16_t* w,
-                           Index ldw, Index in, float* y, Index ldy) {
-  Index r = 0;
-  for (; r + 4 <= n; r += 4) gemv_bf16_tile<RowsW, 4>(xb + r * ldxb, ldxb, w, ldw, in, y + r * ldy, ldy);
-  switch (n - r) {
-    case 3: gemv_bf16_tile<RowsW, 3>(xb + r * ldxb, ldxb, w, ldw, in, y + r * ldy, ldy); break;
-    case 2: gemv_bf16_tile<RowsW, 2>(xb + r * ldxb, ldxb, w, ldw, in, y + r * ldy, ldy); break;
-    case 1: gemv_bf16_tile<RowsW, 1>(xb + r * ldxb, ldxb, w, ldw, in, y + r * ldy, ldy); break;
-    default: break;
-  }
-}
-
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -172,13 +160,11 @@ inline void gemv_bf16_nt(const std::uint16_t* xb, Index n, Index ldxb, const std
   MOE_ASSERT(n == 0 || (ldxb >= bf16_padded_cols(in) && ldy >= out_end && ldw >= in));
   if (n == 0 || out_begin == out_end) return;
 #if MOE_BF16_AVX512
-  const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
-  for (Index o = out_begin; o < tiled_end; o += 4) {
-    detail::gemv_bf16_rows<4>(xb, n, ldxb, w + o * ldw, ldw, in, y + o, ldy);
-  }
-  for (Index o = tiled_end; o < out_end; ++o) {
-    detail::gemv_bf16_rows<1>(xb, n, ldxb, w + o * ldw, ldw, in, y + o, ldy);
-  }
+  detail::for_each_row_tile<4, 4>(
+      out_begin, out_end, n, [&](Index o, Index r, auto rows_w, auto rows_x) {
+        detail::gemv_bf16_tile<decltype(rows_w)::value, decltype(rows_x)::value>(
+            xb + r * ldxb, ldxb, w + o * ldw, ldw, in, y + r * ldy + o, ldy);
+      });
 #else
   gemv_bf16_nt_scalar(xb, n, ldxb, w, in, ldw, out_begin, out_end, y, ldy);
 #endif

@@ -29,6 +29,7 @@
 #include "moe/kernels/quant_activations.hpp"
 #include "moe/kernels/quant_formats.hpp"
 #include "moe/kernels/quant_panels.hpp"
+#include "moe/kernels/row_tiles.hpp"
 #include "moe/tensor.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -203,21 +204,6 @@ EIGEN_DONT_INLINE void gemv_quant_tile(const ActivationsI8& a, Index r0,
 #pragma GCC diagnostic pop
 #endif
 
-// Calls tile(r, RowsX) over all n rows: groups of MaxRows X rows, then the remainder.
-template <int MaxRows, class Tile>
-inline void quant_rows(Index n, Tile&& tile) {
-  Index r = 0;
-  for (; r + MaxRows <= n; r += MaxRows) tile(r, std::integral_constant<int, MaxRows>{});
-  const Index rest = n - r;
-  if constexpr (MaxRows > 3) {
-    if (rest == 3) tile(r, std::integral_constant<int, 3>{});
-  }
-  if constexpr (MaxRows > 2) {
-    if (rest == 2) tile(r, std::integral_constant<int, 2>{});
-  }
-  if (rest == 1) tile(r, std::integral_constant<int, 1>{});
-}
-
 #endif  // MOE_QUANT_AVX512
 
 }  // namespace detail
@@ -269,17 +255,11 @@ void gemv_quant_nt(const ActivationsI8& a, const QuantPanels<Format>& w, Index o
   MOE_ASSERT(a.rows == 0 || ldy >= out_end);
   if (a.rows == 0 || out_begin == out_end) return;
 #if MOE_QUANT_AVX512
-  const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
-  for (Index o = out_begin; o < tiled_end; o += 4) {
-    detail::quant_rows<gemv_quant_row_tile>(a.rows, [&](Index r, auto rows) {
-      detail::gemv_quant_tile<Format, 4, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
-    });
-  }
-  for (Index o = tiled_end; o < out_end; ++o) {
-    detail::quant_rows<gemv_quant_row_tile>(a.rows, [&](Index r, auto rows) {
-      detail::gemv_quant_tile<Format, 1, decltype(rows)::value>(a, r, w, o, y + r * ldy + o, ldy);
-    });
-  }
+  detail::for_each_row_tile<4, gemv_quant_row_tile>(
+      out_begin, out_end, a.rows, [&](Index o, Index r, auto rows_w, auto rows_x) {
+        detail::gemv_quant_tile<Format, decltype(rows_w)::value, decltype(rows_x)::value>(
+            a, r, w, o, y + r * ldy + o, ldy);
+      });
 #else
   gemv_quant_nt_scalar<Format>(a, w, out_begin, out_end, y, ldy);
 #endif

@@ -196,19 +196,11 @@ void gemv_quant_nt_exact(const float* x, Index n, Index ldx, const QuantView<For
   MOE_ASSERT(n == 0 || (ldx >= w.cols && ldy >= out_end));
   if (n == 0 || out_begin == out_end) return;
 #if MOE_QUANT_AVX512
-  const Index tiled_end = out_begin + (out_end - out_begin) / 4 * 4;
-  for (Index o = out_begin; o < tiled_end; o += 4) {
-    detail::quant_rows<4>(n, [&](Index r, auto rows) {
-      detail::gemv_quant_exact_tile<Format, 4, decltype(rows)::value>(x + r * ldx, ldx, w, o,
-                                                                      y + r * ldy + o, ldy);
-    });
-  }
-  for (Index o = tiled_end; o < out_end; ++o) {
-    detail::quant_rows<4>(n, [&](Index r, auto rows) {
-      detail::gemv_quant_exact_tile<Format, 1, decltype(rows)::value>(x + r * ldx, ldx, w, o,
-                                                                      y + r * ldy + o, ldy);
-    });
-  }
+  detail::for_each_row_tile<4, 4>(
+      out_begin, out_end, n, [&](Index o, Index r, auto rows_w, auto rows_x) {
+        detail::gemv_quant_exact_tile<Format, decltype(rows_w)::value, decltype(rows_x)::value>(
+            x + r * ldx, ldx, w, o, y + r * ldy + o, ldy);
+      });
 #else
   gemv_quant_nt_exact_scalar<Format>(x, n, ldx, w, out_begin, out_end, y, ldy);
 #endif
