@@ -19,6 +19,7 @@
 #include "moe/backward.hpp"
 #include "moe/moe.hpp"
 
+#include "fd_util.hpp"
 #include "test_util.hpp"
 
 namespace moe {
@@ -107,32 +108,17 @@ std::vector<std::string> check_fd(const Problem<Gating, Ffn>& p, double tol = 1e
   for (const Param& q : params(w, g)) {
     names.push_back(q.name);
     for (Index i = 0; i < q.n; ++i) {
-      const double orig = q.w[i];
-      q.w[i] = orig + h;
-      const double lp = p.run(w, p.x);
-      q.w[i] = orig - h;
-      const double lm = p.run(w, p.x);
-      q.w[i] = orig;
+      const auto [lp, lm] = test::around(q.w[i], h, [&] { return p.run(w, p.x); });
       check(q.name, i, q.g[i], (lp - lm) / (2 * h));
     }
   }
   for (Index i = 0; i < w.router_bias.size(); ++i) {
-    const double orig = w.router_bias[i];
-    w.router_bias[i] = orig + h;
-    const double lp = p.run(w, p.x);
-    w.router_bias[i] = orig - h;
-    const double lm = p.run(w, p.x);
-    w.router_bias[i] = orig;
+    const auto [lp, lm] = test::around(w.router_bias[i], h, [&] { return p.run(w, p.x); });
     EXPECT_EQ(lp, lm) << "the selection bias " << i << " changed the loss";
   }
   RowMatrix<double> xp = p.x;
   for (Index i = 0; i < xp.size(); ++i) {
-    const double orig = xp.data()[i];
-    xp.data()[i] = orig + h;
-    const double lp = p.run(p.w, xp);
-    xp.data()[i] = orig - h;
-    const double lm = p.run(p.w, xp);
-    xp.data()[i] = orig;
+    const auto [lp, lm] = test::around(xp.data()[i], h, [&] { return p.run(p.w, xp); });
     check("x", i, dx.data()[i], (lp - lm) / (2 * h));
   }
   names.push_back("x");
