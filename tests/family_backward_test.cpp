@@ -414,6 +414,65 @@ TEST(FamilyBackward, JetMoeOutputBiasAndCohere2Average) {
   check_fd(p);
 }
 
+// ---- float blocks ---------------------------------------------------------------------------
+
+/// A float block on the same data gives the double gradients to float accuracy (the clamped GLU,
+/// the biases and the weighted input in T = float).
+template <class Gating>
+void expect_float_agrees(const Problem<Gating>& p) {
+  MoeWeights<float> wf = MoeWeights<float>::zeros(p.config, true);
+  wf.router = p.w.router.template cast<float>();
+  wf.router_logit_bias = p.w.router_logit_bias.template cast<float>();
+  wf.experts.stacked_in() = p.w.experts.stacked_in().template cast<float>();
+  wf.experts.stacked_out() = p.w.experts.stacked_out().template cast<float>();
+  if (p.w.experts.has_biases()) {
+    wf.experts.add_biases();
+    wf.experts.in_biases() = p.w.experts.in_biases().template cast<float>();
+    wf.experts.out_biases() = p.w.experts.out_biases().template cast<float>();
+  }
+  wf.shared.stacked_in() = p.w.shared.stacked_in().template cast<float>();
+  wf.shared.stacked_out() = p.w.shared.stacked_out().template cast<float>();
+  const SparseMoeBlock<float, Gating> bf(p.config, wf, p.options);
+  Workspace<float> ws;
+  ws.set_training(true);
+  const RowMatrix<float> x = p.x.template cast<float>(), dy = p.dy.template cast<float>();
+  RowMatrix<float> y(x.rows(), x.cols()), dx(x.rows(), x.cols());
+  bf.forward(x, y, ws);
+  auto gf = MoeGradients<float>::zeros_like(wf);
+  block_backward(bf, x, dy, ws, gf, dx, p.coeffs);
+  MoeGradients<double> gd;
+  RowMatrix<double> dxd;
+  p.run(p.w, p.x, &gd, &dxd);
+  auto near = [](const auto& f, const auto& d, const char* what) {
+    ASSERT_EQ(f.size(), d.size()) << what;
+    if (d.size() == 0) return;
+    const double scale = 1 + d.cwiseAbs().maxCoeff();
+    EXPECT_LT((f.template cast<double>() - d).cwiseAbs().maxCoeff(), 1e-5 * scale) << what;
+  };
+  near(dx, dxd, "dx");
+  near(gf.router, gd.router, "router");
+  near(gf.experts.stacked_in(), gd.experts.stacked_in(), "experts.in");
+  near(gf.experts.stacked_out(), gd.experts.stacked_out(), "experts.out");
+  near(gf.experts.in_biases(), gd.experts.in_biases(), "experts.in_bias");
+  near(gf.router_logit_bias, gd.router_logit_bias, "router_logit_bias");
+  near(gf.shared.stacked_in(), gd.shared.stacked_in(), "shared.in");
+}
+
+TEST(FamilyBackward, FloatAgreesWithDouble) {
+  auto gpt = make<gating::GptOss>(1000, 31, 7, 2, 0, false);
+  std::mt19937_64 rng(14);
+  gpt.w.router_logit_bias = random_matrix<double>(7, 1, rng, 0.5);
+  add_expert_biases(gpt.w.experts, rng);
+  gpt.config.expert_glu.limit = 0.5;
+  gpt.config.expert_glu.up_offset = 1.0;
+  gpt.config.expert_glu.alpha = 1.702;
+  expect_both_sides(clamp_sides(gpt));
+  expect_float_agrees(gpt);
+  auto llama = make<gating::Llama4>(1001, 31, 7, 1, 4, false);
+  llama.config.weight_expert_input = true;
+  expect_float_agrees(llama);  // the router in float32, as HF
+}
+
 // ---- gradients layout and refusals ---------------------------------------------------------
 
 TEST(FamilyBackward, GradientsHaveTheBiasesOfTheWeights) {
