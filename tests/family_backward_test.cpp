@@ -236,8 +236,7 @@ TEST(FamilyBackward, ClampedGluDerivativesOnBothSidesOfEveryClamp) {
 TEST(FamilyBackward, GptOssLogitBiasClampedSwiGluExpertBiases) {
   for (Index tokens : {1, 7}) {
     SCOPED_TRACE(tokens);
-    auto p = make<gating::GptOss>(100 + static_cast<std::uint64_t>(tokens), tokens, 5, 2, 0,
-                                  false);
+    auto p = make<gating::GptOss>(100 + static_cast<std::uint64_t>(tokens), tokens, 5, 2, 0, false);
     std::mt19937_64 rng(7);
     p.w.router_logit_bias = random_matrix<double>(5, 1, rng, 0.5);
     add_expert_biases(p.w.experts, rng);
@@ -290,8 +289,7 @@ TEST(FamilyBackward, GptOssWithTheLossesAndAPool) {
 TEST(FamilyBackward, Llama4WeightOnTheExpertInputSharedExpert) {
   for (Index tokens : {1, 7}) {
     SCOPED_TRACE(tokens);
-    auto p = make<gating::Llama4>(200 + static_cast<std::uint64_t>(tokens), tokens, 5, 1, 4,
-                                  false);
+    auto p = make<gating::Llama4>(200 + static_cast<std::uint64_t>(tokens), tokens, 5, 1, 4, false);
     p.config.weight_expert_input = true;
     p.options.float32 = false;
     check_fd(p);
@@ -509,10 +507,9 @@ void expect_refused(const MoeConfig& c, const MoeWeights<double>& w, const std::
   ws.set_training(true);
   block.forward(x, y, ws);
   auto g = MoeGradients<double>::zeros_like(block.weights());
-  test::expect_error<config_error>(
-      [&] { block_backward(block, x, y, ws, g, dx); },
-      "moe: block_backward does not differentiate " + what +
-          " yet (the families that use it run inference only)");
+  test::expect_error<config_error>([&] { block_backward(block, x, y, ws, g, dx); },
+                                   "moe: block_backward does not differentiate " + what +
+                                       " yet (the families that use it run inference only)");
 }
 
 TEST(FamilyBackward, RefusesWhatItDoesNotDifferentiate) {

@@ -26,8 +26,8 @@ struct MoeGradients {
   /// like MoeWeights::experts, with in_biases() / out_biases() when the weights have biases
   /// (gpt-oss, JetMoE)
   ExpertStack<T> experts;
-  ExpertStack<T> shared;     ///< like MoeWeights::shared (biases too), or empty
-  RowMatrix<T> shared_gate;  ///< [1 x d_model], or empty
+  ExpertStack<T> shared;        ///< like MoeWeights::shared (biases too), or empty
+  RowMatrix<T> shared_gate;     ///< [1 x d_model], or empty
   Vector<T> router_logit_bias;  ///< [E] (gpt-oss router.bias), or empty like the weight
   Vector<T> output_bias;        ///< [d_model] (JetMoE), or empty like the weight
 
@@ -81,8 +81,7 @@ struct MoeGradients {
     same("gradient of the routed experts' output biases", experts.out_biases(),
          w.experts.out_biases());
     same("gradient of the shared expert's input bias", shared.in_biases(), w.shared.in_biases());
-    same("gradient of the shared expert's output bias", shared.out_biases(),
-         w.shared.out_biases());
+    same("gradient of the shared expert's output bias", shared.out_biases(), w.shared.out_biases());
     same("gradient of the router logit bias", router_logit_bias, w.router_logit_bias);
     same("gradient of the output bias", output_bias, w.output_bias);
   }
