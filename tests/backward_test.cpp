@@ -13,6 +13,7 @@
 
 #include "moe/moe.hpp"
 
+#include "fd_util.hpp"
 #include "test_util.hpp"
 
 namespace moe {
@@ -86,23 +87,13 @@ void check_fd(FdProblem<Gating, Ffn> p, double tol = 2e-8, double h = 1e-6) {
     RowMatrix<double>& wt = *pair.first;
     const RowMatrix<double>& gt = *pair.second;
     for (Index i = 0; i < wt.size(); ++i) {
-      const double orig = wt.data()[i];
-      wt.data()[i] = orig + h;
-      const double lp = p.loss(w, p.x);
-      wt.data()[i] = orig - h;
-      const double lm = p.loss(w, p.x);
-      wt.data()[i] = orig;
+      const auto [lp, lm] = test::around(wt.data()[i], h, [&] { return p.loss(w, p.x); });
       check(name + "[" + std::to_string(i) + "]", gt.data()[i], (lp - lm) / (2 * h));
     }
   }
   RowMatrix<double> xp = p.x;
   for (Index i = 0; i < xp.size(); ++i) {
-    const double orig = xp.data()[i];
-    xp.data()[i] = orig + h;
-    const double lp = p.loss(p.w, xp);
-    xp.data()[i] = orig - h;
-    const double lm = p.loss(p.w, xp);
-    xp.data()[i] = orig;
+    const auto [lp, lm] = test::around(xp.data()[i], h, [&] { return p.loss(p.w, xp); });
     check("x[" + std::to_string(i) + "]", dx.data()[i], (lp - lm) / (2 * h));
   }
   char buf[32];

@@ -213,8 +213,8 @@ TEST(RouterExtras, BackwardRefusesExtras) {
   cfg.top_k = 2;
   std::mt19937_64 rng(4);
   auto w = test::random_weights<double>(cfg, rng);
-  w.router_logit_bias = Vector<double>::Zero(5);
-  SparseMoeBlock<double, gating::GptOss> block(cfg, w);
+  w.router_input_scale = Vector<double>::Ones(4);
+  SparseMoeBlock<double, gating::Gemma4, GeGLUTanh> block(cfg, w);
   const RowMatrix<double> x = test::random_matrix<double>(3, 4, rng);
   RowMatrix<double> y(3, 4), dx(3, 4);
   Workspace<double> ws;
@@ -225,7 +225,7 @@ TEST(RouterExtras, BackwardRefusesExtras) {
   const LossCoefficients coeffs;
   test::expect_error<config_error>(
       [&] { block_backward(block, x, y, ws, grads, dx, coeffs, bws); },
-      "moe: block_backward does not differentiate a router logit bias yet (the families that "
+      "moe: block_backward does not differentiate the router input norm yet (the families that "
       "use it run inference only)");
 }
 

@@ -1,6 +1,7 @@
 // moe: the backward pass of the sparse MoE block: dL/dx and dL/dW for the router, every routed
 // expert, the shared expert and its gate, through the routing weights (softmax, top-k,
-// renormalisation, sigmoid, scaling) and the auxiliary losses (load balancing, z-loss).
+// renormalisation, sigmoid, sqrt(softplus), scaling), the family extras (logit bias and cap,
+// clamped GLUs, biases, weighted expert inputs) and the auxiliary losses (load balancing, z-loss).
 //
 // What the forward saves for the backward (Workspace in training mode, ws.set_training(true)),
 // with N = executed assignments (T * top_k without drops), I = in_rows (2 d_ff gated, d_ff
@@ -33,56 +34,17 @@
 #include "moe/block.hpp"
 #include "moe/detail/buffer.hpp"
 #include "moe/error.hpp"
+#include "moe/experts/ffn_backward.hpp"
 #include "moe/gating.hpp"
 #include "moe/gradients.hpp"
 #include "moe/losses.hpp"
+#include "moe/losses/coefficients.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 #include "moe/threading.hpp"
 #include "moe/workspace.hpp"
 
 namespace moe {
-
-/// Which balance loss LossCoefficients::aux weights.
-enum class AuxLoss {
-  none,
-  /// HF Mixtral-family load_balancing_loss_func (losses::load_balancing_loss), with the
-  /// normalisation and token mask of LossCoefficients.
-  load_balancing,
-  /// HF Switch top-1 loss, groups = sequences of seq_len (losses::switch_load_balancing_loss),
-  /// on the chosen expert of every token (dropped ones included, as HF's aux_loss).
-  switch_top1,
-  /// DeepSeek-V3 sequence-wise balance loss (losses::deepseek_sequence_balance_loss).
-  deepseek_sequence,
-};
-
-/// The loss the backward differentiates besides the upstream gradient dy:
-///   L = <y, dy> + aux * L_aux + z * L_z (+ importance * L_importance + load * L_load, noisy
-///   top-k only)
-/// Coefficients are raw multipliers (HF router_aux_loss_coef, router_z_loss_coef).
-struct LossCoefficients {
-  double aux = 0;  ///< weight of the balance loss (0: no gradient)
-  AuxLoss aux_loss = AuxLoss::load_balancing;
-  BalanceNormalization normalization = BalanceNormalization::hf;  ///< load_balancing only
-  double z = 0;                                                   ///< router z-loss weight
-  double importance = 0;  ///< Shazeer importance loss weight (noisy top-k)
-  double load = 0;        ///< Shazeer load loss weight (noisy top-k)
-  /// Tokens per sequence for the per-sequence losses (switch_top1, deepseek_sequence); 0 = the
-  /// whole batch is one sequence. Must divide the number of tokens.
-  Index seq_len = 0;
-  /// null, or [T] weights of the load_balancing loss (HF attention_mask: 1 real, 0 padding).
-  const double* token_mask = nullptr;
-};
-
-/// Raw values of the losses of the call (before coefficients; computed whether or not their
-/// coefficient is 0, so a training loop can log them).
-struct LossValues {
-  double aux = 0, z = 0, importance = 0, load = 0;
-  /// sum of coefficient * value over the auxiliary terms
-  double weighted(const LossCoefficients& c) const {
-    return c.aux * aux + c.z * z + c.importance * importance + c.load * load;
-  }
-};
 
 /// Scratch of block_backward, grow-only: after the first call with the largest batch a backward
 /// allocates nothing of ours (Eigen's GEMM packing may). One per calling thread.
@@ -108,27 +70,19 @@ class BackwardWorkspace {
 
 namespace detail {
 
-/// The first feature of the block that block_backward has no gradient for, or null: the router
-/// extras and the expert / combine numbers of the newer families (docs/families.md).
+/// The first feature of the block that block_backward has no gradient for, or null
+/// (docs/families.md, "Backward"): the Gemma 4 router norm and per-expert scale and norms around
+/// the experts, the float32 combine (hy_v3) and the latent projection (Nemotron-H).
 template <class T>
 const char* undifferentiated_feature(const MoeConfig& config, const MoeWeights<T>& w) {
-  if (config.router_logit_softcap > 0) return "router logit soft-capping";
-  if (w.router_logit_bias.size() != 0) return "a router logit bias";
   if (w.router_input_scale.size() != 0) return "the router input norm";
   if (w.expert_weight_scale.size() != 0) return "a per-expert weight scale";
-  if (w.expert_table.size() != 0) return "hash routing";
-  if (!config.expert_glu.plain() || !config.shared_glu.plain()) return "clamped GLU experts";
-  if (config.weight_expert_input) return "weights applied to the expert input";
-  if (config.shared_combine != SharedCombine::sum || config.combine_in_float32)
-    return "this shared-expert combine";
+  if (config.combine_in_float32) return "the float32 shared-expert combine";
   if (config.latent_dim > 0) return "a latent projection";
-  if (w.output_bias.size() != 0 || w.experts.has_biases() || w.shared.has_biases())
-    return "expert biases";
   if (w.expert_input_norm.size() != 0 || w.expert_output_norm.size() != 0)
     return "norms around the experts";
   return nullptr;
 }
-
 
 /// What a gating's backward reads and writes. dweights [T x slots] is dL/d Routing::weights()
 /// (zero on slots that were not executed); dlogits [T x E] receives += dL/dz.
@@ -193,50 +147,20 @@ inline void noisy_losses(const gating::NoisyTopK& g, const GatingBackward<S>& a,
   }
 }
 
-/// dX = dH W_in etc. for one block of rows: the FFN backward shared by routed and shared experts.
-///   dA = dY W_out; dW_out += dY^T A; gated: dG = dA * up * act'(gate), dU = dA * act(gate),
-///   plain: dH = dA * act'(H); dW_in += dH^T X; dX = dH W_in (written over dY).
-/// x rows have stride ld_x; act rows stride ld_act; dh [n x in] contiguous; d_rows [n x D].
-template <class Ffn, class T>
-inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_in,
-                              MutMap<T> gw_out, const T* x, Index ld_x, const T* h, const T* act,
-                              Index ld_act, Index n, T* dh, T* d_rows) {
-  if (n == 0) return;
-  using A = typename Ffn::activation;
-  const Index d = w_in.cols(), f = w_out.cols(), in = w_in.rows();
-  using Strided = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
-  using StridedMut = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
-  MutMap<T> dy(d_rows, n, d);
-  Strided am(act, n, f, Eigen::OuterStride<>(ld_act));
-  Strided xm(x, n, d, Eigen::OuterStride<>(ld_x));
-  // dA goes where it is consumed: the up columns (gated) or dH itself (plain).
-  StridedMut da(dh + (Ffn::gated ? f : 0), n, f, Eigen::OuterStride<>(in));
-  da.noalias() = dy * w_out;
-  gw_out.noalias() += dy.transpose() * am;
-  for (Index r = 0; r < n; ++r) {
-    T* dr = dh + r * in;
-    const T* hr = h + r * in;
-    if constexpr (Ffn::gated) {
-      for (Index i = 0; i < f; ++i) {
-        const T dai = dr[f + i], gi = hr[i];
-        dr[i] = dai * hr[f + i] * A::derivative(gi);
-        dr[f + i] = dai * A::value(gi);
-      }
-    } else {
-      for (Index i = 0; i < f; ++i) dr[i] *= A::derivative(hr[i]);
-    }
-  }
-  ConstMap<T> dhm(dh, n, in);
-  gw_in.noalias() += dhm.transpose() * xm;
-  dy.noalias() = dhm * w_in;
-}
-
 }  // namespace detail
 
 /// Backward of SparseMoeBlock::forward for the loss
 ///   L = <y, dy> + coeffs.aux * L_aux + coeffs.z * L_z (+ Shazeer terms for noisy top-k):
-/// ADDS dL/dW into grads (router, router_noise, every routed expert, shared expert, shared gate)
-/// and WRITES dL/dx into dx (overwritten, like forward's y).
+/// ADDS dL/dW into grads (router, router_noise, the router logit bias, every routed expert and
+/// its biases, the shared expert, its gate, the output bias) and WRITES dL/dx into dx
+/// (overwritten, like forward's y).
+///
+/// Family features differentiated (issue 12): the router logit bias (gpt-oss) and soft-capping
+/// (Laguna); every GluOptions form (gpt-oss, DeepSeek-V4 and Step clamps: zero gradient where a
+/// clamp holds); expert and output biases; the weight on the expert input (Llama 4); routed
+/// output scale; the averaged shared expert (Cohere2); hash routing (the table lookup has no
+/// gradient, the weights do). The selection bias only chooses experts: no gradient. Refused with
+/// a config_error naming the feature: see detail::undifferentiated_feature.
 ///
 /// x [T x d_model] must be the input of the forward that filled ws, run with
 /// ws.set_training(true) on this block (the workspace keeps pre-activations, activations,
@@ -314,6 +238,13 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   const ExpertStack<T>& ex = W.experts;
   const Index N = plan.num_rows, in = ex.in_rows(), f = config.d_ff;
   const auto rw = routing.weights();
+  // y = (routed_scale * sum_j w_j FFN_j + output_bias + g * shared) * combine, with
+  // combine = 1/2 for the averaged shared expert (Cohere2): the upstream gradient of each part.
+  const T combine = config.shared_combine == SharedCombine::average ? T(0.5) : T(1);
+  const T routed_dy = combine * static_cast<T>(gating::routed_output_scale(block.gating()));
+  // Llama 4 weights the expert input instead: y = sum_j FFN_j(w_j x), so dL/dw_j = x . dX_j once
+  // the experts' backward has run, and the dY rows carry no weight.
+  const bool weighted_input = config.weight_expert_input;
 
   // ---- dL/d routing weight: dy_t . y_rows[r]; and dY rows = w * dy_t ----------------------
   S* dweights = bws.dweights_.ensure(num_tokens * slots);
@@ -323,13 +254,15 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   for (Index t = 0; t < num_tokens; ++t) {
     for (Index j = 0; j < slots; ++j) {
       const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      if (r < 0) {
-        dweights[t * slots + j] = S(0);
+      dweights[t * slots + j] = S(0);
+      if (r < 0) continue;
+      if (weighted_input) {
+        MutMap<T>(d_rows + r * d, 1, d) = routed_dy * dy.row(t);
         continue;
       }
       dweights[t * slots + j] =
-          static_cast<S>(dy.row(t).dot(ConstMap<T>(y_rows + r * d, 1, d).row(0)));
-      MutMap<T>(d_rows + r * d, 1, d) = static_cast<T>(rw(t, j)) * dy.row(t);
+          static_cast<S>(routed_dy * dy.row(t).dot(ConstMap<T>(y_rows + r * d, 1, d).row(0)));
+      MutMap<T>(d_rows + r * d, 1, d) = (routed_dy * static_cast<T>(rw(t, j))) * dy.row(t);
     }
   }
 
@@ -347,22 +280,38 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
           ex.w_in(task), ex.w_out(task), grads.experts.w_in(task), grads.experts.w_out(task),
           detail::WorkspaceAccess::x_rows(ws).data() + b * d, d,
           detail::WorkspaceAccess::hidden(ws).data() + b * in,
-          detail::WorkspaceAccess::act(ws).data() + b * f, f, n, dh + b * in, d_rows + b * d);
+          detail::WorkspaceAccess::act(ws).data() + b * f, f, n, dh + b * in, d_rows + b * d,
+          config.expert_glu, detail::bias_grads(grads.experts, task));
       return;
     }
     const T* s_y = detail::WorkspaceAccess::shared_y(ws).data();
     const T* s_gate = detail::WorkspaceAccess::shared_gate(ws).data();
     for (Index t = 0; t < num_tokens; ++t) {
-      const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
+      const T dg = combine * dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
       const T g = s_gate[t];
       dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
-      MutMap<T>(ds_y + t * d, 1, d) = g * dy.row(t);
+      MutMap<T>(ds_y + t * d, 1, d) = (combine * g) * dy.row(t);
     }
     detail::ffn_backward_rows<Ffn, T>(
         W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0), grads.shared.w_out(0), x.data(),
         x.outerStride(), detail::WorkspaceAccess::shared_hidden(ws).data(),
-        detail::WorkspaceAccess::shared_act(ws).data(), fs, num_tokens, ds_h, ds_y);
+        detail::WorkspaceAccess::shared_act(ws).data(), fs, num_tokens, ds_h, ds_y,
+        config.shared_glu, detail::bias_grads(grads.shared, 0));
   });
+  if (weighted_input) {
+    for (Index t = 0; t < num_tokens; ++t) {
+      for (Index j = 0; j < slots; ++j) {
+        const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
+        if (r >= 0) {
+          dweights[t * slots + j] =
+              static_cast<S>(x.row(t).dot(ConstMap<T>(d_rows + r * d, 1, d).row(0)));
+        }
+      }
+    }
+  }
+  if (grads.output_bias.size() != 0) {
+    grads.output_bias += combine * dy.colwise().sum().transpose();
+  }
 
   // ---- routing: weights -> logits, plus the auxiliary losses -----------------------------
   S* dlogits = bws.dlogits_.ensure(num_tokens * E);
@@ -407,6 +356,21 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
       break;
   }
   values.z = losses::router_z_loss<S>(logits, coeffs.z != 0 ? dlogits : nullptr, coeffs.z);
+  if (config.router_logit_softcap > 0) {
+    // The kept logits are already capped, c tanh(z / c): d/dz = 1 - (capped / c)^2.
+    const S c = static_cast<S>(config.router_logit_softcap);
+    for (Index i = 0; i < num_tokens * E; ++i) {
+      const S u = logits.data()[i] / c;
+      dlogits[i] *= S(1) - u * u;
+    }
+  }
+  if (grads.router_logit_bias.size() != 0) {
+    for (Index t = 0; t < num_tokens; ++t) {
+      for (Index e = 0; e < E; ++e) {
+        grads.router_logit_bias[e] += static_cast<T>(dlogits[t * E + e]);
+      }
+    }
+  }
 
   // ---- parameters and input of the router --------------------------------------------------
   ConstMap<S> dz(dlogits, num_tokens, E);
@@ -433,7 +397,12 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
     auto dxr = dx.row(t);
     for (Index j = 0; j < slots; ++j) {
       const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      if (r >= 0) dxr += ConstMap<T>(d_rows + r * d, 1, d);
+      if (r < 0) continue;
+      if (weighted_input) {
+        dxr += static_cast<T>(rw(t, j)) * ConstMap<T>(d_rows + r * d, 1, d);
+      } else {
+        dxr += ConstMap<T>(d_rows + r * d, 1, d);
+      }
     }
     if (has_shared) {
       dxr += ConstMap<T>(ds_y + t * d, 1, d);
