@@ -88,6 +88,12 @@ class SparseMoeBlock {
                       router_.num_scored(config_));
     router_.prepare(weights_);
     if constexpr (compact) {
+      // The compact products have no bias terms: dropping gpt-oss's / JetMoE's biases would
+      // change the output without a word.
+      if (weights_.experts.has_biases()) {
+        throw config_error(
+            "moe: compact experts do not apply expert biases (gpt-oss, JetMoE): use NativeExperts");
+      }
       experts_ = CompactStack::from(weights_.experts);
       weights_.experts = ExpertStack<T>();
     }
