@@ -146,6 +146,9 @@ struct StackTraits<CompactExpertStack<F>> {
   using matrix = CompactMatrix<F>;
   static constexpr bool quant = false;
 };
+// The fast bf16 stack holds the same matrices as CompactExpertStack<Bf16>.
+template <>
+struct StackTraits<Bf16FastExpertStack> : StackTraits<CompactExpertStack<Bf16>> {};
 template <class F, QuantLayout L>
 struct StackTraits<QuantExpertStack<F, L>> {
   using format = F;
