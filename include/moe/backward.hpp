@@ -31,58 +31,20 @@
 #include <Eigen/Core>
 
 #include "moe/block.hpp"
+#include "moe/detail/backward_steps.hpp"
 #include "moe/detail/buffer.hpp"
 #include "moe/error.hpp"
 #include "moe/gating.hpp"
 #include "moe/gradients.hpp"
+#include "moe/kernels/row_products.hpp"
 #include "moe/losses.hpp"
+#include "moe/losses/coefficients.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 #include "moe/threading.hpp"
 #include "moe/workspace.hpp"
 
 namespace moe {
-
-/// Which balance loss LossCoefficients::aux weights.
-enum class AuxLoss {
-  none,
-  /// HF Mixtral-family load_balancing_loss_func (losses::load_balancing_loss), with the
-  /// normalisation and token mask of LossCoefficients.
-  load_balancing,
-  /// HF Switch top-1 loss, groups = sequences of seq_len (losses::switch_load_balancing_loss),
-  /// on the chosen expert of every token (dropped ones included, as HF's aux_loss).
-  switch_top1,
-  /// DeepSeek-V3 sequence-wise balance loss (losses::deepseek_sequence_balance_loss).
-  deepseek_sequence,
-};
-
-/// The loss the backward differentiates besides the upstream gradient dy:
-///   L = <y, dy> + aux * L_aux + z * L_z (+ importance * L_importance + load * L_load, noisy
-///   top-k only)
-/// Coefficients are raw multipliers (HF router_aux_loss_coef, router_z_loss_coef).
-struct LossCoefficients {
-  double aux = 0;  ///< weight of the balance loss (0: no gradient)
-  AuxLoss aux_loss = AuxLoss::load_balancing;
-  BalanceNormalization normalization = BalanceNormalization::hf;  ///< load_balancing only
-  double z = 0;                                                   ///< router z-loss weight
-  double importance = 0;  ///< Shazeer importance loss weight (noisy top-k)
-  double load = 0;        ///< Shazeer load loss weight (noisy top-k)
-  /// Tokens per sequence for the per-sequence losses (switch_top1, deepseek_sequence); 0 = the
-  /// whole batch is one sequence. Must divide the number of tokens.
-  Index seq_len = 0;
-  /// null, or [T] weights of the load_balancing loss (HF attention_mask: 1 real, 0 padding).
-  const double* token_mask = nullptr;
-};
-
-/// Raw values of the losses of the call (before coefficients; computed whether or not their
-/// coefficient is 0, so a training loop can log them).
-struct LossValues {
-  double aux = 0, z = 0, importance = 0, load = 0;
-  /// sum of coefficient * value over the auxiliary terms
-  double weighted(const LossCoefficients& c) const {
-    return c.aux * aux + c.z * z + c.importance * importance + c.load * load;
-  }
-};
 
 /// Scratch of block_backward, grow-only: after the first call with the largest batch a backward
 /// allocates nothing of ours (Eigen's GEMM packing may). One per calling thread.
@@ -197,10 +159,14 @@ inline void noisy_losses(const gating::NoisyTopK& g, const GatingBackward<S>& a,
 ///   dA = dY W_out; dW_out += dY^T A; gated: dG = dA * up * act'(gate), dU = dA * act(gate),
 ///   plain: dH = dA * act'(H); dW_in += dH^T X; dX = dH W_in (written over dY).
 /// x rows have stride ld_x; act rows stride ld_act; dh [n x in] contiguous; d_rows [n x D].
+/// row_invariant: dA and dX row by row (kernels::rows_times_matrix), so a row's input gradient
+/// does not depend on the other rows (Eigen's GEMM rounds by position; used for the shared
+/// expert on small batches so that a slice of the batch gives the same bits, moe/distributed).
 template <class Ffn, class T>
 inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_in,
                               MutMap<T> gw_out, const T* x, Index ld_x, const T* h, const T* act,
-                              Index ld_act, Index n, T* dh, T* d_rows) {
+                              Index ld_act, Index n, T* dh, T* d_rows,
+                              bool row_invariant = false) {
   if (n == 0) return;
   using A = typename Ffn::activation;
   const Index d = w_in.cols(), f = w_out.cols(), in = w_in.rows();
@@ -211,8 +177,24 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
   Strided xm(x, n, d, Eigen::OuterStride<>(ld_x));
   // dA goes where it is consumed: the up columns (gated) or dH itself (plain).
   StridedMut da(dh + (Ffn::gated ? f : 0), n, f, Eigen::OuterStride<>(in));
-  da.noalias() = dy * w_out;
-  gw_out.noalias() += dy.transpose() * am;
+  // Eigen computes tiny products (rows + cols + depth below EIGEN_GEMM_TO_COEFFBASED_THRESHOLD)
+  // coefficient-wise straight into the destination, vectorised from its first aligned element:
+  // results then round by where the destination sits in memory (seen: d_model 7, d_ff 5, one row;
+  // an expert-parallel rank stacks its rows and gradients elsewhere). Through a fresh temporary
+  // only the values count.
+  const bool tiny = n + d + std::max(f, in) < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD;
+  if (row_invariant) {
+    kernels::rows_times_matrix(d_rows, n, d, d, w_out.data(), f, f, da.data(), in);
+  } else if (tiny) {
+    da = (dy * w_out).eval();
+  } else {
+    da.noalias() = dy * w_out;
+  }
+  if (tiny) {
+    gw_out += (dy.transpose() * am).eval();
+  } else {
+    gw_out.noalias() += dy.transpose() * am;
+  }
   for (Index r = 0; r < n; ++r) {
     T* dr = dh + r * in;
     const T* hr = h + r * in;
@@ -227,8 +209,39 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
     }
   }
   ConstMap<T> dhm(dh, n, in);
-  gw_in.noalias() += dhm.transpose() * xm;
-  dy.noalias() = dhm * w_in;
+  if (tiny) {
+    gw_in += (dhm.transpose() * xm).eval();
+  } else {
+    gw_in.noalias() += dhm.transpose() * xm;
+  }
+  if (row_invariant) {
+    kernels::rows_times_matrix(dh, n, in, in, w_in.data(), d, d, d_rows, d);
+  } else if (tiny) {
+    dy = (dhm * w_in).eval();
+  } else {
+    dy.noalias() = dhm * w_in;
+  }
+}
+
+/// The shared expert's backward on T tokens (saved forward values s_y [T x D] output, s_gate [T]
+/// scale, s_hidden [T x Is], s_act [T x Fs]): adds its weight gradients into grads.shared; writes
+/// its input-gradient rows into ds_y [T x D] and dL/d gate pre-activation into dgate [T] (0
+/// without Qwen2-MoE's gate). ds_h [T x Is] scratch. row_invariant as ffn_backward_rows.
+template <class Ffn, class T>
+void shared_expert_backward(const MoeConfig& config, const MoeWeights<T>& W,
+                            MoeGradients<T>& grads, const MatrixRef<T>& x, const MatrixRef<T>& dy,
+                            const T* s_y, const T* s_gate, const T* s_hidden, const T* s_act,
+                            bool row_invariant, T* ds_y, T* ds_h, T* dgate) {
+  const Index num_tokens = x.rows(), d = config.d_model;
+  for (Index t = 0; t < num_tokens; ++t) {
+    const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
+    const T g = s_gate[t];
+    dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
+    MutMap<T>(ds_y + t * d, 1, d) = g * dy.row(t);
+  }
+  ffn_backward_rows<Ffn, T>(W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0),
+                            grads.shared.w_out(0), x.data(), x.outerStride(), s_hidden, s_act,
+                            config.shared_d_ff, num_tokens, ds_h, ds_y, row_invariant);
 }
 
 }  // namespace detail
@@ -319,23 +332,13 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   S* dweights = bws.dweights_.ensure(num_tokens * slots);
   T* d_rows = bws.d_rows_.ensure(N * d);
   T* dh = bws.dh_.ensure(N * in);
-  const T* y_rows = detail::WorkspaceAccess::y_rows(ws).data();
-  for (Index t = 0; t < num_tokens; ++t) {
-    for (Index j = 0; j < slots; ++j) {
-      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      if (r < 0) {
-        dweights[t * slots + j] = S(0);
-        continue;
-      }
-      dweights[t * slots + j] =
-          static_cast<S>(dy.row(t).dot(ConstMap<T>(y_rows + r * d, 1, d).row(0)));
-      MutMap<T>(d_rows + r * d, 1, d) = static_cast<T>(rw(t, j)) * dy.row(t);
-    }
-  }
+  detail::routing_weight_gradients<T, S>(plan.slot_row.data(), rw, dy,
+                                         detail::WorkspaceAccess::y_rows(ws).data(), dweights,
+                                         d_rows);
 
   // ---- experts (one task each) and the shared expert (one task) --------------------------
   const bool has_shared = config.shared_d_ff > 0;
-  const Index fs = config.shared_d_ff, in_s = W.shared.in_rows();
+  const Index in_s = W.shared.in_rows();
   T* ds_y = has_shared ? bws.ds_y_.ensure(num_tokens * d) : nullptr;
   T* ds_h = has_shared ? bws.ds_h_.ensure(num_tokens * in_s) : nullptr;
   T* dgate = has_shared ? bws.dgate_.ensure(num_tokens) : nullptr;
@@ -350,18 +353,12 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
           detail::WorkspaceAccess::act(ws).data() + b * f, f, n, dh + b * in, d_rows + b * d);
       return;
     }
-    const T* s_y = detail::WorkspaceAccess::shared_y(ws).data();
-    const T* s_gate = detail::WorkspaceAccess::shared_gate(ws).data();
-    for (Index t = 0; t < num_tokens; ++t) {
-      const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
-      const T g = s_gate[t];
-      dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
-      MutMap<T>(ds_y + t * d, 1, d) = g * dy.row(t);
-    }
-    detail::ffn_backward_rows<Ffn, T>(
-        W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0), grads.shared.w_out(0), x.data(),
-        x.outerStride(), detail::WorkspaceAccess::shared_hidden(ws).data(),
-        detail::WorkspaceAccess::shared_act(ws).data(), fs, num_tokens, ds_h, ds_y);
+    detail::shared_expert_backward<Ffn, T>(
+        config, W, grads, x, dy, detail::WorkspaceAccess::shared_y(ws).data(),
+        detail::WorkspaceAccess::shared_gate(ws).data(),
+        detail::WorkspaceAccess::shared_hidden(ws).data(),
+        detail::WorkspaceAccess::shared_act(ws).data(), use_stream<T>(num_tokens, d), ds_y, ds_h,
+        dgate);
   });
 
   // ---- routing: weights -> logits, plus the auxiliary losses -----------------------------
@@ -386,60 +383,21 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   } else {
     block.gating().backward(config, routing, dweights, dlogits);
   }
-  const auto logits = routing.logits();
-  switch (coeffs.aux_loss) {
-    case AuxLoss::none:
-      break;
-    case AuxLoss::load_balancing:
-      values.aux = losses::load_balancing_loss<S>(logits, config.top_k, coeffs.normalization,
-                                                  coeffs.token_mask,
-                                                  coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
-      break;
-    case AuxLoss::switch_top1:
-      values.aux =
-          losses::switch_load_balancing_loss<S>(logits, routing.experts(), coeffs.seq_len,
-                                                coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
-      break;
-    case AuxLoss::deepseek_sequence:
-      values.aux = losses::deepseek_sequence_balance_loss<S>(
-          logits, routing.experts(), coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr,
-          coeffs.aux);
-      break;
-  }
-  values.z = losses::router_z_loss<S>(logits, coeffs.z != 0 ? dlogits : nullptr, coeffs.z);
+  detail::add_routing_losses<S>(config, coeffs, routing.logits(), routing.experts(), dlogits,
+                                values);
 
   // ---- parameters and input of the router --------------------------------------------------
-  ConstMap<S> dz(dlogits, num_tokens, E);
-  if constexpr (std::is_same_v<S, T>) {
-    grads.router.noalias() += dz.transpose() * x;
-    dx.noalias() = dz * W.router;
-  } else {
-    const RowMatrix<T> dzt = dz.template cast<T>();
-    grads.router.noalias() += dzt.transpose() * x;
-    dx.noalias() = dzt * W.router;
-  }
+  const bool has_gate = has_shared && config.shared_expert_gate;
+  detail::router_input_backward<T, S>(W, grads, x, dlogits, has_gate ? dgate : nullptr, dx);
   if constexpr (Gating::uses_noise) {
     const RowMatrix<T> dnt = ConstMap<S>(dnoise, num_tokens, E).template cast<T>();
     grads.router_noise.noalias() += dnt.transpose() * x;
     dx.noalias() += dnt * W.router_noise;
   }
-  if (has_shared && config.shared_expert_gate) {
-    const Eigen::Map<const RowMatrix<T>> dg(dgate, 1, num_tokens);
-    grads.shared_gate.noalias() += dg * x;
-  }
 
   // ---- dx: expert rows in slot order, then the shared expert and its gate ----------------
-  for (Index t = 0; t < num_tokens; ++t) {
-    auto dxr = dx.row(t);
-    for (Index j = 0; j < slots; ++j) {
-      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      if (r >= 0) dxr += ConstMap<T>(d_rows + r * d, 1, d);
-    }
-    if (has_shared) {
-      dxr += ConstMap<T>(ds_y + t * d, 1, d);
-      if (config.shared_expert_gate) dxr += dgate[t] * W.shared_gate.row(0);
-    }
-  }
+  detail::add_expert_input_gradients<T>(plan.slot_row.data(), slots, d_rows, ds_y,
+                                        has_gate ? dgate : nullptr, W.shared_gate, dx);
   return values;
 }
 
