@@ -91,7 +91,6 @@ const char* undifferentiated_feature(const MoeConfig& config, const MoeWeights<T
   return nullptr;
 }
 
-
 /// What a gating's backward reads and writes. dweights [T x slots] is dL/d Routing::weights()
 /// (zero on slots that were not executed); dlogits [T x E] receives += dL/dz.
 template <class S>
@@ -165,8 +164,7 @@ inline void noisy_losses(const gating::NoisyTopK& g, const GatingBackward<S>& a,
 template <class Ffn, class T>
 inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_in,
                               MutMap<T> gw_out, const T* x, Index ld_x, const T* h, const T* act,
-                              Index ld_act, Index n, T* dh, T* d_rows,
-                              bool row_invariant = false) {
+                              Index ld_act, Index n, T* dh, T* d_rows, bool row_invariant = false) {
   if (n == 0) return;
   using A = typename Ffn::activation;
   const Index d = w_in.cols(), f = w_out.cols(), in = w_in.rows();
@@ -228,10 +226,10 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
 /// its input-gradient rows into ds_y [T x D] and dL/d gate pre-activation into dgate [T] (0
 /// without Qwen2-MoE's gate). ds_h [T x Is] scratch. row_invariant as ffn_backward_rows.
 template <class Ffn, class T>
-void shared_expert_backward(const MoeConfig& config, const MoeWeights<T>& W,
-                            MoeGradients<T>& grads, const MatrixRef<T>& x, const MatrixRef<T>& dy,
-                            const T* s_y, const T* s_gate, const T* s_hidden, const T* s_act,
-                            bool row_invariant, T* ds_y, T* ds_h, T* dgate) {
+void shared_expert_backward(const MoeConfig& config, const MoeWeights<T>& W, MoeGradients<T>& grads,
+                            const MatrixRef<T>& x, const MatrixRef<T>& dy, const T* s_y,
+                            const T* s_gate, const T* s_hidden, const T* s_act, bool row_invariant,
+                            T* ds_y, T* ds_h, T* dgate) {
   const Index num_tokens = x.rows(), d = config.d_model;
   for (Index t = 0; t < num_tokens; ++t) {
     const T dg = dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
@@ -332,9 +330,8 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   S* dweights = bws.dweights_.ensure(num_tokens * slots);
   T* d_rows = bws.d_rows_.ensure(N * d);
   T* dh = bws.dh_.ensure(N * in);
-  detail::routing_weight_gradients<T, S>(plan.slot_row.data(), rw, dy,
-                                         detail::WorkspaceAccess::y_rows(ws).data(), dweights,
-                                         d_rows);
+  detail::routing_weight_gradients<T, S>(
+      plan.slot_row.data(), rw, dy, detail::WorkspaceAccess::y_rows(ws).data(), dweights, d_rows);
 
   // ---- experts (one task each) and the shared expert (one task) --------------------------
   const bool has_shared = config.shared_d_ff > 0;
@@ -353,12 +350,12 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
           detail::WorkspaceAccess::act(ws).data() + b * f, f, n, dh + b * in, d_rows + b * d);
       return;
     }
-    detail::shared_expert_backward<Ffn, T>(
-        config, W, grads, x, dy, detail::WorkspaceAccess::shared_y(ws).data(),
-        detail::WorkspaceAccess::shared_gate(ws).data(),
-        detail::WorkspaceAccess::shared_hidden(ws).data(),
-        detail::WorkspaceAccess::shared_act(ws).data(), use_stream<T>(num_tokens, d), ds_y, ds_h,
-        dgate);
+    detail::shared_expert_backward<Ffn, T>(config, W, grads, x, dy,
+                                           detail::WorkspaceAccess::shared_y(ws).data(),
+                                           detail::WorkspaceAccess::shared_gate(ws).data(),
+                                           detail::WorkspaceAccess::shared_hidden(ws).data(),
+                                           detail::WorkspaceAccess::shared_act(ws).data(),
+                                           use_stream<T>(num_tokens, d), ds_y, ds_h, dgate);
   });
 
   // ---- routing: weights -> logits, plus the auxiliary losses -----------------------------

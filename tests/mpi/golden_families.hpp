@@ -13,10 +13,10 @@
 namespace moe::mpi_test {
 
 /// Every v1 golden file, as gtest parameters named by the file's stem.
-inline const auto kGoldenFiles = ::testing::Values(
-    "mixtral.safetensors", "mixtral_mask.safetensors", "olmoe.safetensors",
-    "qwen2_moe.safetensors", "qwen3_moe.safetensors", "deepseek_v3.safetensors",
-    "switch.safetensors", "switch_capacity.safetensors");
+inline const auto kGoldenFiles =
+    ::testing::Values("mixtral.safetensors", "mixtral_mask.safetensors", "olmoe.safetensors",
+                      "qwen2_moe.safetensors", "qwen3_moe.safetensors", "deepseek_v3.safetensors",
+                      "switch.safetensors", "switch_capacity.safetensors");
 inline std::string golden_test_name(const ::testing::TestParamInfo<std::string>& info) {
   return info.param.substr(0, info.param.find('.'));
 }

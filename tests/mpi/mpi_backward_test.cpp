@@ -73,7 +73,8 @@ void check_backward(const std::string& what, const MoeConfig& config, const MoeW
                     const RowMatrix<T>& dy_full, LossCoefficients coeffs,
                     const std::vector<double>& mask = {}) {
   coeffs.token_mask = mask.empty() ? nullptr : mask.data();
-  const Expected<T> want = single_process<T, G, Ffn>(config, full, options, x_full, dy_full, coeffs);
+  const Expected<T> want =
+      single_process<T, G, Ffn>(config, full, options, x_full, dy_full, coeffs);
   const double tol = sizeof(T) == 4 ? 2e-6 : 1e-13;
   const int R = ranks(), me = rank_of();
   for (const auto& [pname, placement] : placements(config.num_experts, R)) {
@@ -149,8 +150,7 @@ class GoldenFamilyBackward : public ::testing::TestWithParam<std::string> {};
 TEST_P(GoldenFamilyBackward, FloatBitwiseEqualToSingleProcess) { run_golden<float>(GetParam()); }
 TEST_P(GoldenFamilyBackward, DoubleBitwiseEqualToSingleProcess) { run_golden<double>(GetParam()); }
 
-INSTANTIATE_TEST_SUITE_P(Reference, GoldenFamilyBackward,
-                         kGoldenFiles, golden_test_name);
+INSTANTIATE_TEST_SUITE_P(Reference, GoldenFamilyBackward, kGoldenFiles, golden_test_name);
 
 // ---- awkward sizes, batch-dependent families -------------------------------------------------
 
@@ -226,8 +226,8 @@ TEST(ExpertParallelBackward, SharedExpertAboveTheStreamingSizeIsClose) {
   RowMatrix<float> y(mine, 256), dx(mine, 256);
   block.forward(x, y, ws);
   MoeGradients<float> grads = moe::distributed::zero_gradients(block);
-  moe::distributed::expert_parallel_backward(block, x, dy_full.middleRows(offset, mine), ws,
-                                             grads, dx, {});
+  moe::distributed::expert_parallel_backward(block, x, dy_full.middleRows(offset, mine), ws, grads,
+                                             dx, {});
   const RowMatrix<float> dx_want = want.dx.middleRows(offset, mine);
   const float err = (dx - dx_want).cwiseAbs().maxCoeff(), scale = dx_want.cwiseAbs().maxCoeff();
   EXPECT_LE(err, 1e-5f * scale) << "rank " << me;
@@ -240,7 +240,8 @@ TEST(ExpertParallelBackward, SharedExpertAboveTheStreamingSizeIsClose) {
                           RowMatrix<float>(want.grads.experts.w_in(held[i]))))
         << "expert " << held[i] << ", rank " << me;
   }
-  if (me == 0) std::printf("[ info ] dx of rank 0 of %d: max abs diff %g (scale %g)\n", R, err, scale);
+  if (me == 0)
+    std::printf("[ info ] dx of rank 0 of %d: max abs diff %g (scale %g)\n", R, err, scale);
 }
 
 // ---- errors -----------------------------------------------------------------------------------

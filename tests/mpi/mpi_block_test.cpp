@@ -88,8 +88,7 @@ class GoldenFamily : public ::testing::TestWithParam<std::string> {};
 TEST_P(GoldenFamily, FloatBitwiseEqualToSingleProcess) { run_golden<float>(GetParam()); }
 TEST_P(GoldenFamily, DoubleBitwiseEqualToSingleProcess) { run_golden<double>(GetParam()); }
 
-INSTANTIATE_TEST_SUITE_P(Reference, GoldenFamily,
-                         kGoldenFiles, golden_test_name);
+INSTANTIATE_TEST_SUITE_P(Reference, GoldenFamily, kGoldenFiles, golden_test_name);
 
 // ---- families and storages without a golden file; awkward sizes --------------------------------
 

@@ -59,9 +59,8 @@ void router_input_backward(const MoeWeights<T>& W, MoeGradients<T>& grads, const
 /// rows of d_rows [.. x D]; -1: not executed), then the shared expert's ds_y[t] (null: none) and
 /// dgate[t] * shared_gate (dgate null: no gate).
 template <class T>
-void add_expert_input_gradients(const Index* slot_row, Index slots, const T* d_rows,
-                                const T* ds_y, const T* dgate, const RowMatrix<T>& shared_gate,
-                                MatrixMut<T> dx) {
+void add_expert_input_gradients(const Index* slot_row, Index slots, const T* d_rows, const T* ds_y,
+                                const T* dgate, const RowMatrix<T>& shared_gate, MatrixMut<T> dx) {
   const Index d = dx.cols();
   for (Index t = 0; t < dx.rows(); ++t) {
     auto dxr = dx.row(t);

@@ -52,8 +52,8 @@ MoeGradients<T> zero_gradients(const ExpertParallelBlock<T, Gating, Ffn, NativeE
 template <class T>
 void allreduce_replicated_gradients(MPI_Comm comm, MoeGradients<T>& grads) {
   auto sum = [&](T* data, Index n) {
-    if (n > 0) MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), detail::mpi_type<T>(),
-                             MPI_SUM, comm);
+    if (n > 0)
+      MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), detail::mpi_type<T>(), MPI_SUM, comm);
   };
   sum(grads.router.data(), grads.router.size());
   sum(grads.router_noise.data(), grads.router_noise.size());
@@ -79,9 +79,10 @@ struct BackwardAccess {
           "(call ws.set_training(true) before forward)");
     }
     if (ws.trained_tokens_ != x.rows()) {
-      throw shape_error(moe::detail::concat("moe: expert_parallel_backward: the workspace holds "
-                                            "the forward of ",
-                                            ws.trained_tokens_, " tokens, x has ", x.rows()));
+      throw shape_error(
+          moe::detail::concat("moe: expert_parallel_backward: the workspace holds "
+                              "the forward of ",
+                              ws.trained_tokens_, " tokens, x has ", x.rows()));
     }
     moe::detail::check_shape("dy", dy.rows(), dy.cols(), x.rows(), config.d_model);
     moe::detail::check_shape("dx", dx.rows(), dx.cols(), x.rows(), config.d_model);
@@ -102,9 +103,10 @@ struct BackwardAccess {
     const char* what = moe::detail::undifferentiated_feature(config, W);
     if (what == nullptr && block.local_experts().has_biases()) what = "expert biases";
     if (what != nullptr) {
-      throw config_error(moe::detail::concat("moe: expert_parallel_backward does not "
-                                             "differentiate ",
-                                             what, " yet"));
+      throw config_error(
+          moe::detail::concat("moe: expert_parallel_backward does not "
+                              "differentiate ",
+                              what, " yet"));
     }
     if (block.exchange_options().bf16_rows) {
       throw config_error(
@@ -149,9 +151,9 @@ struct BackwardAccess {
 
   template <class T, class Gating, class Ffn>
   static LossValues run(const ExpertParallelBlock<T, Gating, Ffn, NativeExperts>& block,
-                        const MatrixRef<T>& x, const MatrixRef<T>& dy, ExpertParallelWorkspace<T>& ws,
-                        MoeGradients<T>& grads, MatrixMut<T> dx, const LossCoefficients& coeffs,
-                        bool any_mask, const Executor& executor) {
+                        const MatrixRef<T>& x, const MatrixRef<T>& dy,
+                        ExpertParallelWorkspace<T>& ws, MoeGradients<T>& grads, MatrixMut<T> dx,
+                        const LossCoefficients& coeffs, bool any_mask, const Executor& executor) {
     using S = RouteScalar<T>;
     const MPI_Comm comm = block.communicator();
     const int R = block.num_ranks(), me = block.rank();
@@ -203,15 +205,15 @@ struct BackwardAccess {
         const Index at = plan.expert_off[task], n = plan.expert_off[task + 1] - at;
         moe::detail::ffn_backward_rows<Ffn, T>(
             ex.w_in(task), ex.w_out(task), grads.experts.w_in(task), grads.experts.w_out(task),
-            ws.x_rows_.data() + at * d, d, saved.hidden.data() + at * in,
-            saved.act.data() + at * f, f, n, dh + at * in, d_rows + at * d);
+            ws.x_rows_.data() + at * d, d, saved.hidden.data() + at * in, saved.act.data() + at * f,
+            f, n, dh + at * in, d_rows + at * d);
         return;
       }
       // Row by row exactly when the single-process block is, i.e. decided on the whole batch.
       moe::detail::shared_expert_backward<Ffn, T>(
           config, W, grads, x, dy, ws.shared_y_.data(), saved.shared_gate.data(),
-          saved.shared_hidden.data(), saved.shared_act.data(), use_stream<T>(total, d), ds_y,
-          ds_h, dgate);
+          saved.shared_hidden.data(), saved.shared_act.data(), use_stream<T>(total, d), ds_y, ds_h,
+          dgate);
     });
 
     // ---- input-gradient rows back to the tokens' ranks, in send order ------------------------
@@ -236,8 +238,8 @@ struct BackwardAccess {
     LossCoefficients whole = coeffs;
     if (any_mask) {
       double* mask = ws.token_mask_.ensure(total);
-      gather_rows(comm, coeffs.token_mask, 1, MPI_DOUBLE, mask, plan.tokens_of, R,
-                  ws.gather_ints_, me);
+      gather_rows(comm, coeffs.token_mask, 1, MPI_DOUBLE, mask, plan.tokens_of, R, ws.gather_ints_,
+                  me);
       whole.token_mask = mask;
     }
     const MatrixRef<S> logits_all(ConstMap<S>(global.logits().data(), total, E));
@@ -258,11 +260,11 @@ struct BackwardAccess {
 /// block_backward on the concatenation of all ranks' tokens (rank order):
 ///   L = <y, dy> + coeffs.aux * L_aux + coeffs.z * L_z,
 /// with the auxiliary losses over the whole batch (coeffs.token_mask: this rank's [tokens]
-/// mask; pass one on every rank that has tokens, or on none). Collective. WRITES dx [tokens x d_model] and ADDS
-/// into grads (shaped by zero_gradients(block)): this rank's experts' weight gradients (from
-/// every rank's tokens routed to them), and this rank's tokens' share of the replicated
-/// parameters' gradients (sum them with allreduce_replicated_gradients). Returns the whole
-/// batch's raw loss values (the same on every rank).
+/// mask; pass one on every rank that has tokens, or on none). Collective. WRITES dx [tokens x
+/// d_model] and ADDS into grads (shaped by zero_gradients(block)): this rank's experts' weight
+/// gradients (from every rank's tokens routed to them), and this rank's tokens' share of the
+/// replicated parameters' gradients (sum them with allreduce_replicated_gradients). Returns the
+/// whole batch's raw loss values (the same on every rank).
 ///
 /// ws must hold this block's forward of x in training mode (ws.set_training(true) before
 /// forward). Bitwise equal to block_backward on the concatenated batch: dx, dL/d routing weights

@@ -45,8 +45,8 @@ struct LocalExpertScratch {
 template <class Ffn, class T, class Stack>
 void run_local_experts(const Stack& experts, const Index* counts, const Index* offsets,
                        const T* x_rows, T* y_rows, const ExpertStack<T>& shared,
-                       const MatrixRef<T>& x, T* shared_y, LocalExpertScratch<T>& s,
-                       bool training, const Executor& executor) {
+                       const MatrixRef<T>& x, T* shared_y, LocalExpertScratch<T>& s, bool training,
+                       const Executor& executor) {
   const Index num_local = experts.num_experts();
   const Index rows_total = num_local > 0 ? offsets[num_local] : 0;
   GroupedRows<T> rows;
@@ -69,9 +69,9 @@ void run_local_experts(const Stack& experts, const Index* counts, const Index* o
   SharedJob shared_job{};
   if (has_shared) {
     T* s_act = training ? s.shared_act.ensure(x.rows() * shared.d_ff()) : s_hidden;
-    shared_job = moe::detail::expert_job(shared, 0, x.data(), x.outerStride(), x.rows(), s_hidden,
-                                         s_act, training ? shared.d_ff() : shared.in_rows(),
-                                         shared_y);
+    shared_job =
+        moe::detail::expert_job(shared, 0, x.data(), x.outerStride(), x.rows(), s_hidden, s_act,
+                                training ? shared.d_ff() : shared.in_rows(), shared_y);
   }
   moe::detail::run_ffn_jobs<Ffn>(
       num_local, [&](Index e) { return moe::detail::grouped_expert_job(experts, rows, e); },

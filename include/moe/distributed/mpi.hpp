@@ -148,7 +148,8 @@ class ExpertParallelBlock {
       moe::detail::check_shape("x", xr.rows(), xr.cols(), xr.rows(), config_.d_model);
       moe::detail::check_shape("y", y.rows(), y.cols(), xr.rows(), config_.d_model);
       if (compact && ws.training_) {
-        throw config_error("moe: training needs native expert storage (compact experts infer only)");
+        throw config_error(
+            "moe: training needs native expert storage (compact experts infer only)");
       }
     });
     or_abort(comm_, [&] { forward_impl(xr, y, ws, executor); });

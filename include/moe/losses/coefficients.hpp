@@ -68,8 +68,8 @@ void add_routing_losses(const MoeConfig& config, const LossCoefficients& coeffs,
                                              coeffs.aux);
       break;
     case AuxLoss::switch_top1:
-      v.aux = losses::switch_load_balancing_loss<S>(logits, experts, coeffs.seq_len,
-                                                    coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
+      v.aux = losses::switch_load_balancing_loss<S>(
+          logits, experts, coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
       break;
     case AuxLoss::deepseek_sequence:
       v.aux = losses::deepseek_sequence_balance_loss<S>(
