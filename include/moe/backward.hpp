@@ -32,11 +32,13 @@
 #include <Eigen/Core>
 
 #include "moe/block.hpp"
+#include "moe/detail/backward_steps.hpp"
 #include "moe/detail/buffer.hpp"
 #include "moe/error.hpp"
 #include "moe/experts/ffn_backward.hpp"
 #include "moe/gating.hpp"
 #include "moe/gradients.hpp"
+#include "moe/kernels/row_products.hpp"
 #include "moe/losses.hpp"
 #include "moe/losses/coefficients.hpp"
 #include "moe/routing.hpp"
@@ -147,6 +149,29 @@ inline void noisy_losses(const gating::NoisyTopK& g, const GatingBackward<S>& a,
   }
 }
 
+/// The shared expert's backward on T tokens (saved forward values s_y [T x D] output, s_gate [T]
+/// scale, s_hidden [T x Is], s_act [T x Fs]): adds its weight gradients into grads.shared; writes
+/// its input-gradient rows into ds_y [T x D] and dL/d gate pre-activation into dgate [T] (0
+/// without Qwen2-MoE's gate). ds_h [T x Is] scratch. row_invariant as ffn_backward_rows.
+template <class Ffn, class T>
+void shared_expert_backward(const MoeConfig& config, const MoeWeights<T>& W,
+                            MoeGradients<T>& grads, const MatrixRef<T>& x, const MatrixRef<T>& dy,
+                            const T* s_y, const T* s_gate, const T* s_hidden, const T* s_act,
+                            bool row_invariant, T* ds_y, T* ds_h, T* dgate) {
+  const Index num_tokens = x.rows(), d = config.d_model;
+  const T combine = combine_factor<T>(config);
+  for (Index t = 0; t < num_tokens; ++t) {
+    const T dg = combine * dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
+    const T g = s_gate[t];
+    dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
+    MutMap<T>(ds_y + t * d, 1, d) = (combine * g) * dy.row(t);
+  }
+  ffn_backward_rows<Ffn, T>(W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0),
+                            grads.shared.w_out(0), x.data(), x.outerStride(), s_hidden, s_act,
+                            config.shared_d_ff, num_tokens, ds_h, ds_y, config.shared_glu,
+                            bias_grads(grads.shared, 0), row_invariant);
+}
+
 }  // namespace detail
 
 /// Backward of SparseMoeBlock::forward for the loss
@@ -240,7 +265,7 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   const auto rw = routing.weights();
   // y = (routed_scale * sum_j w_j FFN_j + output_bias + g * shared) * combine, with
   // combine = 1/2 for the averaged shared expert (Cohere2): the upstream gradient of each part.
-  const T combine = config.shared_combine == SharedCombine::average ? T(0.5) : T(1);
+  const T combine = detail::combine_factor<T>(config);
   const T routed_dy = combine * static_cast<T>(gating::routed_output_scale(block.gating()));
   // Llama 4 weights the expert input instead: y = sum_j FFN_j(w_j x), so dL/dw_j = x . dX_j once
   // the experts' backward has run, and the dY rows carry no weight.
@@ -250,25 +275,13 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   S* dweights = bws.dweights_.ensure(num_tokens * slots);
   T* d_rows = bws.d_rows_.ensure(N * d);
   T* dh = bws.dh_.ensure(N * in);
-  const T* y_rows = detail::WorkspaceAccess::y_rows(ws).data();
-  for (Index t = 0; t < num_tokens; ++t) {
-    for (Index j = 0; j < slots; ++j) {
-      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      dweights[t * slots + j] = S(0);
-      if (r < 0) continue;
-      if (weighted_input) {
-        MutMap<T>(d_rows + r * d, 1, d) = routed_dy * dy.row(t);
-        continue;
-      }
-      dweights[t * slots + j] =
-          static_cast<S>(routed_dy * dy.row(t).dot(ConstMap<T>(y_rows + r * d, 1, d).row(0)));
-      MutMap<T>(d_rows + r * d, 1, d) = (routed_dy * static_cast<T>(rw(t, j))) * dy.row(t);
-    }
-  }
+  detail::routing_weight_gradients<T, S>(plan.slot_row.data(), rw, dy,
+                                         detail::WorkspaceAccess::y_rows(ws).data(), dweights,
+                                         d_rows, routed_dy, weighted_input);
 
   // ---- experts (one task each) and the shared expert (one task) --------------------------
   const bool has_shared = config.shared_d_ff > 0;
-  const Index fs = config.shared_d_ff, in_s = W.shared.in_rows();
+  const Index in_s = W.shared.in_rows();
   T* ds_y = has_shared ? bws.ds_y_.ensure(num_tokens * d) : nullptr;
   T* ds_h = has_shared ? bws.ds_h_.ensure(num_tokens * in_s) : nullptr;
   T* dgate = has_shared ? bws.dgate_.ensure(num_tokens) : nullptr;
@@ -284,30 +297,15 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
           config.expert_glu, detail::bias_grads(grads.experts, task));
       return;
     }
-    const T* s_y = detail::WorkspaceAccess::shared_y(ws).data();
-    const T* s_gate = detail::WorkspaceAccess::shared_gate(ws).data();
-    for (Index t = 0; t < num_tokens; ++t) {
-      const T dg = combine * dy.row(t).dot(ConstMap<T>(s_y + t * d, 1, d).row(0));
-      const T g = s_gate[t];
-      dgate[t] = config.shared_expert_gate ? dg * g * (T(1) - g) : T(0);
-      MutMap<T>(ds_y + t * d, 1, d) = (combine * g) * dy.row(t);
-    }
-    detail::ffn_backward_rows<Ffn, T>(
-        W.shared.w_in(0), W.shared.w_out(0), grads.shared.w_in(0), grads.shared.w_out(0), x.data(),
-        x.outerStride(), detail::WorkspaceAccess::shared_hidden(ws).data(),
-        detail::WorkspaceAccess::shared_act(ws).data(), fs, num_tokens, ds_h, ds_y,
-        config.shared_glu, detail::bias_grads(grads.shared, 0));
+    detail::shared_expert_backward<Ffn, T>(
+        config, W, grads, x, dy, detail::WorkspaceAccess::shared_y(ws).data(),
+        detail::WorkspaceAccess::shared_gate(ws).data(),
+        detail::WorkspaceAccess::shared_hidden(ws).data(),
+        detail::WorkspaceAccess::shared_act(ws).data(), use_stream<T>(num_tokens, d), ds_y, ds_h,
+        dgate);
   });
   if (weighted_input) {
-    for (Index t = 0; t < num_tokens; ++t) {
-      for (Index j = 0; j < slots; ++j) {
-        const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-        if (r >= 0) {
-          dweights[t * slots + j] =
-              static_cast<S>(x.row(t).dot(ConstMap<T>(d_rows + r * d, 1, d).row(0)));
-        }
-      }
-    }
+    detail::weighted_input_gradients<T, S>(plan.slot_row.data(), slots, x, d_rows, dweights);
   }
   if (grads.output_bias.size() != 0) {
     grads.output_bias += combine * dy.colwise().sum().transpose();
@@ -335,80 +333,23 @@ LossValues block_backward(const SparseMoeBlock<T, Gating, Ffn>& block,
   } else {
     block.gating().backward(config, routing, dweights, dlogits);
   }
-  const auto logits = routing.logits();
-  switch (coeffs.aux_loss) {
-    case AuxLoss::none:
-      break;
-    case AuxLoss::load_balancing:
-      values.aux = losses::load_balancing_loss<S>(logits, config.top_k, coeffs.normalization,
-                                                  coeffs.token_mask,
-                                                  coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
-      break;
-    case AuxLoss::switch_top1:
-      values.aux =
-          losses::switch_load_balancing_loss<S>(logits, routing.experts(), coeffs.seq_len,
-                                                coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
-      break;
-    case AuxLoss::deepseek_sequence:
-      values.aux = losses::deepseek_sequence_balance_loss<S>(
-          logits, routing.experts(), coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr,
-          coeffs.aux);
-      break;
-  }
-  values.z = losses::router_z_loss<S>(logits, coeffs.z != 0 ? dlogits : nullptr, coeffs.z);
-  if (config.router_logit_softcap > 0) {
-    // The kept logits are already capped, c tanh(z / c): d/dz = 1 - (capped / c)^2.
-    const S c = static_cast<S>(config.router_logit_softcap);
-    for (Index i = 0; i < num_tokens * E; ++i) {
-      const S u = logits.data()[i] / c;
-      dlogits[i] *= S(1) - u * u;
-    }
-  }
-  if (grads.router_logit_bias.size() != 0) {
-    for (Index t = 0; t < num_tokens; ++t) {
-      for (Index e = 0; e < E; ++e) {
-        grads.router_logit_bias[e] += static_cast<T>(dlogits[t * E + e]);
-      }
-    }
-  }
+  detail::add_routing_losses<S>(config, coeffs, routing.logits(), routing.experts(), dlogits,
+                                values);
+  detail::router_logit_extras_backward<T, S>(config, routing.logits(), dlogits, grads);
 
   // ---- parameters and input of the router --------------------------------------------------
-  ConstMap<S> dz(dlogits, num_tokens, E);
-  if constexpr (std::is_same_v<S, T>) {
-    grads.router.noalias() += dz.transpose() * x;
-    dx.noalias() = dz * W.router;
-  } else {
-    const RowMatrix<T> dzt = dz.template cast<T>();
-    grads.router.noalias() += dzt.transpose() * x;
-    dx.noalias() = dzt * W.router;
-  }
+  const bool has_gate = has_shared && config.shared_expert_gate;
+  detail::router_input_backward<T, S>(W, grads, x, dlogits, has_gate ? dgate : nullptr, dx);
   if constexpr (Gating::uses_noise) {
     const RowMatrix<T> dnt = ConstMap<S>(dnoise, num_tokens, E).template cast<T>();
     grads.router_noise.noalias() += dnt.transpose() * x;
     dx.noalias() += dnt * W.router_noise;
   }
-  if (has_shared && config.shared_expert_gate) {
-    const Eigen::Map<const RowMatrix<T>> dg(dgate, 1, num_tokens);
-    grads.shared_gate.noalias() += dg * x;
-  }
 
   // ---- dx: expert rows in slot order, then the shared expert and its gate ----------------
-  for (Index t = 0; t < num_tokens; ++t) {
-    auto dxr = dx.row(t);
-    for (Index j = 0; j < slots; ++j) {
-      const Index r = plan.slot_row[static_cast<std::size_t>(t * slots + j)];
-      if (r < 0) continue;
-      if (weighted_input) {
-        dxr += static_cast<T>(rw(t, j)) * ConstMap<T>(d_rows + r * d, 1, d);
-      } else {
-        dxr += ConstMap<T>(d_rows + r * d, 1, d);
-      }
-    }
-    if (has_shared) {
-      dxr += ConstMap<T>(ds_y + t * d, 1, d);
-      if (config.shared_expert_gate) dxr += dgate[t] * W.shared_gate.row(0);
-    }
-  }
+  detail::add_expert_input_gradients<T, S>(plan.slot_row.data(), slots, d_rows, ds_y,
+                                           has_gate ? dgate : nullptr, W.shared_gate, dx,
+                                           weighted_input ? rw.data() : nullptr);
   return values;
 }
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "moe/backward.hpp"
 #include "moe/detail/buffer.hpp"
 #include "moe/distributed/local_experts.hpp"
 #include "moe/error.hpp"
@@ -19,6 +20,10 @@
 #include <mpi.h>
 
 namespace moe::distributed {
+
+namespace detail {
+struct BackwardAccess;
+}  // namespace detail
 
 /// How rows travel.
 struct ExchangeOptions {
@@ -55,17 +60,25 @@ class ExpertParallelWorkspace {
   /// the single-process block gives for these rows of the concatenated batch).
   const Routing<RouteS>& routing() const { return whole_batch_ ? mine_ : local_.routing(); }
   const ExchangeStats& stats() const { return stats_; }
+  /// Training mode: forward keeps what expert_parallel_backward needs (moe/distributed/
+  /// backward.hpp): on the experts' ranks the received rows, pre-activations, activations and
+  /// outputs of every local expert (the block's training buffers for these rows), on the
+  /// tokens' rank the returned expert outputs and the shared expert's values.
+  void set_training(bool training) { training_ = training; }
+  bool training() const { return training_; }
   std::size_t bytes() const {
     return local_.bytes() + global_.bytes() + mine_.bytes() + send_.bytes() + recv_.bytes() +
            x_rows_.bytes() + y_rows_.bytes() + back_.bytes() + shared_y_.bytes() +
            experts_.bytes() + gating_scratch_.bytes() + counts_.capacity() * sizeof(std::int64_t) +
            back_plan_.bytes() + expert_rows_.capacity() * sizeof(Index) +
-           mpi_ints_.capacity() * sizeof(int);
+           mpi_ints_.capacity() * sizeof(int) + backward_.bytes() + d_send_.bytes() +
+           d_recv_.bytes() + token_mask_.bytes() + gather_ints_.capacity() * sizeof(int);
   }
 
  private:
   template <class, class, class, class>
   friend class ExpertParallelBlock;
+  friend struct detail::BackwardAccess;
 
   Workspace<T> local_;        ///< the router's workspace (this rank's tokens)
   Routing<RouteS> global_;    ///< the whole batch's routing (batch-dependent families only)
@@ -80,6 +93,16 @@ class ExpertParallelWorkspace {
   std::vector<Index> expert_rows_;  ///< [local experts] rows, then [local experts + 1] offsets
   moe::detail::GrowBuffer<Index> gating_scratch_;  ///< [E] counters (whole-batch routing)
   ExchangeStats stats_;
+  bool training_ = false;
+  Index trained_tokens_ = -1;  ///< tokens of the last training-mode forward (-1: none)
+  // The backward's scratch: its BackwardWorkspace buffers (d_rows_ holds the received output
+  // gradients grouped by expert, then their input gradients; dlogits_ the whole batch's
+  // [global tokens x E]), the output / input gradient rows in send order and as received, the
+  // gathered token mask, Allgatherv counts.
+  BackwardWorkspace<T> backward_;
+  moe::detail::GrowBuffer<T> d_send_, d_recv_;
+  moe::detail::GrowBuffer<double> token_mask_;
+  std::vector<int> gather_ints_;
 };
 
 namespace detail {
@@ -110,6 +133,41 @@ struct RowType {
   ~RowType() { MPI_Type_free(&type); }
   RowType(const RowType&) = delete;
   RowType& operator=(const RowType&) = delete;
+};
+
+/// The exchange plan of a forward in ExpertParallelWorkspace::counts_, for R ranks and at most L
+/// experts per rank: [R] tokens per rank | [R*L] rows sent per (destination, its local expert) |
+/// [R*L] received per (source, local expert) | [R*L + 1] send offsets | [R*L + 1] receive
+/// offsets | [L + 1] offsets of each local expert's grouped rows | [R*L] next free send row.
+/// The backward reads the forward's plan through the same view.
+struct ExchangePlan {
+  std::int64_t *tokens_of, *sent, *recvd, *send_off, *recv_off, *expert_off, *fill;
+  static std::size_t size(int R, Index L) {
+    return std::size_t(R) + 5 * std::size_t(R * L) + 2 + std::size_t(L) + 1;
+  }
+  ExchangePlan(std::int64_t* c, int R, Index L) {
+    const std::size_t RL = static_cast<std::size_t>(R * L);
+    tokens_of = c;
+    sent = tokens_of + R;
+    recvd = sent + RL;
+    send_off = recvd + RL;
+    recv_off = send_off + RL + 1;
+    expert_off = recv_off + RL + 1;
+    fill = expert_off + L + 1;
+  }
+  /// f(wire row, grouped row, rows) for each block of received rows, in grouped order: local
+  /// expert 0's rows from rank 0, rank 1, ..., then local expert 1's, ...
+  template <class F>
+  void for_each_received_block(int R, Index L, Index num_local, F&& f) const {
+    for (Index i = 0; i < num_local; ++i) {
+      std::int64_t at = expert_off[i];
+      for (int r = 0; r < R; ++r) {
+        const std::int64_t n = recvd[r * L + i];
+        f(recv_off[r * L + i], at, n);
+        at += n;
+      }
+    }
+  }
 };
 
 inline int to_int(std::int64_t v, const char* what) {

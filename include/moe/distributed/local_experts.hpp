@@ -22,27 +22,31 @@ namespace moe::distributed::detail {
 template <class T>
 struct LocalExpertScratch {
   moe::detail::GrowBuffer<T> hidden;          ///< [rows x in_rows]
+  moe::detail::GrowBuffer<T> act;             ///< [rows x d_ff] activations (training only)
   moe::detail::GrowBuffer<T> shared_hidden;   ///< [tokens x shared in_rows]
+  moe::detail::GrowBuffer<T> shared_act;      ///< [tokens x shared d_ff] (training only)
   moe::detail::GrowBuffer<T> shared_gate;     ///< [tokens] the shared expert's scale
   moe::detail::GrowBuffer<T> decode;          ///< per-worker decode scratch (compact prefill)
   moe::detail::GrowBuffer<unsigned char> prepared;  ///< converted inputs (fast compact modes)
   moe::detail::GrowBuffer<Index> task_begin;  ///< [local experts + 2]
 
   std::size_t bytes() const {
-    return hidden.bytes() + shared_hidden.bytes() + shared_gate.bytes() + decode.bytes() +
-           prepared.bytes() + task_begin.bytes();
+    return hidden.bytes() + act.bytes() + shared_hidden.bytes() + shared_act.bytes() +
+           shared_gate.bytes() + decode.bytes() + prepared.bytes() + task_begin.bytes();
   }
 };
 
 /// Runs local expert i of `experts` (ExpertStack<T> or CompactExpertStack<Format>, the rank's
 /// experts only) on its counts[i] rows of x_rows ([rows x d] row-major, expert i's rows from
 /// offsets[i]), writing y_rows (same layout); and, when `shared` holds an expert, the shared
-/// expert on the tokens x into shared_y [tokens x d]. Inference only (activations in place). The
-/// jobs and their task split are the block's (grouped_expert_job, expert_job, run_ffn_jobs).
+/// expert on the tokens x into shared_y [tokens x d]. Inference writes the activations over the
+/// pre-activations; training keeps both (s.act [rows x d_ff], s.shared_act [tokens x shared
+/// d_ff]) for the backward, as the block's training mode does. The jobs and their task split are
+/// the block's (grouped_expert_job, expert_job, run_ffn_jobs).
 template <class Ffn, class T, class Stack>
 void run_local_experts(const Stack& experts, const Index* counts, const Index* offsets,
                        const T* x_rows, T* y_rows, const ExpertStack<T>& shared,
-                       const MatrixRef<T>& x, T* shared_y, LocalExpertScratch<T>& s,
+                       const MatrixRef<T>& x, T* shared_y, LocalExpertScratch<T>& s, bool training,
                        const Executor& executor) {
   const Index num_local = experts.num_experts();
   const Index rows_total = num_local > 0 ? offsets[num_local] : 0;
@@ -51,8 +55,8 @@ void run_local_experts(const Stack& experts, const Index* counts, const Index* o
   rows.offsets = offsets;
   rows.counts = counts;
   rows.hidden = s.hidden.ensure(rows_total * experts.in_rows());
-  rows.act = rows.hidden;
-  rows.ld_act = experts.in_rows();
+  rows.act = training ? s.act.ensure(rows_total * experts.d_ff()) : rows.hidden;
+  rows.ld_act = training ? experts.d_ff() : experts.in_rows();
   rows.y = y_rows;
   const Index max_rows = num_local > 0 ? *std::max_element(counts, counts + num_local) : 0;
   rows.scratch_stride = num_local > 0 ? decode_scratch_floats(experts, max_rows) : 0;
@@ -68,8 +72,10 @@ void run_local_experts(const Stack& experts, const Index* counts, const Index* o
                                                      s_hidden, s_hidden, Index(0), shared_y));
   SharedJob shared_job{};
   if (has_shared) {
-    shared_job = moe::detail::expert_job(shared, 0, x.data(), x.outerStride(), x.rows(), s_hidden,
-                                         s_hidden, shared.in_rows(), shared_y);
+    T* s_act = training ? s.shared_act.ensure(x.rows() * shared.d_ff()) : s_hidden;
+    shared_job =
+        moe::detail::expert_job(shared, 0, x.data(), x.outerStride(), x.rows(), s_hidden, s_act,
+                                training ? shared.d_ff() : shared.in_rows(), shared_y);
   }
   moe::detail::run_ffn_jobs<Ffn>(
       num_local, [&](Index e) { return moe::detail::grouped_expert_job(experts, rows, e); },

@@ -40,7 +40,8 @@ namespace moe::distributed {
 /// the single-process block runs it on the streaming kernel for the whole batch (at most 16
 /// tokens, or tokens * d_model * sizeof(T) <= 768 KiB: every decode step); above, Eigen's GEMM
 /// rounds a row differently at different positions in the batch (a few ulp).
-/// Inference only (no training mode, no backward).
+/// Training: forward with ws.set_training(true), then expert_parallel_backward
+/// (moe/distributed/backward.hpp; native storage).
 template <class T, class Gating = gating::Mixtral, class Ffn = SwiGLU,
           class Storage = NativeExperts>
 class ExpertParallelBlock {
@@ -125,11 +126,16 @@ class ExpertParallelBlock {
   const LocalStack& local_experts() const { return experts_; }
   /// Resident bytes of this rank's experts.
   std::size_t expert_bytes() const { return experts_.bytes(); }
+  /// The replicated tensors (router, its bias and noise weight, shared expert and gate);
+  /// experts is empty (local_experts() holds this rank's).
+  const MoeWeights<T>& replicated_weights() const { return weights_; }
+  const Gating& gating() const { return router_.gating(); }
+  const ExchangeOptions& exchange_options() const { return exchange_; }
 
   /// y = MoE(x) for this rank's tokens x [tokens x d_model] (row-major; tokens may be 0) into
   /// caller-owned y [tokens x d_model]. Collective over the communicator. Throws (on every rank,
-  /// agreed) shape_error when any rank's x or y has the wrong shape, config_error when a
-  /// workspace is in training mode; a failure after the exchange has begun (out of memory)
+  /// agreed) shape_error when any rank's x or y has the wrong shape; a failure after the
+  /// exchange has begun (out of memory)
   /// aborts the job with the message (or_abort) rather than leave ranks waiting.
   template <class XDerived>
   void forward(const Eigen::DenseBase<XDerived>& x, MatrixMut<T> y, ExpertParallelWorkspace<T>& ws,
@@ -141,10 +147,9 @@ class ExpertParallelBlock {
     agree(comm_, [&] {
       moe::detail::check_shape("x", xr.rows(), xr.cols(), xr.rows(), config_.d_model);
       moe::detail::check_shape("y", y.rows(), y.cols(), xr.rows(), config_.d_model);
-      if (ws.local_.training()) {
+      if (compact && ws.training_) {
         throw config_error(
-            "moe: ExpertParallelBlock is inference only; the workspace is in "
-            "training mode");
+            "moe: training needs native expert storage (compact experts infer only)");
       }
     });
     or_abort(comm_, [&] { forward_impl(xr, y, ws, executor); });
@@ -209,19 +214,18 @@ class ExpertParallelBlock {
     const int R = num_ranks_;
     const Index d = config_.d_model, T_mine = x.rows(), L = placement_.max_local();
     const Index num_local = static_cast<Index>(placement_.experts_of(rank_).size());
-    // counts_ layout: [R] tokens per rank | [R*L] sent per (dest, expert) | [R*L] received per
-    // (source, expert) | [R*L + 1] send offsets | [R*L + 1] receive offsets | [L + 1] expert
-    // offsets | [R*L] next free send row. Grow-only (assign reuses the capacity).
+    // The plan lives in counts_ (grow-only: assign reuses the capacity); the backward reads it.
     std::vector<std::int64_t>& c = ws.counts_;
     const std::size_t RL = static_cast<std::size_t>(R * L);
-    c.assign(std::size_t(R) + 5 * RL + 2 + std::size_t(L) + 1, 0);
-    std::int64_t* tokens_of = c.data();
-    std::int64_t* sent = tokens_of + R;
-    std::int64_t* recvd = sent + RL;
-    std::int64_t* send_off = recvd + RL;
-    std::int64_t* recv_off = send_off + RL + 1;
-    std::int64_t* expert_off = recv_off + RL + 1;
-    std::int64_t* fill = expert_off + L + 1;
+    c.assign(detail::ExchangePlan::size(R, L), 0);
+    const detail::ExchangePlan plan(c.data(), R, L);
+    std::int64_t* tokens_of = plan.tokens_of;
+    std::int64_t* sent = plan.sent;
+    std::int64_t* recvd = plan.recvd;
+    std::int64_t* send_off = plan.send_off;
+    std::int64_t* recv_off = plan.recv_off;
+    std::int64_t* expert_off = plan.expert_off;
+    std::int64_t* fill = plan.fill;
 
     const std::int64_t mine = T_mine;
     MPI_Allgather(&mine, 1, MPI_INT64_T, tokens_of, 1, MPI_INT64_T, comm_);
@@ -331,16 +335,7 @@ class ExpertParallelBlock {
     // Group the received rows by expert: expert i's rows from rank 0, then rank 1, ...
     T* x_rows = ws.x_rows_.ensure(num_recv * d);
     T* y_rows = ws.y_rows_.ensure(num_recv * d);
-    auto for_each_block = [&](auto&& f) {  // f(wire row, grouped row, rows)
-      for (Index i = 0; i < num_local; ++i) {
-        std::int64_t at = expert_off[i];
-        for (int r = 0; r < R; ++r) {
-          const std::int64_t n = recvd[r * L + i];
-          f(recv_off[r * L + i], at, n);
-          at += n;
-        }
-      }
-    };
+    auto for_each_block = [&](auto&& f) { plan.for_each_received_block(R, L, num_local, f); };
     for_each_block([&](std::int64_t wire, std::int64_t grouped, std::int64_t n) {
       for (std::int64_t k = 0; k < n; ++k)
         decode(recv + (wire + k) * row_bytes, x_rows + (grouped + k) * d);
@@ -357,7 +352,7 @@ class ExpertParallelBlock {
     const bool has_shared = config_.shared_d_ff > 0;
     T* shared_y = has_shared ? ws.shared_y_.ensure(T_mine * d) : nullptr;
     detail::run_local_experts<Ffn>(experts_, counts, offs, x_rows, y_rows, weights_.shared, x,
-                                   shared_y, ws.experts_, executor);
+                                   shared_y, ws.experts_, ws.training_, executor);
 
     // Results travel back the same way, in the order they came.
     for_each_block([&](std::int64_t wire, std::int64_t grouped, std::int64_t n) {
@@ -377,6 +372,7 @@ class ExpertParallelBlock {
                                 : nullptr;
     combine_expert_outputs(back_plan, routing.weights(), back, shared_y, shared_scale, y, executor);
 
+    ws.trained_tokens_ = ws.training_ ? T_mine : -1;
     ExchangeStats& s = ws.stats_;
     s.tokens = T_mine;
     s.global_tokens = total;

@@ -4,6 +4,7 @@
 // the gradients of the projections' biases.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include <Eigen/Core>
@@ -11,6 +12,7 @@
 #include "moe/activations.hpp"
 #include "moe/config.hpp"
 #include "moe/experts/expert_stack.hpp"
+#include "moe/kernels/row_products.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::detail {
@@ -64,11 +66,14 @@ struct FfnBiasGrads {
 /// x rows have stride ld_x; h [n x in] the kept pre-activations (input bias included); act rows
 /// stride ld_act (the activations the output projection read); dh [n x in] scratch, contiguous;
 /// d_rows [n x D]. Cost: 3 products of n x in x D (2 of them with W_out's n x D x F).
+/// row_invariant: dA and dX row by row (kernels::rows_times_matrix), so a row's input gradient
+/// does not depend on the other rows (Eigen's GEMM rounds by position; used for the shared
+/// expert on small batches so that a slice of the batch gives the same bits, moe/distributed).
 template <class Ffn, class T>
 inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_in,
                               MutMap<T> gw_out, const T* x, Index ld_x, const T* h, const T* act,
                               Index ld_act, Index n, T* dh, T* d_rows, const GluOptions& glu = {},
-                              FfnBiasGrads<T> bias_grads = {}) {
+                              FfnBiasGrads<T> bias_grads = {}, bool row_invariant = false) {
   if (n == 0) return;
   using A = typename Ffn::activation;
   const Index d = w_in.cols(), f = w_out.cols(), in = w_in.rows();
@@ -79,8 +84,24 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
   Strided xm(x, n, d, Eigen::OuterStride<>(ld_x));
   // dA goes where it is consumed: the up columns (gated) or dH itself (plain).
   StridedMut da(dh + (Ffn::gated ? f : 0), n, f, Eigen::OuterStride<>(in));
-  da.noalias() = dy * w_out;
-  gw_out.noalias() += dy.transpose() * am;
+  // Eigen computes tiny products (rows + cols + depth below EIGEN_GEMM_TO_COEFFBASED_THRESHOLD)
+  // coefficient-wise straight into the destination, vectorised from its first aligned element:
+  // results then round by where the destination sits in memory (seen: d_model 7, d_ff 5, one row;
+  // an expert-parallel rank stacks its rows and gradients elsewhere). Through a fresh temporary
+  // only the values count.
+  const bool tiny = n + d + std::max(f, in) < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD;
+  if (row_invariant) {
+    kernels::rows_times_matrix(d_rows, n, d, d, w_out.data(), f, f, da.data(), in);
+  } else if (tiny) {
+    da = (dy * w_out).eval();
+  } else {
+    da.noalias() = dy * w_out;
+  }
+  if (tiny) {
+    gw_out += (dy.transpose() * am).eval();
+  } else {
+    gw_out.noalias() += dy.transpose() * am;
+  }
   if (bias_grads.out != nullptr) {
     Eigen::Map<RowMatrix<T>>(bias_grads.out, 1, d) += dy.colwise().sum();
   }
@@ -112,8 +133,18 @@ inline void ffn_backward_rows(ConstMap<T> w_in, ConstMap<T> w_out, MutMap<T> gw_
   if (bias_grads.in != nullptr) {
     Eigen::Map<RowMatrix<T>>(bias_grads.in, 1, in) += dhm.colwise().sum();
   }
-  gw_in.noalias() += dhm.transpose() * xm;
-  dy.noalias() = dhm * w_in;
+  if (tiny) {
+    gw_in += (dhm.transpose() * xm).eval();
+  } else {
+    gw_in.noalias() += dhm.transpose() * xm;
+  }
+  if (row_invariant) {
+    kernels::rows_times_matrix(dh, n, in, in, w_in.data(), d, d, d_rows, d);
+  } else if (tiny) {
+    dy = (dhm * w_in).eval();
+  } else {
+    dy.noalias() = dhm * w_in;
+  }
 }
 
 /// Where the FFN backward of expert e of a gradient stack adds its bias gradients (none without

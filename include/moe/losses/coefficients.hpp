@@ -1,8 +1,11 @@
-// moe: what block_backward differentiates besides the upstream gradient: which balance loss,
-// the coefficients of the auxiliary losses, and the raw loss values a backward returns.
+// moe: what the backward differentiates besides the upstream gradient: the coefficients of the
+// auxiliary routing losses, their raw values, and the one place that adds their gradients
+// (block_backward, and the expert-parallel backward on the whole batch's logits).
 #pragma once
 
+#include "moe/config.hpp"
 #include "moe/losses/balance.hpp"
+#include "moe/losses/regularizers.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
@@ -47,5 +50,35 @@ struct LossValues {
     return c.aux * aux + c.z * z + c.importance * importance + c.load * load;
   }
 };
+
+namespace detail {
+
+/// The balance loss and the z-loss of `logits` [T x E] (experts [T x k] for the per-sequence
+/// losses): raw values into v, coefficient * gradient added into dlogits [T x E].
+template <class S, class Experts>
+void add_routing_losses(const MoeConfig& config, const LossCoefficients& coeffs,
+                        const MatrixRef<S>& logits, const Experts& experts, S* dlogits,
+                        LossValues& v) {
+  switch (coeffs.aux_loss) {
+    case AuxLoss::none:
+      break;
+    case AuxLoss::load_balancing:
+      v.aux = losses::load_balancing_loss<S>(logits, config.top_k, coeffs.normalization,
+                                             coeffs.token_mask, coeffs.aux != 0 ? dlogits : nullptr,
+                                             coeffs.aux);
+      break;
+    case AuxLoss::switch_top1:
+      v.aux = losses::switch_load_balancing_loss<S>(
+          logits, experts, coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
+      break;
+    case AuxLoss::deepseek_sequence:
+      v.aux = losses::deepseek_sequence_balance_loss<S>(
+          logits, experts, coeffs.seq_len, coeffs.aux != 0 ? dlogits : nullptr, coeffs.aux);
+      break;
+  }
+  v.z = losses::router_z_loss<S>(logits, coeffs.z != 0 ? dlogits : nullptr, coeffs.z);
+}
+
+}  // namespace detail
 
 }  // namespace moe
