@@ -515,9 +515,9 @@ void bm_serial_part(benchmark::State& state, const Config* c, std::string part, 
   fill(y_rows.data(), y_rows.size(), 78, 1.0f);
   const bool all = part == "all";
   for (auto _ : state) {
-    if (all || part == "route") router.route(mc, x, w, ws);
+    if (all || part == "route") router.route(mc, x, w, ws, ex);
     if (all || part == "plan") plan.build(ws.routing());
-    if (all || part == "gather") moe::gather_rows<float>(x, plan, x_rows.data());
+    if (all || part == "gather") moe::gather_rows<float>(x, plan, x_rows.data(), ex);
     if (all || part == "combine") {
       moe::combine_expert_outputs<float, float>(plan, ws.routing().weights(), y_rows.data(),
                                                 nullptr, nullptr, y, ex);

@@ -245,6 +245,10 @@ TEST(BatchInvariance, RouterLogitsBitwiseAtAnyBatchSize) {
   const RowMatrix<float> part = x.middleRows(101, 37);
   block.forward(part, y_part, ws);
   EXPECT_TRUE(bitwise_equal(ws.routing().logits(), logits.middleRows(101, 37)));
+  // On a pool the logits run in chunks of tokens as tasks: the same bits.
+  ThreadPool pool(3);
+  block.forward(x, y, ws, pool);
+  EXPECT_TRUE(bitwise_equal(ws.routing().logits(), logits));
 }
 
 }  // namespace

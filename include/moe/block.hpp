@@ -218,7 +218,7 @@ class SparseMoeBlock {
     detail::check_shape("x", x.rows(), x.cols(), num_tokens, d);
     detail::check_shape("y", y.rows(), y.cols(), num_tokens, d);
 
-    router_.route(config_, x, weights_, ws);
+    router_.route(config_, x, weights_, ws, executor);
     DispatchPlan& plan = Access::plan(ws);
     plan.build(Access::routing(ws));
     Access::stats(ws).compute(Access::routing(ws), plan);
@@ -236,7 +236,7 @@ class SparseMoeBlock {
       gather_rows(MatrixRef<T>(ConstMap<T>(latent, num_tokens, L)), plan,
                   Access::x_rows(ws).data());
     } else {
-      gather_rows(x, plan, Access::x_rows(ws).data());
+      gather_rows(x, plan, Access::x_rows(ws).data(), executor);
     }
     if (weights_.expert_input_norm.size() != 0) {
       rms_norm_rows(Access::x_rows(ws).data(), plan.num_rows, weights_.expert_input_norm.data());

@@ -12,15 +12,22 @@
 namespace moe {
 
 /// x_rows [plan.num_rows x d_model] (row-major, row stride d_model): row r = x[plan.row_token[r]].
-/// x: [num_tokens x d_model] row-major. A copy of N * d_model values, cheap next to the expert
-/// products, so it runs on the caller. No allocation.
+/// x: [num_tokens x d_model] row-major. A copy of N * d_model values, in chunks of rows on
+/// `executor`: serial, it took 3.1-3.3 ms of a 54-56 ms olmoe / qwen3 forward at 512 tokens on
+/// 16 threads (server, 2026-12-01), a bound on the scaling. No allocation.
 template <class T>
-void gather_rows(const MatrixRef<T>& x, const DispatchPlan& plan, T* x_rows) {
+void gather_rows(const MatrixRef<T>& x, const DispatchPlan& plan, T* x_rows,
+                 const Executor& executor = serial_executor()) {
   const Index d = x.cols(), N = plan.num_rows;
-  for (Index r = 0; r < N; ++r) {
-    const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
-    std::copy(src, src + d, x_rows + r * d);
-  }
+  constexpr Index chunk = 64;
+  const Index tasks = executor.num_workers() > 1 ? (N + chunk - 1) / chunk : 1;
+  executor.run(tasks, [&](Index task, Index) {
+    const Index r0 = tasks == 1 ? 0 : task * chunk, r1 = tasks == 1 ? N : std::min(N, r0 + chunk);
+    for (Index r = r0; r < r1; ++r) {
+      const T* src = x.data() + plan.row_token[static_cast<std::size_t>(r)] * x.outerStride();
+      std::copy(src, src + d, x_rows + r * d);
+    }
+  });
 }
 
 /// What a family changes in the combine (defaults: the plain weighted sum plus the shared expert).
