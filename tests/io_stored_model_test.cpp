@@ -94,9 +94,11 @@ TEST_P(TinyBf16, AsStoredViewsMatchTheFp32LoadAndHuggingFace) {
   const RowMatrix<float> ref = example::forward(fp32, kTokens, ws, pool);
   const RowMatrix<float> hf = read_logits(data + "/" + GetParam() + "_tiny_expected.safetensors");
   const double scale = 1.0 + double(hf.cwiseAbs().maxCoeff());
-  // The same bf16 weights in fp32: equal to float rounding (different summation order only).
+  // The same bf16 weights in fp32. The fast bf16 path (CompactExperts<Bf16>'s default) also
+  // rounds x and the activations to bf16 (2^-9 relative) before its products: through the whole
+  // model that gave 1.5e-3 * scale (mixtral) and 5e-4 * scale (qwen2_moe).
   const double to_fp32 = double((got - ref).cwiseAbs().maxCoeff());
-  EXPECT_LE(to_fp32, 1e-5 * scale);
+  EXPECT_LE(to_fp32, 4e-3 * scale);
   // Against transformers in fp32 on the unrounded weights: bf16's own error.
   const double to_hf = double((got - hf).cwiseAbs().maxCoeff());
   EXPECT_LE(to_hf, 2e-2 * scale);
