@@ -161,7 +161,7 @@ struct BackwardAccess {
     ints.assign(2 * static_cast<std::size_t>(R), 0);
     for (int r = 0, at = 0; r < R; ++r) {
       ints[std::size_t(r)] = to_int(tokens_of[r], "tokens of a rank");
-      ints[std::size_t(R + r)] = at;
+      ints[static_cast<std::size_t>(R) + static_cast<std::size_t>(r)] = at;
       at += ints[std::size_t(r)];
     }
     MPI_Allgatherv(mine, ints[std::size_t(me)], row.type, all, ints.data(), ints.data() + R,
@@ -174,7 +174,7 @@ struct BackwardAccess {
                         ExpertParallelWorkspace<T>& ws, MoeGradients<T>& grads, MatrixMut<T> dx,
                         const LossCoefficients& coeffs, bool any_mask, const Executor& executor) {
     using S = RouteScalar<T>;
-    const MPI_Comm comm = block.communicator();
+    MPI_Comm comm = block.communicator();
     const int R = block.num_ranks(), me = block.rank();
     const MoeConfig& config = block.config();
     const MoeWeights<T>& W = block.replicated_weights();

@@ -82,6 +82,7 @@ class QuantMatrix {
   /// io/gguf_moe.hpp) without a pass through fp32. Throws like view(), and shape_error when the
   /// byte counts do not match rows x cols.
   template <class F = Format, class = std::enable_if_t<std::is_same_v<F, Mxfp4>>>
+  // NOLINTNEXTLINE(performance-unnecessary-value-param): both are moved into the storage below
   static QuantMatrix own_stored(std::vector<std::uint8_t> codes, std::vector<std::uint8_t> scales,
                                 Index rows, Index cols) {
     kernels::check_quant_cols(Format::name, "weight", cols);
