@@ -10,7 +10,8 @@
 //
 // Prints the load time, `experts: <bytes> bytes resident (<format>)` (the sum of the MoE blocks'
 // expert_bytes(): for as-stored views these are bytes of the mapped file, paged in only when an
-// expert is chosen) and `peak rss: <bytes> bytes` (VmHWM) after the runs.
+// expert is chosen), `peak rss: <bytes> bytes` (VmHWM) after the runs and `read from storage:
+// <bytes> bytes` (what the page cache did not already hold).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -57,6 +58,22 @@ long long peak_rss_bytes() {
       long long kib = 0;
       in >> kib;
       return kib * 1024;
+    }
+    in.ignore(1 << 20, '\n');
+  }
+  return 0;
+}
+
+// Bytes this process made the kernel read from storage (/proc/self/io read_bytes; 0 where that
+// file is absent): with a cold page cache, what the chosen experts cost in I/O.
+long long storage_read_bytes() {
+  std::ifstream in("/proc/self/io");
+  std::string key;
+  while (in >> key) {
+    if (key == "read_bytes:") {
+      long long bytes = 0;
+      in >> bytes;
+      return bytes;
     }
     in.ignore(1 << 20, '\n');
   }
@@ -220,6 +237,7 @@ int main(int argc, char** argv) try {
   }
   std::printf("\n");
   std::printf("peak rss: %lld bytes\n", peak_rss_bytes());
+  std::printf("read from storage: %lld bytes\n", storage_read_bytes());
   if (!args.logits_out.empty()) {
     moe::io::write_safetensors(args.logits_out,
                                {moe::io::make_tensor("logits", logits, moe::io::Dtype::F32)});

@@ -40,4 +40,13 @@ AnyMoeBlock<T> load_gguf_any_moe_layer(const GgufFile& file, Index layer) {
   return load_gguf_any_moe_layer<T>(file, read_gguf_moe_spec(file), layer);
 }
 
+#ifdef MOE_EXTERN_ANY_BLOCK
+// Defined once, in the translation unit that includes moe/io/any_block_instances.hpp (see
+// any_block.hpp).
+extern template AnyMoeBlock<float> load_gguf_any_moe_layer<float>(const GgufFile&,
+                                                                  const GgufMoeSpec&, Index);
+extern template AnyMoeBlock<double> load_gguf_any_moe_layer<double>(const GgufFile&,
+                                                                    const GgufMoeSpec&, Index);
+#endif
+
 }  // namespace moe::io
