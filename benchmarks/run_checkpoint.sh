@@ -3,7 +3,8 @@
 # mixtral_forward (and the memory-limit unit test), writes the synthetic Mixtral-8x7B-shaped
 # checkpoint (2 layers, bf16, 6.3 GB), then into OUTDIR:
 #   tiny_<weights>.txt        tests/data/mixtral_tiny loaded fp32 / as-stored / bf16 / q8 / q4;
-#   synth_<weights>.txt       the synthetic checkpoint, 1 token, 2 threads, warm page cache;
+#   synth_<weights>.txt       the synthetic checkpoint, 1 token, 2 threads, warm page cache
+#                             (weights: $MOE_SYNTH_WEIGHTS, default "as-stored fp32 q8 q4");
 #   synth_cold.txt            as-stored after evicting the shards from the page cache
 #                             (posix_fadvise DONTNEED: no root needed): time and bytes read;
 #   synth_limit_<MiB>.txt     as-stored, 64 tokens (every expert chosen), in a cgroup v2 group
@@ -37,7 +38,7 @@ run_synth() {  # NAME ARGS...: one mixtral_forward run on the synthetic checkpoi
   local name="$1"; shift
   timeout 300 "${timer[@]}" "$fwd" --checkpoint "$synth" --threads 2 "$@" > "$out/$name.txt" 2>&1
 }
-for w in as-stored fp32 q8 q4; do
+for w in ${MOE_SYNTH_WEIGHTS:-as-stored fp32 q8 q4}; do
   run_synth "synth_$w" --weights "$w" --tokens 1 --repeats 5
 done
 
