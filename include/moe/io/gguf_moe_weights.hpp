@@ -37,8 +37,10 @@ namespace moe::io {
 namespace detail {
 
 /// Tensor `name`, checked to have ggml dims `dims` (`meaning` spells them: "[n_embd, n_expert]")
-/// and a type moe decodes. Throws io_error naming the tensor.
-inline const GgufTensorInfo& gguf_expect(const GgufFile& f, const std::string& name,
+/// and a type moe decodes: a pointer into f (not a reference, which GCC 13's -Wdangling-reference
+/// flags at every call binding it, because the arguments are temporaries). Throws io_error naming
+/// the tensor.
+inline const GgufTensorInfo* gguf_expect(const GgufFile& f, const std::string& name,
                                          const std::vector<std::int64_t>& dims,
                                          const char* meaning) {
   const GgufTensorInfo& t = f.tensor(name);
@@ -48,7 +50,7 @@ inline const GgufTensorInfo& gguf_expect(const GgufFile& f, const std::string& n
                                        " ", meaning));
   }
   if (!ggml_type_decodes_to_float(t.type)) (void)gguf_to_float(f, name);  // throws the message
-  return t;
+  return &t;
 }
 
 /// Decodes rows [row0, row0 + n) of `t` (dims[0] values each) into `out`, checking every value
@@ -99,22 +101,22 @@ class GgufRoutedExperts {
       for (Index e = 0; e < E; ++e) {
         const std::string n = std::to_string(e);
         auto per = [&](const char* part) { return gguf_block_tensor(layer, part) + n + ".weight"; };
-        gates_.push_back(&gguf_expect(file, per("ffn_gate."), {D, F}, "[n_embd, n_ff]"));
-        ups_.push_back(&gguf_expect(file, per("ffn_up."), {D, F}, "[n_embd, n_ff]"));
-        downs_.push_back(&gguf_expect(file, per("ffn_down."), {F, D}, "[n_ff, n_embd]"));
+        gates_.push_back(gguf_expect(file, per("ffn_gate."), {D, F}, "[n_embd, n_ff]"));
+        ups_.push_back(gguf_expect(file, per("ffn_up."), {D, F}, "[n_embd, n_ff]"));
+        downs_.push_back(gguf_expect(file, per("ffn_down."), {F, D}, "[n_ff, n_embd]"));
       }
       return;
     }
     if (fused_) {
-      gates_.push_back(&gguf_expect(file, name("ffn_gate_up_exps.weight"), {D, 2 * F, E},
+      gates_.push_back(gguf_expect(file, name("ffn_gate_up_exps.weight"), {D, 2 * F, E},
                                     "[n_embd, 2 n_ff_exp, n_expert]"));
     } else {
-      gates_.push_back(&gguf_expect(file, name("ffn_gate_exps.weight"), {D, F, E},
+      gates_.push_back(gguf_expect(file, name("ffn_gate_exps.weight"), {D, F, E},
                                     "[n_embd, n_ff_exp, n_expert]"));
-      ups_.push_back(&gguf_expect(file, name("ffn_up_exps.weight"), {D, F, E},
+      ups_.push_back(gguf_expect(file, name("ffn_up_exps.weight"), {D, F, E},
                                   "[n_embd, n_ff_exp, n_expert]"));
     }
-    downs_.push_back(&gguf_expect(file, name("ffn_down_exps.weight"), {F, D, E},
+    downs_.push_back(gguf_expect(file, name("ffn_down_exps.weight"), {F, D, E},
                                   "[n_ff_exp, n_embd, n_expert]"));
   }
 
@@ -159,19 +161,19 @@ void gguf_expert_biases(const GgufFile& file, const MoeConfig& c, Index layer,
   RowMatrix<T>& in = experts.in_biases();  // [E x 2F]
   if (file.contains(name("ffn_gate_up_exps.bias"))) {
     const auto& t =
-        gguf_expect(file, name("ffn_gate_up_exps.bias"), {2 * F, E}, "[2 n_ff_exp, n_expert]");
+        *gguf_expect(file, name("ffn_gate_up_exps.bias"), {2 * F, E}, "[2 n_ff_exp, n_expert]");
     gguf_rows_into<T>(file, t, 0, MutMap<T>(in.data(), E, 2 * F), scratch);
   } else {
     RowMatrix<T> part(E, F);
     const auto& gate =
-        gguf_expect(file, name("ffn_gate_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
+        *gguf_expect(file, name("ffn_gate_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
     gguf_rows_into<T>(file, gate, 0, MutMap<T>(part.data(), E, F), scratch);
     in.leftCols(F) = part;
-    const auto& up = gguf_expect(file, name("ffn_up_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
+    const auto& up = *gguf_expect(file, name("ffn_up_exps.bias"), {F, E}, "[n_ff_exp, n_expert]");
     gguf_rows_into<T>(file, up, 0, MutMap<T>(part.data(), E, F), scratch);
     in.rightCols(F) = part;
   }
-  const auto& down = gguf_expect(file, name("ffn_down_exps.bias"), {D, E}, "[n_embd, n_expert]");
+  const auto& down = *gguf_expect(file, name("ffn_down_exps.bias"), {D, E}, "[n_embd, n_expert]");
   gguf_rows_into<T>(file, down, 0, MutMap<T>(experts.out_biases().data(), E, D), scratch);
 }
 
@@ -208,17 +210,17 @@ MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spe
   MoeWeights<T> w;  // field by field: nothing is allocated twice or for experts not read
 
   const auto& router =
-      detail::gguf_expect(file, name("ffn_gate_inp.weight"), {D, E}, "[n_embd, n_expert]");
+      *detail::gguf_expect(file, name("ffn_gate_inp.weight"), {D, E}, "[n_embd, n_expert]");
   w.router = RowMatrix<T>(E, D);
   detail::gguf_rows_into<T>(file, router, 0, MutMap<T>(w.router.data(), E, D), scratch);
   if (spec.routing == GgufRouting::deepseek_v3) {
-    const auto& bias = detail::gguf_expect(file, name("exp_probs_b.bias"), {E}, "[n_expert]");
+    const auto& bias = *detail::gguf_expect(file, name("exp_probs_b.bias"), {E}, "[n_expert]");
     w.router_bias = Vector<T>(E);
     detail::gguf_rows_into<T>(file, bias, 0, MutMap<T>(w.router_bias.data(), 1, E), scratch);
   }
 
   if (spec.expert_biases) {
-    const auto& bias = detail::gguf_expect(file, name("ffn_gate_inp.bias"), {E}, "[n_expert]");
+    const auto& bias = *detail::gguf_expect(file, name("ffn_gate_inp.bias"), {E}, "[n_expert]");
     w.router_logit_bias = Vector<T>(E);
     detail::gguf_rows_into<T>(file, bias, 0, MutMap<T>(w.router_logit_bias.data(), 1, E), scratch);
   }
@@ -237,11 +239,11 @@ MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spe
 
   if (Fs > 0) {
     const auto& gate =
-        detail::gguf_expect(file, name("ffn_gate_shexp.weight"), {D, Fs}, "[n_embd, n_ff_shexp]");
+        *detail::gguf_expect(file, name("ffn_gate_shexp.weight"), {D, Fs}, "[n_embd, n_ff_shexp]");
     const auto& up =
-        detail::gguf_expect(file, name("ffn_up_shexp.weight"), {D, Fs}, "[n_embd, n_ff_shexp]");
+        *detail::gguf_expect(file, name("ffn_up_shexp.weight"), {D, Fs}, "[n_embd, n_ff_shexp]");
     const auto& down =
-        detail::gguf_expect(file, name("ffn_down_shexp.weight"), {Fs, D}, "[n_ff_shexp, n_embd]");
+        *detail::gguf_expect(file, name("ffn_down_shexp.weight"), {Fs, D}, "[n_ff_shexp, n_embd]");
     w.shared = ExpertStack<T>(1, D, Fs, /*gated=*/true);
     detail::gguf_rows_into<T>(file, gate, 0, w.shared.gate(0), scratch);
     detail::gguf_rows_into<T>(file, up, 0, w.shared.up(0), scratch);
@@ -249,8 +251,8 @@ MoeWeights<T> load_gguf_moe_weights(const GgufFile& file, const GgufMoeSpec& spe
     if (c.shared_expert_gate) {
       const std::string g = name("ffn_gate_inp_shexp.weight");
       const bool flat = file.contains(g) && file.tensor(g).dims.size() == 1;
-      const auto& sg = flat ? detail::gguf_expect(file, g, {D}, "[n_embd]")
-                            : detail::gguf_expect(file, g, {D, 1}, "[n_embd, 1]");
+      const auto& sg = flat ? *detail::gguf_expect(file, g, {D}, "[n_embd]")
+                            : *detail::gguf_expect(file, g, {D, 1}, "[n_embd, 1]");
       w.shared_gate = RowMatrix<T>(1, D);
       detail::gguf_rows_into<T>(file, sg, 0, MutMap<T>(w.shared_gate.data(), 1, D), scratch);
     }
