@@ -16,11 +16,7 @@
 namespace moe {
 namespace {
 
-double nmse(const RowMatrix<float>& got, const RowMatrix<float>& ref) {
-  const double num = (got.cast<double>() - ref.cast<double>()).squaredNorm();
-  const double den = ref.cast<double>().squaredNorm();
-  return den > 0 ? num / den : num;
-}
+using test::nmse;
 
 // gpt-oss's GLU: gate clamped above at 7, up to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate).
 GluOptions gpt_oss_glu() {

@@ -141,6 +141,19 @@ std::size_t mxfp4_file_bytes(const moe::io::ModelCheckpoint& m, const std::strin
   return b;
 }
 
+// Layer 0 loaded three ways: fp32 (the dequantised reference), as stored fast, as stored exact.
+struct ThreeLoads {
+  Any fp32, fast, exact;
+};
+ThreeLoads load_fp32_fast_exact(const moe::io::ModelCheckpoint& m) {
+  LoadOptions fp32;
+  fp32.weights = WeightFormat::fp32;
+  LoadOptions exact;
+  exact.exact = true;
+  return {moe::io::load_any_moe_layer<float>(m, 0, fp32), moe::io::load_any_moe_layer<float>(m, 0),
+          moe::io::load_any_moe_layer<float>(m, 0, exact)};
+}
+
 TEST(IoStoredMxfp4, GptOssExpertsLoadAsStoredWithTheWeightsWritten) {
   ScratchDir dir;
   const Mxfp4Model written = write_mxfp4_model(dir, "gpt_oss", 31);
@@ -205,13 +218,7 @@ TEST(IoStoredMxfp4, GptOssAsStoredIsACompactBlockEqualToTheFp32Load) {
   ScratchDir dir;
   const Mxfp4Model written = write_mxfp4_model(dir, "gpt_oss", 33);
   const auto m = moe::io::ModelCheckpoint::open(dir.str());
-  LoadOptions fp32;
-  fp32.weights = WeightFormat::fp32;
-  LoadOptions exact_options;
-  exact_options.exact = true;
-  const Any ref = moe::io::load_any_moe_layer<float>(m, 0, fp32);
-  const Any fast = moe::io::load_any_moe_layer<float>(m, 0);
-  const Any exact = moe::io::load_any_moe_layer<float>(m, 0, exact_options);
+  const auto [ref, fast, exact] = load_fp32_fast_exact(m);
   using GptOssF32 = Any::Alternative<4>;
   ASSERT_NE(ref.get_if<GptOssF32>(), nullptr);
   const auto* fast_block =
@@ -257,13 +264,7 @@ TEST(IoStoredMxfp4, AsStoredBlockEqualsTheFp32BlockOnTheDequantisedWeights) {
   ScratchDir dir;
   const Mxfp4Model written = write_mxfp4_model(dir, "mixtral", 32);
   const auto m = moe::io::ModelCheckpoint::open(dir.str());
-  LoadOptions fp32;
-  fp32.weights = WeightFormat::fp32;
-  const Any ref = moe::io::load_any_moe_layer<float>(m, 0, fp32);
-  const Any fast = moe::io::load_any_moe_layer<float>(m, 0);
-  LoadOptions exact_options;
-  exact_options.exact = true;
-  const Any exact = moe::io::load_any_moe_layer<float>(m, 0, exact_options);
+  const auto [ref, fast, exact] = load_fp32_fast_exact(m);
   EXPECT_EQ(fast.weight_format(), WeightFormat::mxfp4);
   EXPECT_FALSE(fast.exact());
   EXPECT_EQ(exact.weight_format(), WeightFormat::mxfp4);
