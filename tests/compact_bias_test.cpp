@@ -154,6 +154,12 @@ TYPED_TEST(CompactBias, MatchesTheFp32BlockOnTheDequantisedWeights) {
       } else {
         EXPECT_LE(e, want.bound) << tokens << " tokens";
       }
+      // Bias and clamp per column block: the same bits on a thread pool.
+      ThreadPool pool(3);
+      Workspace<float> ws_pool;
+      RowMatrix<float> y_pool(tokens, c.d_model);
+      block.forward(x, y_pool, ws_pool, pool);
+      EXPECT_EQ(y_pool, y) << tokens << " tokens on 3 workers";
       if (tokens == 1) continue;
       EXPECT_GT(nmse(run(RefBlock(plain, wd), x, ws_ref), yr), 1e-3);
       EXPECT_GT(nmse(run(RefBlock(c, unbiased), x, ws_ref), yr), 1e-3);
