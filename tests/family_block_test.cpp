@@ -303,17 +303,18 @@ TEST(FamilyBlock, BadNumbersAreTypedErrors) {
   } catch (const config_error& e) {
     EXPECT_STREQ(e.what(), "moe: expert_glu / shared_glu clamps need a gated Ffn kind");
   }
-  // Expert biases on compact storage are refused, not dropped.
+  // Expert biases on packed storage (no bias term in its fused epilogue) are refused, not
+  // dropped; compact storage keeps them (tests/compact_bias_test.cpp).
   MoeConfig q = small_config(0);
   MoeWeights<float> biased = MoeWeights<float>::zeros(q);
   biased.experts.add_biases();
   try {
-    SparseMoeBlock<float, gating::SoftmaxTopK, SwiGLU, CompactExperts<Bf16>> b(q, biased);
-    ADD_FAILURE() << "expert biases on compact experts were accepted";
+    SparseMoeBlock<float, gating::SoftmaxTopK, SwiGLU, PackedExperts> b(q, biased);
+    ADD_FAILURE() << "expert biases on packed experts were accepted";
   } catch (const config_error& e) {
     EXPECT_STREQ(e.what(),
-                 "moe: compact experts do not apply expert biases (gpt-oss, JetMoE): use "
-                 "NativeExperts");
+                 "moe: packed experts do not apply expert biases (gpt-oss, JetMoE): use "
+                 "NativeExperts or CompactExperts");
   }
 }
 

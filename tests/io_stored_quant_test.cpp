@@ -2,6 +2,7 @@
 // `*_scales`) loaded as stored, checked against a plain decode of the bytes written and against
 // the fp32 loader's dequantised weights; quantise-on-load to q8 / q4 against quantising the fp32
 // block's weights directly; the fast / exact choice of load_any_moe_layer.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -140,6 +141,19 @@ std::size_t mxfp4_file_bytes(const moe::io::ModelCheckpoint& m, const std::strin
   return b;
 }
 
+// Layer 0 loaded three ways: fp32 (the dequantised reference), as stored fast, as stored exact.
+struct ThreeLoads {
+  Any fp32, fast, exact;
+};
+ThreeLoads load_fp32_fast_exact(const moe::io::ModelCheckpoint& m) {
+  LoadOptions fp32;
+  fp32.weights = WeightFormat::fp32;
+  LoadOptions exact;
+  exact.exact = true;
+  return {moe::io::load_any_moe_layer<float>(m, 0, fp32), moe::io::load_any_moe_layer<float>(m, 0),
+          moe::io::load_any_moe_layer<float>(m, 0, exact)};
+}
+
 TEST(IoStoredMxfp4, GptOssExpertsLoadAsStoredWithTheWeightsWritten) {
   ScratchDir dir;
   const Mxfp4Model written = write_mxfp4_model(dir, "gpt_oss", 31);
@@ -193,16 +207,56 @@ TEST(IoStoredMxfp4, GptOssExpertsLoadAsStoredWithTheWeightsWritten) {
         moe::io::ModelCheckpoint::open(dir.str()), 0);
     EXPECT_EQ(copy.w_out(2).dequantize(), before);
   }
+}
 
-  // gpt-oss's experts have biases and a clamped GLU, which compact experts do not apply.
-  moe::test::expect_error<moe::config_error>(
-      [&] { moe::io::load_any_moe_layer<float>(m, 0); },
-      "moe: " + dir.file("config.json") +
-          ": gpt_oss experts have biases, which compact experts do not support; load with "
-          "LoadOptions::weights = fp32");
-  LoadOptions as_fp32;
-  as_fp32.weights = WeightFormat::fp32;
-  EXPECT_EQ(moe::io::load_any_moe_layer<float>(m, 0, as_fp32).weight_format(), WeightFormat::fp32);
+// gpt-oss as stored: a compact Mxfp4 block (not fp32) holding the expert biases next to the
+// file's MXFP4 bytes and running the clamped GLU. Exact mode is bitwise the fp32 load (the
+// dequantised weights; the fp32 load itself is checked against HF's GptOssMLP by io_loader_test's
+// gpt_oss / gpt_oss_clamp golden cases) while every expert gets at most small_batch_rows rows;
+// fast mode within the int8 activations' bound.
+TEST(IoStoredMxfp4, GptOssAsStoredIsACompactBlockEqualToTheFp32Load) {
+  ScratchDir dir;
+  const Mxfp4Model written = write_mxfp4_model(dir, "gpt_oss", 33);
+  const auto m = moe::io::ModelCheckpoint::open(dir.str());
+  const auto [ref, fast, exact] = load_fp32_fast_exact(m);
+  using GptOssF32 = Any::Alternative<4>;
+  ASSERT_NE(ref.get_if<GptOssF32>(), nullptr);
+  const auto* fast_block =
+      fast.get_if<moe::io::detail::with_storage_t<GptOssF32, moe::CompactExperts<moe::Mxfp4>>>();
+  const auto* exact_block = exact.get_if<
+      moe::io::detail::with_storage_t<GptOssF32, moe::CompactExperts<moe::Mxfp4, kExact>>>();
+  ASSERT_NE(fast_block, nullptr);
+  ASSERT_NE(exact_block, nullptr);
+  EXPECT_EQ(fast.weight_format(), WeightFormat::mxfp4);
+  EXPECT_EQ(exact.weight_format(), WeightFormat::mxfp4);
+  EXPECT_FALSE(ref.config().expert_glu.plain());
+
+  // The biases as the fp32 loader reads them (de-interleaved), and counted in expert_bytes().
+  const auto& ref_experts = ref.get_if<GptOssF32>()->experts();
+  EXPECT_EQ(exact_block->experts().in_biases(), ref_experts.in_biases());
+  EXPECT_EQ(exact_block->experts().out_biases(), ref_experts.out_biases());
+  EXPECT_EQ(fast_block->experts().in_biases(), ref_experts.in_biases());
+  const std::size_t bias_bytes = std::size_t(kE * (2 * kF + kD)) * sizeof(float);
+  EXPECT_EQ(exact.expert_bytes(), mxfp4_file_bytes(m, written.prefix) + bias_bytes);
+  EXPECT_EQ(fast.expert_bytes(), mxfp4_file_bytes(m, written.prefix) + bias_bytes);
+  EXPECT_EQ(ref.expert_bytes(), std::size_t(kE * 3 * kD * kF) * sizeof(float) + bias_bytes);
+
+  for (Index tokens : {1, 7, 31}) {
+    const RowMatrix<float> x = random_tokens(tokens, kD, 500 + tokens);
+    moe::Workspace<float> ws;
+    RowMatrix<float> want(tokens, kD), got(tokens, kD);
+    ref.forward(x, want, ws);
+    const auto& counts = ws.plan().counts;
+    const Index max_rows = *std::max_element(counts.begin(), counts.begin() + kE);
+    exact.forward(x, got, ws);
+    if (max_rows <= moe::kernels::small_batch_rows) {
+      EXPECT_EQ(got, want) << tokens;
+    } else {  // the prefill tiles sum in another order (docs/compact.md)
+      EXPECT_LE(nmse(got, want), 1e-11) << tokens;
+    }
+    EXPECT_LE(nmse(fast.forward(x), want), 1e-3) << tokens;
+  }
+  // An expert gets at most one row per token: at 1 and 7 tokens the bitwise branch always ran.
 }
 
 // The same bytes under a plain SwiGLU family: the whole block as stored, fast and exact.
@@ -210,13 +264,7 @@ TEST(IoStoredMxfp4, AsStoredBlockEqualsTheFp32BlockOnTheDequantisedWeights) {
   ScratchDir dir;
   const Mxfp4Model written = write_mxfp4_model(dir, "mixtral", 32);
   const auto m = moe::io::ModelCheckpoint::open(dir.str());
-  LoadOptions fp32;
-  fp32.weights = WeightFormat::fp32;
-  const Any ref = moe::io::load_any_moe_layer<float>(m, 0, fp32);
-  const Any fast = moe::io::load_any_moe_layer<float>(m, 0);
-  LoadOptions exact_options;
-  exact_options.exact = true;
-  const Any exact = moe::io::load_any_moe_layer<float>(m, 0, exact_options);
+  const auto [ref, fast, exact] = load_fp32_fast_exact(m);
   EXPECT_EQ(fast.weight_format(), WeightFormat::mxfp4);
   EXPECT_FALSE(fast.exact());
   EXPECT_EQ(exact.weight_format(), WeightFormat::mxfp4);

@@ -44,6 +44,15 @@ MoeWeights<T> random_weights(const MoeConfig& config, std::mt19937_64& rng, bool
   return w;
 }
 
+/// Normalised mean squared error of got against ref (in double): |got - ref|^2 / |ref|^2, or
+/// |got - ref|^2 when ref is zero.
+template <class T>
+double nmse(const RowMatrix<T>& got, const RowMatrix<T>& ref) {
+  const double num = (got.template cast<double>() - ref.template cast<double>()).squaredNorm();
+  const double den = ref.template cast<double>().squaredNorm();
+  return den > 0 ? num / den : num;
+}
+
 /// Expects `f()` to throw exactly E with exactly `message`.
 template <class E, class F>
 void expect_error(F&& f, const std::string& message) {

@@ -67,8 +67,10 @@ class SparseMoeBlock {
   using GatingPolicy = Gating;
   using FfnKind = Ffn;
   using ExpertStorage = Storage;
-  /// True when the routed experts are stored compact (CompactExperts<Format>).
+  /// True when the routed experts are stored compact (CompactExperts<Format>) or packed.
   static constexpr bool compact = Storage::compact;
+  /// True for PackedExperts (activation fused into the input product: plain GLU, no biases).
+  static constexpr bool packed = std::is_same_v<Storage, PackedExperts>;
   /// The routed experts' stack: ExpertStack<T> (NativeExperts) or CompactExpertStack<Format>.
   using ExpertStackType = typename Storage::template stack<T>;
   /// CompactExpertStack<Format> for compact storage (else an empty placeholder type).
@@ -88,11 +90,12 @@ class SparseMoeBlock {
                       router_.num_scored(config_));
     router_.prepare(weights_);
     if constexpr (compact) {
-      // The compact products have no bias terms: dropping gpt-oss's / JetMoE's biases would
-      // change the output without a word.
-      if (weights_.experts.has_biases()) {
+      // Compact stacks keep the biases (fp32); the packed stack's fused epilogue has no bias
+      // term, and dropping gpt-oss's / JetMoE's biases would change the output without a word.
+      if (packed && weights_.experts.has_biases()) {
         throw config_error(
-            "moe: compact experts do not apply expert biases (gpt-oss, JetMoE): use NativeExperts");
+            "moe: packed experts do not apply expert biases (gpt-oss, JetMoE): use NativeExperts "
+            "or CompactExperts");
       }
       experts_ = CompactStack::from(weights_.experts);
       weights_.experts = ExpertStack<T>();
@@ -318,10 +321,18 @@ class SparseMoeBlock {
             detail::concat("moe: glu alpha = ", g->alpha, " needs Silu experts (gpt-oss)"));
       }
     }
-    if (compact &&
-        (!config_.expert_glu.plain() || config_.weight_expert_input || config_.latent_dim > 0)) {
+    // Llama 4's input weighting scales the gathered rows before any expert product: every
+    // storage supports it. The packed epilogue applies the plain activation only.
+    if (packed && !config_.expert_glu.plain()) {
       throw config_error(
-          "moe: compact experts support the plain GLU, output weighting and no latent space");
+          "moe: packed experts apply the plain GLU only (gpt-oss's clamp needs NativeExperts or "
+          "CompactExperts)");
+    }
+    // Latent experts (Nemotron-H) have d_model = latent_dim, which compact stacks are not
+    // checked or loaded for.
+    if (compact && config_.latent_dim > 0) {
+      throw config_error(detail::concat("moe: compact experts do not support latent_dim = ",
+                                        config_.latent_dim, " (Nemotron-H): use NativeExperts"));
     }
   }
 

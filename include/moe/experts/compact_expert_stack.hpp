@@ -33,7 +33,8 @@ class CompactExpertStack : public detail::ExpertMatrices<CompactMatrix<Format>> 
   CompactExpertStack(Index num_experts, Index d_model, Index d_ff, bool gated)
       : Base("CompactExpertStack", num_experts, d_model, d_ff, gated) {}
 
-  /// Quantises every expert of an fp32 stack (fp8: 128 x 128 blocks per projection).
+  /// Quantises every expert of an fp32 stack (fp8: 128 x 128 blocks per projection); its biases,
+  /// if any, stay fp32.
   static CompactExpertStack from(const ExpertStack<float>& w) {
     CompactExpertStack s(w.num_experts(), w.d_model(), w.d_ff(), w.gated());
     using M = CompactMatrix<Format>;
@@ -42,6 +43,7 @@ class CompactExpertStack : public detail::ExpertMatrices<CompactMatrix<Format>> 
       if (w.gated()) s.up_[std::size_t(e)] = M::quantize(w.up(e));
       s.down_[std::size_t(e)] = M::quantize(w.w_out(e));
     }
+    s.copy_biases(w);
     return s;
   }
 

@@ -11,6 +11,7 @@
 
 #include "moe/activations.hpp"
 #include "moe/config.hpp"
+#include "moe/error.hpp"
 #include "moe/experts/operand.hpp"
 #include "moe/kernels/activation.hpp"
 #include "moe/tensor.hpp"
@@ -168,14 +169,19 @@ inline void apply_activation_cols(const T* h, Index ld_h, Index n, Index d_ff, I
 }
 
 /// Input-phase task `part` of `parts` of a job: hidden's gate (and up) columns of one block of
-/// d_ff, then the activation of that block, in place when act aliases hidden; or, for an operand
-/// with fused_input (packed weights, inference), the activations of the block straight from the
-/// product's epilogue (hidden is not written).
+/// d_ff, plus the job's input bias, then the activation of that block (the clamped GLU when
+/// job.glu is not plain), in place when act aliases hidden; or, for an operand with fused_input
+/// (packed weights, inference), the activations of the block straight from the product's
+/// epilogue (hidden is not written).
 template <class Ffn, class T, class Operand>
 void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index worker = 0) {
   const auto [a, b] = block_range(job.f, parts, part, ffn_up_granule<Operand>());
   T* scratch = job.scratch ? job.scratch + worker * job.scratch_stride : nullptr;
   if constexpr (has_fused_input<Ffn, T, Operand>::value) {
+    // The fused epilogue applies the plain activation with no bias, and the packed input
+    // projection (gate/up pairs in panels) has no unfused product to fall back to: blocks with
+    // such operands refuse expert biases and clamped GLUs at construction (block.hpp).
+    MOE_ASSERT(job.in_bias == nullptr && job.glu.plain());
     job.gate.template fused_input<Ffn>(job.x, job.n, job.ldx, a, b, job.f, job.act, job.ld_act,
                                        scratch);
     return;
@@ -194,16 +200,19 @@ void ffn_up_task(const FfnJob<T, Operand>& job, Index part, Index parts, Index w
       }
     }
   }
+  bool clamped = false;
   if constexpr (Ffn::gated) {
-    if (!job.glu.plain()) {
+    clamped = !job.glu.plain();
+    if (clamped) {
       kernels::clamped_glu_cols<typename Ffn::activation>(
           job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act,
           static_cast<T>(job.glu.limit), job.glu.clamp_after_activation,
           static_cast<T>(job.glu.up_offset), static_cast<T>(job.glu.alpha));
-      return;
     }
   }
-  apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+  if (!clamped) {
+    apply_activation_cols<Ffn>(job.hidden, job.in, job.n, job.f, a, b, job.act, job.ld_act);
+  }
   // The output phase's input, converted where it was computed (no extra pass, no barrier).
   if constexpr (prepares_input_v<Operand>) {
     job.down.prepare_cols(job.act, job.n, job.ld_act, a, b);

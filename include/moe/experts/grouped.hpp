@@ -4,6 +4,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "moe/experts/ffn_tasks.hpp"
 #include "moe/experts/storage.hpp"
@@ -39,6 +40,14 @@ struct GroupedRows {
 
 namespace detail {
 
+/// Whether a stack may hold expert biases (in_bias(e) / out_bias(e), nullptr when it has none):
+/// fp32 and compact stacks; not packed ones, whose fused epilogue has no bias term.
+template <class Stack, class = void>
+struct has_expert_biases : std::false_type {};
+template <class Stack>
+struct has_expert_biases<Stack, std::void_t<decltype(std::declval<const Stack&>().in_bias(Index()))>>
+    : std::true_type {};
+
 /// The FFN job of expert e of a stack on n rows (see FfnJob for the layouts).
 template <class Stack, class T>
 auto expert_job(const Stack& experts, Index e, const T* x, Index ldx, Index n, T* hidden, T* act,
@@ -60,7 +69,7 @@ auto expert_job(const Stack& experts, Index e, const T* x, Index ldx, Index n, T
   job.y = y;
   job.scratch = scratch;
   job.scratch_stride = scratch_stride;
-  if constexpr (std::is_same_v<Stack, ExpertStack<T>>) {
+  if constexpr (has_expert_biases<Stack>::value) {
     job.in_bias = experts.in_bias(e);
     job.out_bias = experts.out_bias(e);
   }

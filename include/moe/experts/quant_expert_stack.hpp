@@ -38,7 +38,8 @@ class QuantExpertStack : public detail::ExpertMatrices<QuantMatrix<Format>> {
     }
   }
 
-  /// Quantises every expert of an fp32 stack (ExpertStack<float>: gate(e), up(e), w_out(e)).
+  /// Quantises every expert of an fp32 stack (ExpertStack<float>: gate(e), up(e), w_out(e));
+  /// its biases, if any, stay fp32.
   template <class FloatStack>
   static QuantExpertStack from(const FloatStack& w, QuantLayout layout = kLayout) {
     QuantExpertStack s(w.num_experts(), w.d_model(), w.d_ff(), w.gated(), layout);
@@ -48,6 +49,7 @@ class QuantExpertStack : public detail::ExpertMatrices<QuantMatrix<Format>> {
       if (w.gated()) s.up_[std::size_t(e)] = M::quantize(w.up(e), layout);
       s.down_[std::size_t(e)] = M::quantize(w.w_out(e), layout);
     }
+    s.copy_biases(w);
     return s;
   }
 

@@ -232,24 +232,25 @@ Block load_gguf_moe_layer(const GgufFile& file, const GgufMoeSpec& spec, Index l
   using T = typename Block::Scalar;
   auto options = gguf_gating_options<typename Block::GatingPolicy>(spec, file.path());
   if constexpr (Block::compact) {
-    if (spec.expert_biases) {
-      throw config_error(moe::detail::concat(
-          "moe: ", file.path(), ": ", spec.arch,
-          " experts have biases, which compact expert storage does not hold (use a native block)"));
-    }
+    // gpt-oss's expert biases: fp32, next to the viewed experts.
+    auto with_biases = [&](auto stack) {
+      std::vector<float> scratch;
+      if (spec.expert_biases) detail::gguf_expert_biases(file, spec.moe, layer, stack, scratch);
+      return stack;
+    };
     using Format = typename Block::ExpertStorage::format;
     if constexpr (std::is_same_v<Format, Bf16>) {
       if (gguf_experts_are_bf16(file, spec, layer)) {
         return Block(spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
-                     view_gguf_bf16_experts(file, spec, layer), options);
+                     with_biases(view_gguf_bf16_experts(file, spec, layer)), options);
       }
     } else if constexpr (std::is_same_v<Format, Q8> || std::is_same_v<Format, Q4> ||
                          std::is_same_v<Format, Mxfp4>) {
       if (gguf_experts_are(file, spec, layer, gguf_type_of_quant<Format>())) {
-        return Block(
-            spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
-            view_gguf_quant_experts<Format, typename Block::CompactStack>(file, spec, layer),
-            options);
+        return Block(spec.moe, load_gguf_moe_weights<T>(file, spec, layer, false),
+                     with_biases(view_gguf_quant_experts<Format, typename Block::CompactStack>(
+                         file, spec, layer)),
+                     options);
       }
     }
   }

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/error.hpp"
@@ -151,10 +152,12 @@ class GgufRoutedExperts {
 
 /// gpt-oss's expert biases of `layer` into `experts` (add_biases: in_bias(e) = gate entries, then
 /// up; out_bias(e) = down), from ffn_{gate,up}_exps.bias or the fused ffn_gate_up_exps.bias, and
-/// ffn_down_exps.bias. Throws io_error for a missing tensor or wrong dims.
-template <class T>
-void gguf_expert_biases(const GgufFile& file, const MoeConfig& c, Index layer,
-                        ExpertStack<T>& experts, std::vector<float>& scratch) {
+/// ffn_down_exps.bias. Stack: ExpertStack<T>, or a compact stack (fp32 biases). Throws io_error
+/// for a missing tensor or wrong dims.
+template <class Stack>
+void gguf_expert_biases(const GgufFile& file, const MoeConfig& c, Index layer, Stack& experts,
+                        std::vector<float>& scratch) {
+  using T = typename std::decay_t<decltype(experts.in_biases())>::Scalar;
   auto name = [&](const char* suffix) { return gguf_block_tensor(layer, suffix); };
   const Index D = c.d_model, F = c.d_ff, E = c.num_experts;
   experts.add_biases();

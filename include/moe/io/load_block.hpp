@@ -51,15 +51,13 @@ Block load_moe_layer(const ModelCheckpoint& m, Index layer, const LoadOptions& o
     LoadOptions others = options;
     others.routed_experts = false;
     MoeWeights<float> w = load_moe_weights<float>(m, layer, others);
-    if (m.spec().row().expert_in_bias != nullptr) {
-      throw config_error(moe::detail::concat(
-          "moe: ", m.spec().source, ": ", family_name(m.spec().family),
-          " experts have biases, which compact experts do not support; load with "
-          "LoadOptions::weights = fp32"));
-    }
     const MoeConfig config = layer_config(m.spec(), w);
-    return Block(config, std::move(w),
-                 load_expert_stack<typename Block::CompactStack>(m, layer, options), options_of_g);
+    auto experts = load_expert_stack<typename Block::CompactStack>(m, layer, options);
+    if (m.spec().row().expert_in_bias != nullptr) {  // gpt-oss: fp32 next to the stored experts
+      ExpertBiases<float> b = load_expert_biases<float>(m, layer);
+      experts.set_biases(std::move(b.in), std::move(b.out));
+    }
+    return Block(config, std::move(w), std::move(experts), options_of_g);
   } else {
     MoeWeights<typename Block::Scalar> w = load_moe_weights<typename Block::Scalar>(m, layer);
     const MoeConfig config = layer_config(m.spec(), w);

@@ -27,6 +27,7 @@
 #include "moe/dense.hpp"
 #include "moe/error.hpp"
 #include "moe/gating.hpp"
+#include "moe/io/expert_biases.hpp"
 #include "moe/io/families.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"
@@ -171,12 +172,7 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   const std::int64_t He = c.expert_d_model(), L = c.latent_dim;  // the experts' input width
   const bool gated = row.gated_experts;
 
-  // The prefix: the hub name, or the transformers v5 in-memory one when only that is present.
-  std::string p = s.moe_prefix(layer);
-  if (row.sparse_prefix_v5 != nullptr && !r.has(p + row.router)) {
-    const std::string v5 = expand_name(row.sparse_prefix_v5, layer);
-    if (r.has(v5 + row.router)) p = v5;
-  }
+  const std::string p = detail::sparse_names_prefix(m, r, layer);
   const std::string router = p + row.router;
   if (row.refused_router_bias != nullptr && (s.router_bias || r.has(p + row.refused_router_bias))) {
     throw io_error("moe: " + m.directory() + ": '" + p + row.refused_router_bias +
@@ -317,14 +313,8 @@ MoeWeights<T> load_moe_weights(const ModelCheckpoint& m, Index layer,
   for (std::size_t j = 0; j < chosen.size(); ++j) {
     const Index e = chosen[j], slot = static_cast<Index>(j);
     if (expert_biases) {
-      const RowMatrix<T> b_in = slice(p + row.expert_in_bias, e, 1, (gated ? 2 : 1) * I);
-      w.experts.out_biases().row(slot) = slice(p + row.expert_out_bias, e, 1, He);
-      for (Index i = 0; i < (gated ? 2 : 1) * I; ++i) {
-        // gpt-oss interleaves gate and up columns; ours are gate entries then up entries.
-        const Index at =
-            layout == FusedLayout::in_out_interleaved ? (i < I ? 2 * i : 2 * (i - I) + 1) : i;
-        w.experts.in_biases()(slot, i) = b_in(0, at);
-      }
+      detail::read_expert_biases<T>(m, r, p, e, w.experts.in_biases().row(slot).data(),
+                                    w.experts.out_biases().row(slot).data());
     }
     if (mxfp4) {
       read_mxfp4_expert<T>(m, fused_in, fused_out, e, He, I, w.experts.gate(slot),
