@@ -15,8 +15,9 @@
 //  - Mxfp4: r = |w| - v 2^e (v the e2m1 value |w| rounds to) is exact in float (|w| lies within a
 //    factor 2 of v 2^e, or v = 0), so r^2 is exact in double and a fused multiply-add gives the
 //    same sum; the sum itself is taken in the order of the plain loop.
-// Measured on the 2-core Xeon (AVX-512), rows of 4096 Gaussian weights, benchmarks/quant_bench.cpp
-// quantize/<format>/in:4096: see docs/performance.md and the helper report of issue 14.
+// Measured on the 2-core Xeon (AVX-512), rows of 4096 Gaussian weights (benchmarks/quant_bench.cpp
+// quantize/<format>/in:4096, CPU time): q8 / q4 / mxfp4 150 / 145 / 158 M weights/s, against
+// 11 / 10 / 9.5 M for the one-block-at-a-time search in double before (docs/io.md).
 #pragma once
 
 #include <algorithm>

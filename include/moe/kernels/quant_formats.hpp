@@ -268,7 +268,7 @@ inline void store_fp16_scales(const char* format, float* d, const float* max_abs
 /// Scale d per block: detail::search_lane_scales around max|w| / 127 (ggml's choice), rounded to
 /// fp16; codes q = round(w / d) with the rounded d actually stored, clamped to [-127, 127].
 /// `row` only names the row in errors. Throws value_error on a non-finite weight or a scale that
-/// overflows fp16 (|w| > ~8.3e6). Cost: about 3 ns per weight (quant_block_search.hpp).
+/// overflows fp16 (|w| > ~8.3e6). Cost: about 7 ns per weight (quant_block_search.hpp).
 inline void quantize_q8_row(const float* w, Index cols, BlockQ8* out, Index row = 0) {
   detail::check_finite_row("q8", w, cols, row);
   constexpr int L = detail::kSearchLanes;
