@@ -253,7 +253,53 @@ void register_format(bool has_exact) {
   }
 }
 
+// Quantisation from fp32 (what quantise-on-load spends its time in): `rows` Gaussian rows of
+// `in` weights (sigma 0.02, as trained projections) per iteration, one thread. Counter: weights/s.
+// Names: quantize/<q8|q4|mxfp4>/in:<in>.
+template <class F>
+void bm_quantize(benchmark::State& state, Index in) {
+  const Index rows = 64;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist(0.0f, 0.02f);
+  std::vector<float> w(std::size_t(rows * in));
+  for (float& v : w) v = dist(rng);
+  const Index nb = in / 32;
+  std::vector<k::BlockQ8> q8(std::size_t(rows * nb));
+  std::vector<k::BlockQ4> q4(std::size_t(rows * nb));
+  std::vector<std::uint8_t> codes(std::size_t(rows * nb * 16)), scales(std::size_t(rows * nb));
+  for (auto _ : state) {
+    for (Index o = 0; o < rows; ++o) {
+      const float* row = &w[std::size_t(o * in)];
+      if constexpr (std::is_same_v<F, moe::Q8>) {
+        k::quantize_q8_row(row, in, &q8[std::size_t(o * nb)], o);
+      } else if constexpr (std::is_same_v<F, moe::Q4>) {
+        k::quantize_q4_row(row, in, &q4[std::size_t(o * nb)], o);
+      } else {
+        k::quantize_mxfp4_row(row, in, &codes[std::size_t(o * nb * 16)],
+                              &scales[std::size_t(o * nb)], o);
+      }
+    }
+    benchmark::DoNotOptimize(q8.data());
+    benchmark::DoNotOptimize(q4.data());
+    benchmark::DoNotOptimize(codes.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["weights/s"] = benchmark::Counter(double(rows * in) * double(state.iterations()),
+                                                   benchmark::Counter::kIsRate);
+}
+
+template <class F>
+void register_quantize() {
+  const std::string name = std::string("quantize/") + F::name + "/in:4096";
+  benchmark::RegisterBenchmark(name.c_str(), [](benchmark::State& st) {
+    bm_quantize<F>(st, 4096);
+  })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
+}
+
 const bool registered = [] {
+  register_quantize<moe::Q8>();
+  register_quantize<moe::Q4>();
+  register_quantize<moe::Mxfp4>();
   register_format<Fp32>(false);
   register_format<Bf16>(false);
   register_format<moe::Q8>(true);

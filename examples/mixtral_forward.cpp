@@ -109,6 +109,7 @@ Args parse(int argc, char** argv) {
           "                     int8, fp8, q8, q4 or mxfp4 (quantised on load, expert by expert)\n"
           "  --exact            exact products for q8 / q4 / mxfp4 (fp32 activations, bitwise\n"
           "                     the fp32 model on the dequantised weights); default: fast\n"
+          "  --threads N        workers of the forward and of quantise-on-load (default 2)\n"
           "  --repeats N        timed forward passes after one warm-up (default 5)\n"
           "  --prefetch 0|1     read-ahead hint for the chosen mapped experts (default 1)\n"
           "  --logits-out FILE  write the logits [S x V] as float32 safetensors ('logits')\n");
@@ -161,10 +162,13 @@ int main(int argc, char** argv) try {
   const Args args = parse(argc, argv);
   example::ModelConfig config;
   config.num_layers = args.layers;
+  // One pool for loading (quantise-on-load converts the experts' matrices on it) and forward.
+  moe::ThreadPool pool(args.threads);
   moe::io::LoadOptions options;
   options.weights = args.weights;
   options.prefetch = args.prefetch;
   options.exact = args.exact;
+  options.executor = &pool;
   const auto load_start = std::chrono::steady_clock::now();
   const example::ModelWeights model =
       args.checkpoint.empty() ? example::random_model(config, args.seed, args.weights, args.exact)
@@ -201,7 +205,6 @@ int main(int argc, char** argv) try {
   std::printf("load: %.1f ms\n", load_seconds * 1e3);
   std::printf("experts: %zu bytes resident (%s)\n", expert_bytes, format.c_str());
 
-  moe::ThreadPool pool(args.threads);
   moe::Workspace<float> ws;
   const auto first_start = std::chrono::steady_clock::now();
   example::forward(model, ids, ws, pool);  // warm-up: grows the workspace, pages experts in

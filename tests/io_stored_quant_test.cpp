@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -389,6 +390,96 @@ TEST(IoQuantiseOnLoad, Q8Fused) { expect_quantised_on_load<moe::Q8>(WeightFormat
 TEST(IoQuantiseOnLoad, Q4PerExpert) { expect_quantised_on_load<moe::Q4>(WeightFormat::q4, Layout::per_expert); }
 TEST(IoQuantiseOnLoad, Mxfp4Fused) {
   expect_quantised_on_load<moe::Mxfp4>(WeightFormat::mxfp4, Layout::fused);
+}
+
+// ---- quantise-on-load on several threads (LoadOptions::executor): bitwise the serial load ----
+
+template <class Stack>
+void expect_same_stacks(const Stack& a, const Stack& b, const std::string& what) {
+  ASSERT_EQ(a.num_experts(), b.num_experts()) << what;
+  EXPECT_EQ(a.bytes(), b.bytes()) << what;
+  for (Index e = 0; e < a.num_experts(); ++e) {
+    EXPECT_EQ(a.gate(e).dequantize(), b.gate(e).dequantize()) << what << ", expert " << e;
+    if (a.gated()) {
+      EXPECT_EQ(a.up(e).dequantize(), b.up(e).dequantize()) << what << ", expert " << e;
+    }
+    EXPECT_EQ(a.w_out(e).dequantize(), b.w_out(e).dequantize()) << what << ", expert " << e;
+  }
+}
+
+// Layer `layer` of m as Format on the calling thread, on 1 worker and on 3 workers: the same bits.
+template <class Format, moe::CompactMode Mode = moe::CompactMode::fast>
+void expect_any_thread_count_loads_the_same(const moe::io::ModelCheckpoint& m, Index layer,
+                                            const std::string& what) {
+  const moe::ThreadPool one(1), three(3);
+  LoadOptions serial, on_one, on_three;
+  on_one.executor = &one;
+  on_three.executor = &three;
+  const auto a = moe::io::load_compact_experts<Format, Mode>(m, layer, serial);
+  const std::string name = what + ", " + Format::name + (Mode == kExact ? " exact" : " fast");
+  expect_same_stacks(a, moe::io::load_compact_experts<Format, Mode>(m, layer, on_one), name);
+  expect_same_stacks(a, moe::io::load_compact_experts<Format, Mode>(m, layer, on_three), name);
+}
+
+void expect_every_format_loads_the_same(const moe::io::ModelCheckpoint& m, Index layer,
+                                        const std::string& what) {
+  expect_any_thread_count_loads_the_same<moe::Bf16>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Int8>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Fp8E4M3>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Q8>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Q8, kExact>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Q4>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Q4, kExact>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Mxfp4>(m, layer, what);
+  expect_any_thread_count_loads_the_same<moe::Mxfp4, kExact>(m, layer, what);
+}
+
+TEST(IoQuantiseOnLoad, AnyThreadCountGivesTheSerialBitsInEveryFormatAndLayout) {
+  for (const Layout layout : {Layout::per_expert, Layout::fused}) {
+    for (const moe::io::Dtype dtype : {moe::io::Dtype::F32, moe::io::Dtype::BF16}) {
+      ScratchDir dir;
+      moe::test::write_model(dir, quant_mixtral(), layout, 43, dtype);
+      const auto m = moe::io::ModelCheckpoint::open(dir.str());
+      expect_every_format_loads_the_same(
+          m, 1, std::string(layout == Layout::fused ? "fused" : "per expert") + " " +
+                    moe::io::dtype_name(dtype));
+    }
+  }
+  // MXFP4 experts converted to every other format (one task per expert).
+  ScratchDir dir;
+  write_mxfp4_model(dir, "mixtral", 44);
+  expect_every_format_loads_the_same(moe::io::ModelCheckpoint::open(dir.str()), 0, "mxfp4 stored");
+}
+
+TEST(IoQuantiseOnLoad, OnThreadsTheErrorIsTheSerialLoadsFirst) {
+  // Non-finite weights in experts 5 and 2: every executor reports expert 2's, as a serial load.
+  ScratchDir dir;
+  const Json c = quant_mixtral();
+  moe::test::write_text(dir.file("config.json"), c.dump(2));
+  const auto spec = moe::io::parse_model_spec(c.dump(), "config.json");
+  std::mt19937_64 rng(45);
+  std::vector<TensorToWrite> tensors;
+  for (Index l = 0; l < 2; ++l) {
+    auto w = moe::test::random_layer(spec, rng);
+    if (l == 1) {
+      w.experts.up(5)(3, 4) = std::numeric_limits<float>::infinity();
+      w.experts.w_out(2)(1, 7) = std::numeric_limits<float>::quiet_NaN();
+    }
+    moe::test::add_moe_layer(tensors, spec.family, l, w, spec.moe, Layout::per_expert);
+  }
+  moe::io::write_safetensors(dir.file("model.safetensors"), tensors, {{"format", "pt"}});
+  const auto m = moe::io::ModelCheckpoint::open(dir.str());
+  const std::string message = "moe: " + dir.file("model.safetensors") +
+                              ": layer 1: tensor 'model.layers.1.block_sparse_moe.experts.2.w2."
+                              "weight' has a non-finite value (nan at [1, 7])";
+  const moe::ThreadPool three(3);
+  for (const moe::Executor* executor : {static_cast<const moe::Executor*>(nullptr),
+                                        static_cast<const moe::Executor*>(&three)}) {
+    LoadOptions o;
+    o.executor = executor;
+    moe::test::expect_error<moe::io_error>(
+        [&] { moe::io::load_compact_experts<moe::Q4>(m, 1, o); }, message);
+  }
 }
 
 TEST(IoQuantiseOnLoad, WidthsNotMultipleOf32AreShapeErrors) {

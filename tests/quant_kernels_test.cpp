@@ -3,6 +3,7 @@
 // byte layouts and semantics on hand-built blocks, rounding and scale choices, error messages,
 // SIMD == scalar bit for bit over awkward sizes, the exact mode bitwise equal to the fp32 kernel
 // on the dequantised weights, and the accuracy of the fast mode against the fp32 product.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -228,6 +229,219 @@ TEST(QuantErrors, MessagesNameTheFieldExpectedAndGiven) {
   test::expect_error<value_error>(
       [&] { check_mxfp4_scales(Mxfp4View{codes, scales, 1, 64}, "gate_up_proj"); },
       "moe: mxfp4 gate_up_proj has a NaN scale (0xFF) at row 0, block 1");
+}
+
+// ---- the scale searches against plain, one-block-at-a-time versions (bitwise) ----
+
+// The Q8 / Q4 scale search written plainly: one block, one trial at a time, the 19 trial inverse
+// scales (qref +- 0.1 t) / ref, codes clamp(round(w * inv)), the least-squares scale
+// d = sum(w q) / sum(q^2) of those codes; its squared error is sum(w^2) - sum(w q)^2 / sum(q^2),
+// so the largest sum(w q)^2 / sum(q^2) wins (the first on ties).
+float plain_block_scale(const float* x, float ref, float qref, int qmin, int qmax) {
+  if (ref == 0.0f) return 0.0f;
+  const float sign = qref < 0 ? -1.0f : 1.0f;
+  if (!std::isfinite((qref + 0.1f * 9.0f * sign) / ref)) return ref / qref;
+  float best_d = 0.0f;
+  double best_score = -1.0;
+  for (int t = -9; t <= 9; ++t) {
+    const float inv = (qref + 0.1f * float(t) * sign) / ref;
+    double s1 = 0.0, s2 = 0.0;
+    for (int i = 0; i < 32; ++i) {
+      const float q = std::clamp(std::nearbyint(x[i] * inv), float(qmin), float(qmax));
+      s1 += double(x[i]) * double(q);
+      s2 += double(q) * double(q);
+    }
+    if (s2 > 0.0 && s1 * s1 / s2 > best_score) {
+      best_score = s1 * s1 / s2;
+      best_d = float(s1 / s2);
+    }
+  }
+  return best_d;
+}
+
+// A block's codes for the stored scale d: clamp(round(w / d)), 0 when d = 0.
+int plain_code(float w, float d, int qmin, int qmax) {
+  return d != 0.0f ? int(std::clamp(std::nearbyint(w / d), float(qmin), float(qmax))) : 0;
+}
+
+std::vector<BlockQ8> plain_q8_row(const float* w, Index cols) {
+  std::vector<BlockQ8> out(std::size_t(cols / 32));
+  for (Index b = 0; b < cols / 32; ++b) {
+    const float* x = w + b * 32;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    BlockQ8& o = out[std::size_t(b)];
+    o.d = float_to_fp16(plain_block_scale(x, amax, 127.0f, -127, 127));
+    for (int i = 0; i < 32; ++i) o.q[i] = std::int8_t(plain_code(x[i], fp16_to_float(o.d), -127, 127));
+  }
+  return out;
+}
+
+std::vector<BlockQ4> plain_q4_row(const float* w, Index cols) {
+  std::vector<BlockQ4> out(std::size_t(cols / 32));
+  for (Index b = 0; b < cols / 32; ++b) {
+    const float* x = w + b * 32;
+    float m = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      if (std::fabs(x[i]) > std::fabs(m)) m = x[i];
+    }
+    BlockQ4& o = out[std::size_t(b)];
+    o.d = float_to_fp16(plain_block_scale(x, m, -8.0f, -8, 7));
+    const float d = fp16_to_float(o.d);
+    for (int i = 0; i < 16; ++i) {
+      o.q[i] = std::uint8_t((plain_code(x[i], d, -8, 7) + 8) |
+                            ((plain_code(x[i + 16], d, -8, 7) + 8) << 4));
+    }
+  }
+  return out;
+}
+
+// e2m1 rounding by table: the nearest of the 8 values, ties to the even code, saturating at 6.
+unsigned plain_e2m1(float v) {
+  static constexpr float kValue[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  if (v >= 6.0f) return 7;  // saturates (far above 6 the distances below round to equal)
+  unsigned code = 0;
+  for (unsigned k = 1; k < 8; ++k) {
+    const double dk = std::fabs(double(v) - kValue[k]), dc = std::fabs(double(v) - kValue[code]);
+    if (dk < dc || (dk == dc && k % 2 == 0)) code = k;
+  }
+  return code;
+}
+
+// Mxfp4 plainly: candidates e0 (the smallest with max|w| <= 6 * 2^e0) and e0 - 1, both clamped to
+// [-125, 127], squared errors summed in double in weight order, e0 kept on ties.
+void plain_mxfp4_row(const float* w, Index cols, std::uint8_t* codes, std::uint8_t* scales) {
+  static constexpr float kValue[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (Index b = 0; b < cols / 32; ++b) {
+    const float* x = w + b * 32;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    int e = 0;
+    if (amax > 0.0f) {
+      int e0 = -200;
+      while (6.0f * std::ldexp(1.0f, e0) < amax) ++e0;
+      double best = -1.0;
+      for (int cand : {e0, e0 - 1}) {
+        const int c = std::clamp(cand, -125, 127);
+        double err = 0.0;
+        for (int i = 0; i < 32; ++i) {
+          const float v = std::ldexp(std::fabs(x[i]), -c);
+          const double r = std::fabs(double(x[i])) - std::ldexp(double(kValue[plain_e2m1(v)]), c);
+          err += r * r;
+        }
+        if (best < 0.0 || err < best) {
+          best = err;
+          e = c;
+        }
+      }
+    }
+    scales[b] = std::uint8_t(e + 127);
+    for (int i = 0; i < 16; ++i) {
+      unsigned c[2];
+      for (int h = 0; h < 2; ++h) {
+        const float v = x[2 * i + h];
+        const unsigned m = plain_e2m1(std::ldexp(std::fabs(v), -e));
+        c[h] = (v < 0.0f && m != 0) ? (m | 8u) : m;
+      }
+      codes[b * 16 + i] = std::uint8_t(c[0] | (c[1] << 4));
+    }
+  }
+}
+
+// Rows of Gaussian weights of several scales, with awkward blocks mixed in: all zero, one nonzero
+// weight, all equal, tiny (1e-38: the inverse scale overflows), subnormal, and exact ties.
+std::vector<float> awkward_row(Index cols, std::mt19937& rng) {
+  std::vector<float> w = gaussian(cols, rng, 0.02f);
+  std::uniform_real_distribution<float> sigma(-6.0f, 3.0f);
+  for (Index b = 0; b < cols / 32; ++b) {
+    float* x = &w[std::size_t(b * 32)];
+    const float s = std::pow(10.0f, sigma(rng));
+    switch (rng() % 9) {
+      case 0: std::fill(x, x + 32, 0.0f); break;
+      case 1: std::fill(x, x + 32, 0.0f); x[rng() % 32] = -s; break;
+      case 2: std::fill(x, x + 32, s); break;
+      case 3: for (int i = 0; i < 32; ++i) x[i] *= 1e-36f; break;
+      case 4: for (int i = 0; i < 32; ++i) x[i] = float(int(rng() % 17) - 8) * 0.25f; break;
+      case 5: for (int i = 0; i < 32; ++i) x[i] = float(int(rng() % 255) - 127) * 1e-42f; break;
+      default: for (int i = 0; i < 32; ++i) x[i] *= s / 0.02f; break;
+    }
+  }
+  return w;
+}
+
+TEST(QuantSearch, FastRowsEqualThePlainSearchBitForBit) {
+  std::mt19937 rng(21);
+  for (Index blocks : {1, 7, 15, 16, 17, 31, 129}) {
+    const Index cols = 32 * blocks;
+    for (int rep = 0; rep < 4; ++rep) {
+      const std::vector<float> w = awkward_row(cols, rng);
+      std::vector<BlockQ8> q8(static_cast<std::size_t>(blocks));
+      quantize_q8_row(w.data(), cols, q8.data());
+      const std::vector<BlockQ8> q8_plain = plain_q8_row(w.data(), cols);
+      ASSERT_EQ(std::memcmp(q8.data(), q8_plain.data(), q8.size() * sizeof(BlockQ8)), 0)
+          << "q8, " << blocks << " blocks, rep " << rep;
+      std::vector<BlockQ4> q4(static_cast<std::size_t>(blocks));
+      quantize_q4_row(w.data(), cols, q4.data());
+      const std::vector<BlockQ4> q4_plain = plain_q4_row(w.data(), cols);
+      ASSERT_EQ(std::memcmp(q4.data(), q4_plain.data(), q4.size() * sizeof(BlockQ4)), 0)
+          << "q4, " << blocks << " blocks, rep " << rep;
+      std::vector<std::uint8_t> codes(static_cast<std::size_t>(blocks * 16)), scales(static_cast<std::size_t>(blocks));
+      std::vector<std::uint8_t> codes_plain(codes.size()), scales_plain(scales.size());
+      quantize_mxfp4_row(w.data(), cols, codes.data(), scales.data());
+      plain_mxfp4_row(w.data(), cols, codes_plain.data(), scales_plain.data());
+      ASSERT_EQ(codes, codes_plain) << "mxfp4, " << blocks << " blocks, rep " << rep;
+      ASSERT_EQ(scales, scales_plain) << "mxfp4, " << blocks << " blocks, rep " << rep;
+    }
+  }
+}
+
+TEST(QuantSearch, E2m1RoundingEqualsTheTableOnEveryTieAndAround) {
+  for (float v : {0.0f, 0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, 7.0f, 1e30f}) {
+    for (float u : {v, std::nextafter(v, 0.0f), std::nextafter(v, 100.0f)}) {
+      EXPECT_EQ(e2m1_round(u), plain_e2m1(u)) << u;
+    }
+  }
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(0.0f, 8.0f);
+  for (int k = 0; k < 100000; ++k) {
+    const float v = dist(rng);
+    ASSERT_EQ(e2m1_round(v), plain_e2m1(v)) << v;
+  }
+}
+
+TEST(QuantSearch, TheChosenTrialHasTheLeastSquaredErrorOfAllTrials) {
+  // The closed form sum(w^2) - s1^2 / s2 against the error summed weight by weight.
+  std::mt19937 rng(8);
+  const std::vector<float> w = gaussian(32 * 200, rng, 0.02f);
+  for (int b = 0; b < 200; ++b) {
+    const float* x = &w[std::size_t(b * 32)];
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    auto error_of = [&](float inv, double* d_out) {
+      double s1 = 0.0, s2 = 0.0;
+      float q[32];
+      for (int i = 0; i < 32; ++i) {
+        q[i] = std::clamp(std::nearbyint(x[i] * inv), -127.0f, 127.0f);
+        s1 += double(x[i]) * q[i];
+        s2 += double(q[i]) * q[i];
+      }
+      const double d = s1 / s2;
+      double err = 0.0;
+      for (int i = 0; i < 32; ++i) err += (double(x[i]) - d * q[i]) * (double(x[i]) - d * q[i]);
+      if (d_out != nullptr) *d_out = d;
+      return err;
+    };
+    const float chosen = plain_block_scale(x, amax, 127.0f, -127, 127);
+    double best = 1e300, chosen_err = -1.0;
+    for (int t = -9; t <= 9; ++t) {
+      double d = 0.0;
+      const double err = error_of((127.0f + 0.1f * float(t)) / amax, &d);
+      best = std::min(best, err);
+      if (float(d) == chosen && chosen_err < 0.0) chosen_err = err;
+    }
+    ASSERT_GE(chosen_err, 0.0) << b;
+    EXPECT_LE(chosen_err, best * (1.0 + 1e-9) + 1e-30) << b;
+  }
 }
 
 // ---- activation quantisation ----

@@ -26,7 +26,9 @@
 // for NaN codes); converted experts are checked as load_moe_weights checks them.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -39,6 +41,7 @@
 #include "moe/experts/residency.hpp"
 #include "moe/experts/storage.hpp"
 #include "moe/io/families.hpp"
+#include "moe/io/load_tasks.hpp"
 #include "moe/io/load_weights.hpp"
 #include "moe/io/model_checkpoint.hpp"
 #include "moe/io/model_spec.hpp"
@@ -156,6 +159,13 @@ struct StackTraits<QuantExpertStack<F, L>> {
   static constexpr bool quant = true;
 };
 
+// One expert matrix to load: rows [first_row, first_row + rows) of tensor `name`, [rows x cols],
+// expert e's.
+struct MatrixJob {
+  std::string name;
+  Index first_row = 0, rows = 0, cols = 0, e = 0;
+};
+
 template <class Stack>
 struct ExpertLoader {
   using Format = typename StackTraits<Stack>::format;
@@ -175,30 +185,35 @@ struct ExpertLoader {
     }
   }
 
-  // One [rows x cols] matrix: `name` rows [first_row, first_row + rows), recorded as expert e's.
-  Matrix load(const std::string& name, Index first_row, Index rows, Index cols, Index e) {
-    const TensorInfo& info = m.tensors().info(name);
-    const SafetensorsFile& file = m.tensors().file_of(name);
-    const unsigned char* bytes = file.data(name) + std::size_t(first_row * cols) *
-                                                       dtype_size(info.dtype);
-    const std::string scale_name = name + "_scale_inv";
+  // Whether matrix `j` can be viewed in the mapped file as the stack keeps it (BF16 into a Bf16
+  // stack, F8_E4M3 in viewable blocks into an Fp8 stack); if so `out` is the view, its bytes
+  // recorded as expert j.e's. Calling thread only (it records into the residency).
+  bool view(const MatrixJob& j, Matrix& out) {
+    const TensorInfo& info = m.tensors().info(j.name);
+    const SafetensorsFile& file = m.tensors().file_of(j.name);
+    const unsigned char* bytes = file.data(j.name) + std::size_t(j.first_row * j.cols) *
+                                                         dtype_size(info.dtype);
+    const std::string scale_name = j.name + "_scale_inv";
     if constexpr (std::is_same_v<Format, Bf16> && !StackTraits<Stack>::quant) {
       if (info.dtype == Dtype::BF16 && reinterpret_cast<std::uintptr_t>(bytes) % 2 == 0) {
         auto owner = std::make_shared<ViewOwner>();
-        owner->codes_file = m.tensors().share_file(name);
-        residency.add_range(e, bytes, std::size_t(rows * cols) * 2);
+        owner->codes_file = m.tensors().share_file(j.name);
+        residency.add_range(j.e, bytes, std::size_t(j.rows * j.cols) * 2);
         any_view = true;
-        return Matrix::with_owner(
-            Matrix::view(reinterpret_cast<const std::uint16_t*>(bytes), rows, cols), owner);
+        out = Matrix::with_owner(
+            Matrix::view(reinterpret_cast<const std::uint16_t*>(bytes), j.rows, j.cols), owner);
+        return true;
       }
     } else if constexpr (std::is_same_v<Format, Fp8E4M3>) {
-      if (info.dtype == Dtype::F8_E4M3 && fp8_blocks_viewable(m.spec(), cols)) {
+      if (info.dtype == Dtype::F8_E4M3 && fp8_blocks_viewable(m.spec(), j.cols)) {
         if (!r.has(scale_name)) {
-          throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", r.layer(), ": F8_E4M3 tensor '",
-                                name, "' has no block scales: missing tensor '", scale_name, "'"));
+          throw io_error(moe::detail::concat("moe: ", m.directory(), ": layer ", r.layer(),
+                                             ": F8_E4M3 tensor '", j.name,
+                                             "' has no block scales: missing tensor '", scale_name,
+                                             "'"));
         }
         auto owner = std::make_shared<ViewOwner>();
-        owner->codes_file = m.tensors().share_file(name);
+        owner->codes_file = m.tensors().share_file(j.name);
         const TensorInfo& si = m.tensors().info(scale_name);
         const SafetensorsFile& sfile = m.tensors().file_of(scale_name);
         const float* scales = nullptr;
@@ -207,34 +222,40 @@ struct ExpertLoader {
           scales = reinterpret_cast<const float*>(sp);
           r.check_scales(scale_name, scales, std::size_t(si.numel()));
           owner->scales_file = m.tensors().share_file(scale_name);
-          residency.add_range(e, sp, si.nbytes);
+          residency.add_range(j.e, sp, si.nbytes);
         } else {
           owner->scales = r.read_scales(scale_name);
           scales = owner->scales.data();
         }
-        residency.add_range(e, bytes, std::size_t(rows * cols));
+        residency.add_range(j.e, bytes, std::size_t(j.rows * j.cols));
         any_view = true;
         const ModelSpec& s = m.spec();
-        return Matrix::with_owner(
-            Matrix::view(bytes, rows, cols, scales, s.fp8_block_rows, s.fp8_block_cols), owner);
+        out = Matrix::with_owner(
+            Matrix::view(bytes, j.rows, j.cols, scales, s.fp8_block_rows, s.fp8_block_cols), owner);
+        return true;
       }
     }
-    // Not the kernels' layout: this matrix alone through fp32.
-    RowMatrix<float> w(rows, cols);
-    if (first_row == 0 && rows * cols == info.numel()) {
-      r.read_into<float>(name, MutMap<float>(w.data(), rows, cols));
+    return false;
+  }
+
+  // Matrix `j` read as fp32 (this one matrix alone) and converted. Reads the checkpoint and
+  // writes nothing shared: safe on any thread.
+  Matrix read_converted(const MatrixJob& j) const {
+    RowMatrix<float> w(j.rows, j.cols);
+    if (j.first_row == 0 && j.rows * j.cols == m.tensors().info(j.name).numel()) {
+      r.read_into<float>(j.name, MutMap<float>(w.data(), j.rows, j.cols));
     } else {
-      r.read_rows_into<float>(name, first_row, MutMap<float>(w.data(), rows, cols));
+      r.read_rows_into<float>(j.name, j.first_row, MutMap<float>(w.data(), j.rows, j.cols));
     }
     return convert(w);
   }
 
-  // Expert e of an MXFP4 layer (n.mxfp4): as stored for an Mxfp4 stack (down viewed in the
-  // mapped file, gate / up de-interleaved by a byte copy; the stack repacks them into panels in
-  // fast mode), else dequantised to fp32 and converted.
-  void load_mxfp4(const ExpertTensorNames& n, Index e, Stack& out) {
-    const Index H = out.d_model(), I = out.d_ff();
+  // Expert e of an MXFP4 layer (n.mxfp4) as stored, into an Mxfp4 stack: down viewed in the
+  // mapped file, gate / up de-interleaved by a byte copy (the stack repacks them into panels in
+  // fast mode). Calling thread only.
+  void set_mxfp4_as_stored(const ExpertTensorNames& n, Index e, Stack& out) {
     if constexpr (std::is_same_v<Format, Mxfp4>) {
+      const Index H = out.d_model(), I = out.d_ff();
       const kernels::Mxfp4View in = mxfp4_rows(m, n.fused_in, e * 2 * I, 2 * I, H);
       const kernels::Mxfp4View down = mxfp4_rows(m, n.fused_out, e * H, H, I);
       const Mxfp4Tensor t(n.fused_out);
@@ -249,15 +270,21 @@ struct ExpertLoader {
       out.set_gated(e, mxfp4_strided_rows(in, 0), mxfp4_strided_rows(in, 1),
                     Matrix::with_owner(Matrix::view(down), owner));
     } else {
-      RowMatrix<float> gate(I, H), up(I, H), down(H, I);
-      read_mxfp4_expert<float>(m, n.fused_in, n.fused_out, e, H, I,
-                               MutMap<float>(gate.data(), I, H), MutMap<float>(up.data(), I, H),
-                               MutMap<float>(down.data(), H, I));
-      r.check_finite(Mxfp4Tensor(n.fused_in).blocks, gate.data(), I, H, 0);
-      r.check_finite(Mxfp4Tensor(n.fused_in).blocks, up.data(), I, H, 0);
-      r.check_finite(Mxfp4Tensor(n.fused_out).blocks, down.data(), H, I, e * H);
-      out.set_gated(e, convert(gate), convert(up), convert(down));
+      (void)n, (void)e, (void)out;
     }
+  }
+
+  // Expert e of an MXFP4 layer dequantised to fp32 (its three matrices) and converted to the
+  // stack's format: gate, up, down. Safe on any thread.
+  std::array<Matrix, 3> read_mxfp4_converted(const ExpertTensorNames& n, Index e, Index H,
+                                             Index I) const {
+    RowMatrix<float> gate(I, H), up(I, H), down(H, I);
+    read_mxfp4_expert<float>(m, n.fused_in, n.fused_out, e, H, I, MutMap<float>(gate.data(), I, H),
+                             MutMap<float>(up.data(), I, H), MutMap<float>(down.data(), H, I));
+    r.check_finite(Mxfp4Tensor(n.fused_in).blocks, gate.data(), I, H, 0);
+    r.check_finite(Mxfp4Tensor(n.fused_in).blocks, up.data(), I, H, 0);
+    r.check_finite(Mxfp4Tensor(n.fused_out).blocks, down.data(), H, I, e * H);
+    return {convert(gate), convert(up), convert(down)};
   }
 };
 
@@ -278,8 +305,8 @@ inline void check_whole_sparse_layer(const ModelSpec& s, Index layer, const Load
 /// The routed experts of sparse layer `layer` as Stack: CompactExpertStack<Bf16 | Int8 |
 /// Fp8E4M3> or QuantExpertStack<Q8 | Q4 | Mxfp4, layout> (what CompactExperts<Format, Mode>
 /// holds), every expert in order: views of the mapped file where the stored layout is the
-/// kernels' (see the table at the top of this file), else converted expert by expert, one
-/// matrix at a time. The stack carries an ExpertResidency (usage counters; for views, the
+/// kernels' (see the table at the top of this file), else converted one matrix per task on
+/// options.executor (serial without one; bitwise the same weights either way). The stack carries an ExpertResidency (usage counters; for views, the
 /// mapped ranges the block hints after each routing unless options.prefetch is false).
 /// Shapes are checked against config.json first, as load_moe_weights does, with its messages
 /// (io_error for a missing tensor, shape_error for a wrong shape). Malformed block scales are
@@ -300,23 +327,31 @@ Stack load_expert_stack(const ModelCheckpoint& m, Index layer, const LoadOptions
   const detail::LayerReader r(m, layer);
   const std::int64_t in_rows = (gated ? 2 : 1) * I;
   Stack stack(E, H, I, gated);
+  using Matrix = typename detail::StackTraits<Stack>::matrix;
   if (n.fused && !n.mxfp4 &&
       !(m.tensors().contains(n.fused_in) && m.tensors().contains(n.fused_out) &&
         m.tensors().info(n.fused_in).shape == std::vector<std::int64_t>{E, in_rows, H} &&
         m.tensors().info(n.fused_out).shape == std::vector<std::int64_t>{E, H, I})) {
     // A fused layout that is not the kernels' [E, out, in] (or a wrong shape, which
-    // load_moe_weights reports): one expert at a time through the fp32 loader, then quantised.
+    // load_moe_weights reports): one expert per task through the fp32 loader, then quantised.
     auto residency = std::make_shared<ExpertResidency>(E, false, false);
-    detail::ExpertLoader<Stack> load{m, r, stack, *residency};
-    for (Index e = 0; e < E; ++e) {
+    const detail::ExpertLoader<Stack> load{m, r, stack, *residency};
+    std::vector<std::array<Matrix, 3>> converted(static_cast<std::size_t>(E));
+    detail::run_load_tasks(options.executor, E, [&](Index e) {
       LoadOptions one = options;
       one.experts = {e};
       const MoeWeights<float> w = load_moe_weights<float>(m, layer, one);
+      auto& c = converted[static_cast<std::size_t>(e)];
+      c[0] = load.convert(w.experts.gate(0));
+      if (gated) c[1] = load.convert(w.experts.up(0));
+      c[2] = load.convert(w.experts.w_out(0));
+    });
+    for (Index e = 0; e < E; ++e) {
+      auto& c = converted[static_cast<std::size_t>(e)];
       if (gated) {
-        stack.set_gated(e, load.convert(w.experts.gate(0)), load.convert(w.experts.up(0)),
-                        load.convert(w.experts.w_out(0)));
+        stack.set_gated(e, std::move(c[0]), std::move(c[1]), std::move(c[2]));
       } else {
-        stack.set_plain(e, load.convert(w.experts.gate(0)), load.convert(w.experts.w_out(0)));
+        stack.set_plain(e, std::move(c[0]), std::move(c[2]));
       }
     }
     stack.set_residency(std::move(residency));
@@ -339,25 +374,59 @@ Stack load_expert_stack(const ModelCheckpoint& m, Index layer, const LoadOptions
   for (Index e = 0; e < E && mapped; ++e) mapped = m.tensors().file_of(n.input(e)).mapped();
   auto residency = std::make_shared<ExpertResidency>(E, mapped, options.prefetch);
   detail::ExpertLoader<Stack> load{m, r, stack, *residency};
-  for (Index e = 0; e < E; ++e) {
-    if (n.mxfp4) {
-      load.load_mxfp4(n, e, stack);
-    } else if (n.fused) {
-      auto gate = load.load(n.fused_in, e * in_rows, I, H, e);
-      auto down = load.load(n.fused_out, e * H, H, I, e);
-      if (gated) {
-        stack.set_gated(e, std::move(gate), load.load(n.fused_in, e * in_rows + I, I, H, e),
-                        std::move(down));
-      } else {
-        stack.set_plain(e, std::move(gate), std::move(down));
-      }
-    } else if (gated) {
-      auto gate = load.load(n.gate(e), 0, I, H, e);
-      auto up = load.load(n.up(e), 0, I, H, e);
-      stack.set_gated(e, std::move(gate), std::move(up), load.load(n.down(e), 0, H, I, e));
+  if (n.mxfp4) {
+    if constexpr (std::is_same_v<typename detail::StackTraits<Stack>::format, Mxfp4>) {
+      for (Index e = 0; e < E; ++e) load.set_mxfp4_as_stored(n, e, stack);
     } else {
-      auto wi = load.load(n.gate(e), 0, I, H, e);
-      stack.set_plain(e, std::move(wi), load.load(n.down(e), 0, H, I, e));
+      std::vector<std::array<Matrix, 3>> converted(static_cast<std::size_t>(E));
+      detail::run_load_tasks(options.executor, E, [&](Index e) {
+        converted[static_cast<std::size_t>(e)] = load.read_mxfp4_converted(n, e, H, I);
+      });
+      for (Index e = 0; e < E; ++e) {
+        auto& c = converted[static_cast<std::size_t>(e)];
+        stack.set_gated(e, std::move(c[0]), std::move(c[1]), std::move(c[2]));
+      }
+    }
+  } else {
+    // Per expert: gate, [up,] down (the order of a serial load and of its errors). Views are
+    // made here, on the calling thread; the other matrices are converted as tasks.
+    const Index per_expert = gated ? 3 : 2;
+    std::vector<detail::MatrixJob> jobs;
+    jobs.reserve(static_cast<std::size_t>(E * per_expert));
+    for (Index e = 0; e < E; ++e) {
+      if (n.fused) {
+        jobs.push_back({n.fused_in, e * in_rows, I, H, e});
+        if (gated) jobs.push_back({n.fused_in, e * in_rows + I, I, H, e});
+        jobs.push_back({n.fused_out, e * H, H, I, e});
+      } else {
+        jobs.push_back({n.gate(e), 0, I, H, e});
+        if (gated) jobs.push_back({n.up(e), 0, I, H, e});
+        jobs.push_back({n.down(e), 0, H, I, e});
+      }
+    }
+    std::vector<Matrix> loaded(jobs.size());
+    std::vector<std::size_t> to_convert;  // the jobs before the first failed view, if any
+    std::exception_ptr view_error;
+    for (std::size_t i = 0; i < jobs.size() && !view_error; ++i) {
+      try {
+        if (!load.view(jobs[i], loaded[i])) to_convert.push_back(i);
+      } catch (...) {
+        view_error = std::current_exception();
+      }
+    }
+    detail::run_load_tasks(options.executor, Index(to_convert.size()), [&](Index k) {
+      const std::size_t i = to_convert[static_cast<std::size_t>(k)];
+      loaded[i] = load.read_converted(jobs[i]);
+    });
+    if (view_error) std::rethrow_exception(view_error);
+    for (Index e = 0; e < E; ++e) {
+      const auto i = static_cast<std::size_t>(e * per_expert);
+      if (gated) {
+        stack.set_gated(e, std::move(loaded[i]), std::move(loaded[i + 1]),
+                        std::move(loaded[i + 2]));
+      } else {
+        stack.set_plain(e, std::move(loaded[i]), std::move(loaded[i + 1]));
+      }
     }
   }
   if (!load.any_view) residency = std::make_shared<ExpertResidency>(E, false, false);

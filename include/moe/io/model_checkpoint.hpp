@@ -15,6 +15,7 @@
 #include "moe/io/json.hpp"
 #include "moe/io/model_spec.hpp"
 #include "moe/tensor.hpp"
+#include "moe/threading.hpp"
 
 namespace moe::io {
 
@@ -98,6 +99,16 @@ struct LoadOptions {
   /// Switch: route without a capacity limit, as transformers 5.17 does in fact (FORMAT.md 5.6:
   /// its capacity rule never drops a token). false: drop beyond config.json expert_capacity.
   bool switch_dropless = false;
+  /// Runs the conversions of routed-expert matrices (quantise-on-load, and every expert read
+  /// through fp32 because its stored layout is not the kernels') as one task per matrix (per
+  /// expert for MXFP4 or non-[E, out, in] fused tensors) on this executor; nullptr: one after the
+  /// other on the calling thread. A task holds one fp32 matrix (an expert's three for those
+  /// layouts) while it runs, so at most num_workers() are in memory at once. The loaded weights
+  /// are bitwise the same for every executor and number of workers; errors are those of a serial
+  /// load (the first matrix's in load order). The executor must outlive the call; do not load
+  /// from inside a task of the same ThreadPool (run() is not reentrant). Views of the mapped file
+  /// are made on the calling thread (they cost nothing to make).
+  const Executor* executor = nullptr;
   /// The routed experts to read, by global expert id, in the order the loaded weights hold them
   /// (an expert-parallel rank's shard). Empty: all experts, in order. Only the chosen experts'
   /// bytes are read (per-expert tensors, or the chosen [e] slices of a fused [E, ...] tensor);
