@@ -90,6 +90,22 @@ class MappedFile {
   /// True when the bytes are a mapping (open()), false when held in memory (from_buffer()).
   bool mapped() const { return mapping_ != nullptr; }
 
+  /// Unmaps from this process the whole pages inside bytes [offset, offset + n) (madvise
+  /// MADV_DONTNEED): they stay in the page cache, and a later read (a view, say) faults them back
+  /// in with the same bytes, so this is only about what RSS counts. Readers call it after
+  /// converting a range into memory of their own: without it a Mixtral-8x7B-shaped checkpoint
+  /// (5.6 GB of bf16 experts) quantised to q4 on load peaked at 9.4 GB RSS for 1.6 GB of q4
+  /// experts, the source pages still counted. No-op for in-memory bytes; thread-safe.
+  void release(std::size_t offset, std::size_t n) const {
+    if (mapping_ == nullptr || n == 0 || offset >= size_) return;
+    const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    const std::size_t begin = (offset + page - 1) / page * page;
+    const std::size_t end = (n > size_ - offset ? size_ : offset + n) / page * page;
+    if (end > begin) {
+      (void)::madvise(static_cast<char*>(mapping_) + begin, end - begin, MADV_DONTNEED);
+    }
+  }
+
  private:
   MappedFile() = default;
 

@@ -193,8 +193,15 @@ class SafetensorsFile {
     return {static_cast<Index>(rows), static_cast<Index>(ti.shape.back())};
   }
 
+  // The source pages of the tensor leave RSS once converted (MappedFile::release).
   template <class T>
   void convert_into(const TensorInfo& ti, T* out) const {
+    convert_bytes(ti, out);
+    file_.release(data_offset_ + ti.offset, ti.nbytes);
+  }
+
+  template <class T>
+  void convert_bytes(const TensorInfo& ti, T* out) const {
     static_assert(std::is_arithmetic_v<T> && !std::is_same_v<T, bool>,
                   "moe::io: read into a floating or integer type");
     const unsigned char* p = data_begin() + ti.offset;
