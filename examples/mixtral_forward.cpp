@@ -49,36 +49,28 @@ moe::io::WeightFormat parse_weights(const std::string& v) {
       "--weights expects as-stored, fp32, bf16, int8, fp8, q8, q4 or mxfp4, got '" + v + "'");
 }
 
-// Peak resident set size of this process in bytes (VmHWM of /proc/self/status; 0 if unknown).
-long long peak_rss_bytes() {
-  std::ifstream in("/proc/self/status");
-  std::string key;
-  while (in >> key) {
-    if (key == "VmHWM:") {
-      long long kib = 0;
-      in >> kib;
-      return kib * 1024;
+// The number after `key` in a /proc file of "key: value" lines (0 where the file or key is
+// absent).
+long long proc_number(const char* path, const std::string& key) {
+  std::ifstream in(path);
+  std::string word;
+  while (in >> word) {
+    if (word == key) {
+      long long value = 0;
+      in >> value;
+      return value;
     }
     in.ignore(1 << 20, '\n');
   }
   return 0;
 }
 
-// Bytes this process made the kernel read from storage (/proc/self/io read_bytes; 0 where that
-// file is absent): with a cold page cache, what the chosen experts cost in I/O.
-long long storage_read_bytes() {
-  std::ifstream in("/proc/self/io");
-  std::string key;
-  while (in >> key) {
-    if (key == "read_bytes:") {
-      long long bytes = 0;
-      in >> bytes;
-      return bytes;
-    }
-    in.ignore(1 << 20, '\n');
-  }
-  return 0;
-}
+// Peak resident set size of this process in bytes (VmHWM, in KiB in /proc/self/status).
+long long peak_rss_bytes() { return proc_number("/proc/self/status", "VmHWM:") * 1024; }
+
+// Bytes this process made the kernel read from storage (/proc/self/io read_bytes): with a cold
+// page cache, what the chosen experts cost in I/O.
+long long storage_read_bytes() { return proc_number("/proc/self/io", "read_bytes:"); }
 
 long parse_int(const std::string& flag, const std::string& v) {
   std::size_t used = 0;
